@@ -1,0 +1,176 @@
+//! A DataFusion session over a shard folder: `samples`, `quarantine`, `manifest`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use datafusion::catalog::MemTable;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
+use datafusion::execution::context::{SQLOptions, SessionContext};
+use datafusion::sql::parser::{DFParser, Statement};
+use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
+use lvpipe_schemas::{Manifest, SCHEMA_VERSION, TableKind, quarantine_schema, samples_schema};
+
+use crate::{Error, Result};
+
+/// The tables of one shard folder, ready for read-only SQL.
+pub struct Catalog {
+    ctx: SessionContext,
+    manifest: Manifest,
+}
+
+impl Catalog {
+    /// Opens a finished build: reads its manifest, checks the schema version,
+    /// and registers exactly the files the manifest lists.
+    pub async fn open(shards: &Path) -> Result<Self> {
+        let shards_err = |message: String| Error::Shards {
+            path: shards.to_path_buf(),
+            message,
+        };
+        let manifest_path = shards.join(Manifest::FILE_NAME);
+        let text = match fs_err::read_to_string(&manifest_path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(shards_err(format!(
+                    "no {} here: not a shard folder, or its build did not finish (rerun build-shards to resume it)",
+                    Manifest::FILE_NAME
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let manifest = Manifest::from_json(&text)?;
+        if manifest.schema_version != SCHEMA_VERSION {
+            return Err(shards_err(format!(
+                "schema version {} but this lvpipe reads version {SCHEMA_VERSION}; rebuild the shards",
+                manifest.schema_version
+            )));
+        }
+        let ctx = SessionContext::new();
+        let dir = std::path::absolute(shards)?;
+        for (table, schema) in [
+            (TableKind::Samples, samples_schema()),
+            (TableKind::Quarantine, quarantine_schema()),
+        ] {
+            let files: Vec<PathBuf> = manifest
+                .shards
+                .iter()
+                .filter(|s| s.table == table)
+                .map(|s| dir.join(&s.file))
+                .collect();
+            register(&ctx, table.as_str(), files, schema)?;
+        }
+        let batch = manifest.to_record_batch()?;
+        ctx.register_table(
+            "manifest",
+            Arc::new(MemTable::try_new(batch.schema(), vec![vec![batch]])?),
+        )?;
+        Ok(Catalog { ctx, manifest })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The underlying session, for callers that register more tables.
+    pub fn context(&self) -> &SessionContext {
+        &self.ctx
+    }
+
+    /// Runs one read-only statement and collects its result.
+    pub async fn query(&self, sql: &str) -> Result<Vec<RecordBatch>> {
+        check_read_only(sql)?;
+        let options = SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false);
+        let frame = self.ctx.sql_with_options(sql, options).await?;
+        Ok(frame.collect().await?)
+    }
+}
+
+fn register(
+    ctx: &SessionContext,
+    name: &str,
+    files: Vec<PathBuf>,
+    schema: SchemaRef,
+) -> Result<()> {
+    if files.is_empty() {
+        ctx.register_table(name, Arc::new(MemTable::try_new(schema, vec![vec![]])?))?;
+        return Ok(());
+    }
+    let urls = files
+        .iter()
+        .map(|f| ListingTableUrl::parse(f.to_string_lossy()))
+        .collect::<datafusion::error::Result<Vec<_>>>()?;
+    let options =
+        ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+    let config = ListingTableConfig::new_with_multi_paths(urls)
+        .with_listing_options(options)
+        .with_schema(schema);
+    ctx.register_table(name, Arc::new(ListingTable::try_new(config)?))?;
+    Ok(())
+}
+
+/// Refuses anything but one query, with a message that names what was given.
+/// DataFusion's `SQLOptions` guard the same at planning; this check runs
+/// first so the error says what was refused instead of how it was planned.
+fn check_read_only(sql: &str) -> Result<()> {
+    let statements = DFParser::parse_sql(sql)?;
+    if statements.len() != 1 {
+        return Err(Error::NotAQuery(format!(
+            "{} statements; give exactly one",
+            statements.len()
+        )));
+    }
+    let allowed = match &statements[0] {
+        Statement::Statement(s) => matches!(
+            s.as_ref(),
+            SqlStatement::Query(_)
+                | SqlStatement::Explain { .. }
+                | SqlStatement::ShowTables { .. }
+                | SqlStatement::ShowColumns { .. }
+                | SqlStatement::ExplainTable { .. }
+        ),
+        Statement::Explain(_) => true,
+        _ => false,
+    };
+    if !allowed {
+        let text = statements[0].to_string();
+        let head: String = text.chars().take(60).collect();
+        return Err(Error::NotAQuery(head));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_and_settings_are_refused_queries_pass() {
+        for sql in [
+            "CREATE TABLE t AS SELECT 1",
+            "INSERT INTO samples VALUES (1)",
+            "COPY samples TO '/tmp/x.parquet'",
+            "DROP TABLE samples",
+            "SET datafusion.execution.batch_size = 1",
+            "CREATE EXTERNAL TABLE t STORED AS PARQUET LOCATION '/tmp'",
+            "SELECT 1; SELECT 2",
+        ] {
+            let err = check_read_only(sql).unwrap_err();
+            assert!(matches!(err, Error::NotAQuery(_)), "{sql}: {err}");
+        }
+        for sql in [
+            "SELECT 1",
+            "WITH a AS (SELECT 1) SELECT * FROM a",
+            "EXPLAIN SELECT 1",
+            "SHOW TABLES",
+        ] {
+            check_read_only(sql).unwrap();
+        }
+    }
+}

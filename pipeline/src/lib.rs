@@ -1,0 +1,24 @@
+//! The SQL view of lvpipe's data, and (next) recipes, mixing, packing and the loader.
+//!
+//! Today this crate opens a shard folder as a DataFusion catalog with three
+//! tables: `samples` and `quarantine` over the Parquet files the manifest
+//! lists, and `manifest` itself. Only queries run: DDL, DML (INSERT, COPY)
+//! and statements (SET) are refused before planning, so auditing cannot
+//! change the data it audits.
+//!
+//! ```no_run
+//! # async fn demo() -> lvpipe_pipeline::Result<()> {
+//! use lvpipe_pipeline::{Catalog, OutputFormat, render};
+//! let catalog = Catalog::open("shards/".as_ref()).await?;
+//! let batches = catalog.query("SELECT source, count(*) FROM samples GROUP BY source").await?;
+//! print!("{}", render(&batches, OutputFormat::Table)?);
+//! # Ok(()) }
+//! ```
+
+mod catalog;
+mod error;
+mod render;
+
+pub use catalog::Catalog;
+pub use error::{Error, Result};
+pub use render::{OutputFormat, render};

@@ -1,0 +1,80 @@
+//! The Arrow schemas of lvpipe's tables and their validation.
+//!
+//! Every other crate meets here: `sharding` writes record batches of
+//! [`samples_schema`] and [`quarantine_schema`] into Parquet shards and a
+//! [`Manifest`] last; `pipeline` registers the same schemas as SQL tables. The
+//! schema version and the tokenizer fingerprint travel in the Parquet key-value
+//! metadata under the [`meta`] keys, so a reader can refuse shards it does not
+//! understand instead of misreading them.
+//!
+//! ```
+//! use lvpipe_schemas::{samples_schema, SampleKind, SCHEMA_VERSION};
+//! let schema = samples_schema();
+//! assert!(schema.field_with_name("input_ids").is_ok());
+//! assert_eq!(SampleKind::VideoQa.as_str(), "video_qa");
+//! assert_eq!(SCHEMA_VERSION, "1");
+//! ```
+
+mod manifest;
+mod tables;
+mod validate;
+
+pub use manifest::{Manifest, ManifestShard, ManifestSource, TableKind};
+pub use tables::{
+    MEDIA_ITEM_FIELDS, MESSAGE_FIELDS, QuarantineReason, SampleKind, manifest_schema,
+    quarantine_schema, samples_schema,
+};
+pub use validate::validate_batch;
+
+/// Version of the shard contract. Bump it when a column is added, removed or
+/// changes meaning; readers refuse shards of another version.
+pub const SCHEMA_VERSION: &str = "1";
+
+/// Keys of the Parquet key-value metadata that every shard carries.
+pub mod meta {
+    /// The [`SCHEMA_VERSION`](crate::SCHEMA_VERSION) the file was written with.
+    pub const SCHEMA_VERSION: &str = "lvpipe.schema_version";
+    /// Which table the file belongs to (`samples` or `quarantine`).
+    pub const TABLE: &str = "lvpipe.table";
+    /// blake3 of the tokenizer.json bytes the `input_ids` were produced with.
+    pub const TOKENIZER_FINGERPRINT: &str = "lvpipe.tokenizer_fingerprint";
+    /// The chat template applied before tokenization (e.g. `chatml`).
+    pub const CHAT_TEMPLATE: &str = "lvpipe.chat_template";
+    /// Hash of the build arguments and inputs; a resumed build must match it.
+    pub const BUILD_FINGERPRINT: &str = "lvpipe.build_fingerprint";
+    /// First input record (global sequence number) covered by the file.
+    pub const RECORD_START: &str = "lvpipe.record_start";
+    /// One past the last input record covered by the file.
+    pub const RECORD_END: &str = "lvpipe.record_end";
+}
+
+/// Errors of this crate: a batch or manifest that breaks the contract.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A record batch does not match the table's schema or invariants.
+    #[error("{table}: row {row}, column `{column}`: {message}")]
+    InvalidRow {
+        table: &'static str,
+        row: usize,
+        column: String,
+        message: String,
+    },
+    /// A record batch has the wrong columns or types.
+    #[error("{table}: schema mismatch: {message}")]
+    SchemaMismatch {
+        table: &'static str,
+        message: String,
+    },
+    /// An unknown enum value (kind, reason code) in a string column or argument.
+    #[error("unknown {what} `{value}` (expected one of: {expected})")]
+    UnknownValue {
+        what: &'static str,
+        value: String,
+        expected: String,
+    },
+    #[error(transparent)]
+    Arrow(#[from] arrow::error::ArrowError),
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

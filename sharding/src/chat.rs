@@ -1,0 +1,184 @@
+//! The ChatML template, tokenization and the loss mask.
+//!
+//! The template is Qwen2's as VILA uses it:
+//! `<|im_start|>system\nYou are a helpful assistant<|im_end|>\n` then
+//! `<|im_start|>{role}\n{content}<|im_end|>\n` per turn. The loss mask covers
+//! assistant content plus its closing `<|im_end|>` and nothing else.
+//!
+//! VILA finds the mask by tokenizing twice and aligning the results, and masks
+//! the whole sample when alignment fails. Here the text is tokenized in pieces
+//! that start and end at special tokens or newlines, where the byte-level
+//! pre-tokenizer splits anyway, so the concatenation equals tokenizing the
+//! whole string and every token's mask is known by construction.
+
+use std::path::Path;
+
+use tokenizers::Tokenizer;
+
+use crate::{Error, Result};
+
+/// Name of the template, stored in every shard's metadata.
+pub const CHAT_TEMPLATE: &str = "chatml";
+/// The system prompt used when a conversation does not bring its own.
+pub const DEFAULT_SYSTEM_PROMPT: &str = "You are a helpful assistant";
+
+/// The special tokens the template and the media placeholders need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpecialTokens {
+    pub im_start: u32,
+    pub im_end: u32,
+    pub end_of_text: u32,
+    pub image: u32,
+    pub video: u32,
+}
+
+impl SpecialTokens {
+    pub const IM_START: &'static str = "<|im_start|>";
+    pub const IM_END: &'static str = "<|im_end|>";
+    pub const END_OF_TEXT: &'static str = "<|endoftext|>";
+    pub const IMAGE: &'static str = "<image>";
+    pub const VIDEO: &'static str = "<video>";
+    /// Tokens whose literal appearance in data text would corrupt the template.
+    pub const RESERVED: [&'static str; 3] = [Self::IM_START, Self::IM_END, Self::END_OF_TEXT];
+    /// Every special token, in the order a trained tokenizer numbers them.
+    pub const ALL: [&'static str; 5] = [
+        Self::END_OF_TEXT,
+        Self::IM_START,
+        Self::IM_END,
+        Self::IMAGE,
+        Self::VIDEO,
+    ];
+}
+
+/// One turn of a conversation in template roles.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Segment {
+    /// `system`, `user`, `assistant`, or `text` for a document.
+    pub role: &'static str,
+    pub content: String,
+}
+
+/// A Hugging Face tokenizer with the ChatML template applied on top.
+pub struct ChatTokenizer {
+    tokenizer: Tokenizer,
+    special: SpecialTokens,
+    fingerprint: String,
+}
+
+impl ChatTokenizer {
+    /// Loads a `tokenizer.json` and checks that it has the template's tokens.
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = fs_err::read(path)?;
+        let tokenizer = Tokenizer::from_bytes(&bytes).map_err(|e| Error::Tokenizer {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let id = |tok: &str| tokenizer.token_to_id(tok);
+        let missing: Vec<_> = SpecialTokens::ALL
+            .into_iter()
+            .filter(|t| id(t).is_none())
+            .collect();
+        if !missing.is_empty() {
+            return Err(Error::Tokenizer {
+                path: path.to_path_buf(),
+                message: format!(
+                    "lacks the special tokens {} that the {CHAT_TEMPLATE} template and media \
+                     placeholders need (refusing to fall back to another template)",
+                    missing.join(", ")
+                ),
+            });
+        }
+        let special = SpecialTokens {
+            im_start: id(SpecialTokens::IM_START).unwrap_or_default(),
+            im_end: id(SpecialTokens::IM_END).unwrap_or_default(),
+            end_of_text: id(SpecialTokens::END_OF_TEXT).unwrap_or_default(),
+            image: id(SpecialTokens::IMAGE).unwrap_or_default(),
+            video: id(SpecialTokens::VIDEO).unwrap_or_default(),
+        };
+        Ok(ChatTokenizer {
+            tokenizer,
+            special,
+            fingerprint: blake3::hash(&bytes).to_hex().to_string(),
+        })
+    }
+
+    /// blake3 of the tokenizer.json bytes.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    pub fn special(&self) -> SpecialTokens {
+        self.special
+    }
+
+    pub fn inner(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Tokenizes a conversation with the template. Returns the token ids and
+    /// the loss mask (1 on assistant content and its `<|im_end|>`).
+    pub fn encode_conversation(&self, turns: &[Segment]) -> Result<(Vec<u32>, Vec<u8>)> {
+        let (system, turns) = match turns.first() {
+            Some(first) if first.role == "system" => (first.content.as_str(), &turns[1..]),
+            _ => (DEFAULT_SYSTEM_PROMPT, turns),
+        };
+        let (start, end) = (SpecialTokens::IM_START, SpecialTokens::IM_END);
+        let mut ids = Vec::new();
+        let mut mask = Vec::new();
+        // Untrained text accumulates in `prompt` until an assistant answer
+        // starts, so the tokenizer runs once per prompt and once per answer.
+        let mut prompt = format!("{start}system\n{system}{end}\n");
+        for turn in turns {
+            prompt.push_str(&format!("{start}{}\n", turn.role));
+            if turn.role == "assistant" {
+                self.push(&mut ids, &mut mask, &prompt, 0)?;
+                self.push(&mut ids, &mut mask, &format!("{}{end}", turn.content), 1)?;
+                prompt = "\n".to_string();
+            } else {
+                prompt.push_str(&turn.content);
+                prompt.push_str(end);
+                prompt.push('\n');
+            }
+        }
+        self.push(&mut ids, &mut mask, &prompt, 0)?;
+        Ok((ids, mask))
+    }
+
+    /// Tokenizes a document for language modelling: every token is trained
+    /// except media placeholders; `<|endoftext|>` closes it.
+    pub fn encode_document(&self, text: &str) -> Result<(Vec<u32>, Vec<u8>)> {
+        let mut ids = self.encode(text)?;
+        ids.push(self.special.end_of_text);
+        let mask = ids
+            .iter()
+            .map(|&id| u8::from(id != self.special.image && id != self.special.video))
+            .collect();
+        Ok((ids, mask))
+    }
+
+    /// Plain tokenization, no template, special tokens recognized in the text.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self
+            .tokenizer
+            .encode_fast(text, false)
+            .map_err(|e| Error::Internal(format!("tokenization failed: {e}")))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Decodes ids to text, special tokens included.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, false)
+            .map_err(|e| Error::Internal(format!("decoding failed: {e}")))
+    }
+
+    fn push(&self, ids: &mut Vec<u32>, mask: &mut Vec<u8>, text: &str, trained: u8) -> Result<()> {
+        if text.is_empty() {
+            return Ok(());
+        }
+        let piece = self.encode(text)?;
+        mask.extend(std::iter::repeat_n(trained, piece.len()));
+        ids.extend(piece);
+        Ok(())
+    }
+}

@@ -1,0 +1,734 @@
+//! `lvpipe synth`: a seeded synthetic corpus in the real formats, with known answers.
+//!
+//! Images are coloured shapes (circle, square, triangle) in one of five
+//! regions, one to three of them; captions and VQA state colour, shape, count
+//! and position. Long documents carry planted facts ("needles") at known
+//! depths. Because every answer is known (`answers.json`), a model trained on
+//! the corpus shows whether decode, tokenize, mask, mix, pack, load and train
+//! are right. Same seed and scale, same bytes.
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+
+use image::{ImageFormat, Rgb, RgbImage};
+use rand::rngs::SmallRng;
+use rand::seq::IndexedRandom;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{
+    AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper,
+    TokenizerBuilder,
+};
+
+use crate::chat::SpecialTokens;
+use crate::source::{Registry, RegistryEntry, SourceKind};
+use crate::{Error, Result};
+
+/// How much to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scale {
+    /// Dozens of samples, small images: seconds, for tests.
+    Tiny,
+    /// Thousands of samples: the demo and benchmarks.
+    Small,
+}
+
+struct Sizes {
+    pretrain: usize,
+    sft: usize,
+    wds: usize,
+    interleaved: usize,
+    longdocs: usize,
+    image_side: (u32, u32),
+    long_words: (usize, usize),
+    vocab: usize,
+}
+
+impl Scale {
+    fn sizes(self) -> Sizes {
+        match self {
+            Scale::Tiny => Sizes {
+                pretrain: 24,
+                sft: 16,
+                wds: 12,
+                interleaved: 6,
+                longdocs: 6,
+                image_side: (48, 96),
+                long_words: (300, 600),
+                vocab: 1024,
+            },
+            Scale::Small => Sizes {
+                pretrain: 1200,
+                sft: 1200,
+                wds: 600,
+                interleaved: 300,
+                longdocs: 300,
+                image_side: (160, 320),
+                long_words: (1500, 6000),
+                vocab: 4096,
+            },
+        }
+    }
+}
+
+/// What to synthesize and where.
+#[derive(Debug, Clone)]
+pub struct SynthSettings {
+    pub out: PathBuf,
+    pub scale: Scale,
+    pub seed: u64,
+}
+
+/// Source names synth writes, with their kind and file.
+pub const SOURCES: [(&str, SourceKind, &str); 5] = [
+    ("pretrain", SourceKind::Llava, "pretrain.json"),
+    ("sft", SourceKind::Llava, "sft.json"),
+    ("pairs-000", SourceKind::Wds, "pairs-000.tar"),
+    ("interleaved", SourceKind::Interleaved, "interleaved.jsonl"),
+    ("longdocs", SourceKind::Text, "longdocs.jsonl"),
+];
+
+/// The known answers, written to `answers.json`.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct Answers {
+    pub seed: u64,
+    pub scale: String,
+    /// Samples written per source name.
+    pub counts: BTreeMap<String, u64>,
+    /// The `kind` each source's samples get in shards.
+    pub kinds: BTreeMap<String, String>,
+    pub images: Vec<ImageFacts>,
+    pub vqa: Vec<VqaItem>,
+    pub needles: Vec<Needle>,
+}
+
+/// What an image shows.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct ImageFacts {
+    /// Path relative to the output folder, or `pairs-000.tar!KEY.jpg`.
+    pub file: String,
+    pub colour: String,
+    pub shape: String,
+    pub count: u32,
+    pub position: String,
+}
+
+/// One question of the SFT set and its answer.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct VqaItem {
+    pub id: String,
+    pub image: String,
+    pub attribute: String,
+    pub question: String,
+    pub answer: String,
+}
+
+/// A planted fact in a long document.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct Needle {
+    pub id: String,
+    /// Relative position of the fact in the document, 0 to 1.
+    pub depth: f64,
+    pub question: String,
+    pub answer: String,
+}
+
+/// What synth wrote.
+#[derive(Debug, Clone)]
+pub struct SynthSummary {
+    pub answers: Answers,
+    pub files: usize,
+    pub bytes: u64,
+}
+
+const COLOURS: [(&str, [u8; 3]); 6] = [
+    ("red", [220, 30, 30]),
+    ("green", [30, 170, 50]),
+    ("blue", [30, 60, 220]),
+    ("yellow", [235, 205, 20]),
+    ("purple", [140, 40, 170]),
+    ("orange", [245, 130, 20]),
+];
+const SHAPES: [&str; 3] = ["circle", "square", "triangle"];
+const POSITIONS: [&str; 5] = [
+    "top left",
+    "top right",
+    "bottom left",
+    "bottom right",
+    "center",
+];
+const NUMBERS: [&str; 4] = ["zero", "one", "two", "three"];
+
+#[derive(Debug, Clone)]
+struct Scene {
+    colour: usize,
+    shape: usize,
+    count: u32,
+    position: usize,
+}
+
+impl Scene {
+    fn random(rng: &mut SmallRng) -> Self {
+        Scene {
+            colour: rng.random_range(0..COLOURS.len()),
+            shape: rng.random_range(0..SHAPES.len()),
+            count: rng.random_range(1..=3),
+            position: rng.random_range(0..POSITIONS.len()),
+        }
+    }
+
+    fn noun(&self) -> String {
+        let shape = SHAPES[self.shape];
+        if self.count == 1 {
+            shape.to_string()
+        } else {
+            format!("{shape}s")
+        }
+    }
+
+    fn where_(&self) -> String {
+        match POSITIONS[self.position] {
+            "center" => "in the center".to_string(),
+            p => format!("at the {p}"),
+        }
+    }
+
+    fn caption(&self, rng: &mut SmallRng) -> String {
+        let (colour, count) = (COLOURS[self.colour].0, NUMBERS[self.count as usize]);
+        let templates = [
+            format!(
+                "{} {colour} {} {}.",
+                capitalize(count),
+                self.noun(),
+                self.where_()
+            ),
+            format!(
+                "The image shows {count} {colour} {} {}.",
+                self.noun(),
+                self.where_()
+            ),
+            format!(
+                "{} of the picture: {count} {colour} {}.",
+                capitalize(&self.where_()),
+                self.noun()
+            ),
+        ];
+        templates.choose(rng).expect("non-empty").clone()
+    }
+
+    fn facts(&self, file: String) -> ImageFacts {
+        ImageFacts {
+            file,
+            colour: COLOURS[self.colour].0.to_string(),
+            shape: SHAPES[self.shape].to_string(),
+            count: self.count,
+            position: POSITIONS[self.position].to_string(),
+        }
+    }
+
+    /// Draws the scene: `count` shapes inside the scene's region.
+    fn render(&self, rng: &mut SmallRng, w: u32, h: u32) -> RgbImage {
+        let tint: [u8; 3] = [
+            rng.random_range(225..=250),
+            rng.random_range(225..=250),
+            rng.random_range(225..=250),
+        ];
+        let mut img = RgbImage::from_pixel(w, h, Rgb(tint));
+        let (fw, fh) = (w as f32, h as f32);
+        // Region as fractions of the image: [x0, x1) x [y0, y1).
+        let (x0, x1, y0, y1) = match POSITIONS[self.position] {
+            "top left" => (0.0, 0.5, 0.0, 0.5),
+            "top right" => (0.5, 1.0, 0.0, 0.5),
+            "bottom left" => (0.0, 0.5, 0.5, 1.0),
+            "bottom right" => (0.5, 1.0, 0.5, 1.0),
+            _ => (0.25, 0.75, 0.25, 0.75),
+        };
+        let (rw, rh) = ((x1 - x0) * fw, (y1 - y0) * fh);
+        // Shapes sit side by side along the region's longer axis.
+        let n = self.count as f32;
+        let horizontal = rw >= rh;
+        let r = if horizontal {
+            (rw / n).min(rh) * 0.35
+        } else {
+            (rh / n).min(rw) * 0.35
+        };
+        let colour = Rgb(COLOURS[self.colour].1);
+        for i in 0..self.count {
+            let t = (i as f32 + 0.5) / n;
+            let (cx, cy) = if horizontal {
+                (x0 * fw + t * rw, y0 * fh + rh / 2.0)
+            } else {
+                (x0 * fw + rw / 2.0, y0 * fh + t * rh)
+            };
+            let (cx, cy) = (
+                cx + rng.random_range(-0.1..0.1) * r,
+                cy + rng.random_range(-0.1..0.1) * r,
+            );
+            let bx0 = (cx - r).floor().max(0.0) as u32;
+            let by0 = (cy - r).floor().max(0.0) as u32;
+            let bx1 = ((cx + r).ceil() as u32).min(w - 1);
+            let by1 = ((cy + r).ceil() as u32).min(h - 1);
+            for y in by0..=by1 {
+                for x in bx0..=bx1 {
+                    let (dx, dy) = (x as f32 + 0.5 - cx, y as f32 + 0.5 - cy);
+                    let inside = match SHAPES[self.shape] {
+                        "circle" => dx * dx + dy * dy <= r * r,
+                        "square" => dx.abs() <= r * 0.85 && dy.abs() <= r * 0.85,
+                        // Apex up: the half-width grows from 0 at the top to r at the bottom.
+                        _ => dy >= -r && dy <= r && dx.abs() <= (dy + r) / 2.0,
+                    };
+                    if inside {
+                        img.put_pixel(x, y, colour);
+                    }
+                }
+            }
+        }
+        img
+    }
+}
+
+fn capitalize(s: &str) -> String {
+    let mut c = s.chars();
+    c.next()
+        .map(|f| f.to_uppercase().chain(c).collect())
+        .unwrap_or_default()
+}
+
+fn encode(img: &RgbImage, format: ImageFormat) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    match format {
+        ImageFormat::Jpeg => {
+            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 92)
+                .encode_image(img)
+                .map_err(|e| Error::Internal(format!("jpeg encode: {e}")))?;
+        }
+        _ => img
+            .write_to(&mut Cursor::new(&mut out), format)
+            .map_err(|e| Error::Internal(format!("image encode: {e}")))?,
+    }
+    Ok(out)
+}
+
+#[derive(Serialize)]
+struct LlavaTurn {
+    from: &'static str,
+    value: String,
+}
+
+#[derive(Serialize)]
+struct LlavaRecord {
+    id: String,
+    image: String,
+    conversations: Vec<LlavaTurn>,
+}
+
+#[derive(Serialize)]
+struct Mmc4Image {
+    image_name: String,
+    matched_text_index: usize,
+}
+
+#[derive(Serialize)]
+struct Mmc4Record {
+    id: String,
+    url: String,
+    text_list: Vec<String>,
+    image_info: Vec<Mmc4Image>,
+}
+
+#[derive(Serialize)]
+struct TextRecord {
+    id: String,
+    text: String,
+}
+
+const FILLER_SUBJECTS: [&str; 12] = [
+    "the old mill",
+    "a quiet river",
+    "the northern road",
+    "the village baker",
+    "a tall lighthouse",
+    "the morning train",
+    "the market square",
+    "a small garden",
+    "the city library",
+    "a wooden bridge",
+    "the harbour master",
+    "the hill farm",
+];
+const FILLER_VERBS: [&str; 10] = [
+    "stood near",
+    "looked over",
+    "was far from",
+    "was painted like",
+    "was older than",
+    "was quieter than",
+    "opened toward",
+    "was built beside",
+    "was seen from",
+    "was known for",
+];
+const FILLER_TAILS: [&str; 10] = [
+    "in the early spring",
+    "after the long rain",
+    "during the festival",
+    "before the winter came",
+    "when the bells rang",
+    "on most evenings",
+    "for many years",
+    "under a grey sky",
+    "at the end of the day",
+    "without any noise",
+];
+const NAMES: [&str; 16] = [
+    "Alder", "Brisa", "Corvin", "Delia", "Emrys", "Fenna", "Galen", "Hesper", "Ilsa", "Jory",
+    "Kestrel", "Liora", "Maren", "Nilo", "Orla", "Perrin",
+];
+
+fn filler_sentence(rng: &mut SmallRng) -> String {
+    let s = FILLER_SUBJECTS.choose(rng).expect("non-empty");
+    let v = FILLER_VERBS.choose(rng).expect("non-empty");
+    let o = FILLER_SUBJECTS.choose(rng).expect("non-empty");
+    let t = FILLER_TAILS.choose(rng).expect("non-empty");
+    format!("{} {v} {o} {t}.", capitalize(s))
+}
+
+/// Writes the corpus into `settings.out`.
+pub fn synthesize(settings: &SynthSettings) -> Result<SynthSummary> {
+    let out = &settings.out;
+    let sizes = settings.scale.sizes();
+    let mut rng = SmallRng::seed_from_u64(settings.seed);
+    fs_err::create_dir_all(out.join("images"))?;
+    let mut files = Vec::<PathBuf>::new();
+    let mut answers = Answers {
+        seed: settings.seed,
+        scale: format!("{:?}", settings.scale).to_lowercase(),
+        counts: BTreeMap::new(),
+        kinds: BTreeMap::new(),
+        images: vec![],
+        vqa: vec![],
+        needles: vec![],
+    };
+    // Every piece of text also feeds the tokenizer trainer.
+    let mut corpus: Vec<String> = Vec::new();
+    let mut image_file =
+        |rng: &mut SmallRng, name: &str, scene: &Scene, i: usize| -> Result<String> {
+            let (lo, hi) = sizes.image_side;
+            let (w, h) = (rng.random_range(lo..=hi), rng.random_range(lo..=hi));
+            let (ext, format) = if i % 2 == 0 {
+                ("png", ImageFormat::Png)
+            } else {
+                ("jpg", ImageFormat::Jpeg)
+            };
+            let rel = format!("images/{name}.{ext}");
+            let path = out.join(&rel);
+            fs_err::write(&path, encode(&scene.render(rng, w, h), format)?)?;
+            files.push(path);
+            Ok(rel)
+        };
+
+    // Stage-1 style pairs: LLaVA pretrain JSON.
+    let mut pretrain = Vec::new();
+    for i in 0..sizes.pretrain {
+        let scene = Scene::random(&mut rng);
+        let id = format!("pretrain-{i:05}");
+        let image = image_file(&mut rng, &id, &scene, i)?;
+        let caption = scene.caption(&mut rng);
+        corpus.push(caption.clone());
+        answers.images.push(scene.facts(image.clone()));
+        pretrain.push(LlavaRecord {
+            id,
+            image,
+            conversations: vec![
+                LlavaTurn {
+                    from: "human",
+                    value: "<image>\nDescribe the image briefly.".into(),
+                },
+                LlavaTurn {
+                    from: "gpt",
+                    value: caption,
+                },
+            ],
+        });
+    }
+
+    // Multi-turn VQA: LLaVA SFT JSON.
+    let mut sft = Vec::new();
+    for i in 0..sizes.sft {
+        let scene = Scene::random(&mut rng);
+        let id = format!("sft-{i:05}");
+        let image = image_file(&mut rng, &id, &scene, i + 1)?;
+        answers.images.push(scene.facts(image.clone()));
+        let facts = scene.facts(image.clone());
+        let mut qas = vec![
+            (
+                "colour",
+                "What color are the shapes?".to_string(),
+                facts.colour.clone(),
+            ),
+            (
+                "shape",
+                "Which shape is drawn?".to_string(),
+                facts.shape.clone(),
+            ),
+            (
+                "count",
+                format!("How many {}s are there?", facts.shape),
+                NUMBERS[facts.count as usize].to_string(),
+            ),
+            (
+                "position",
+                "Where are the shapes?".to_string(),
+                facts.position.clone(),
+            ),
+        ];
+        // Two or three of the four questions, in a random order.
+        for k in (1..qas.len()).rev() {
+            qas.swap(k, rng.random_range(0..=k));
+        }
+        qas.truncate(rng.random_range(2..=3));
+        let mut conversations = Vec::new();
+        for (turn, (attribute, question, answer)) in qas.into_iter().enumerate() {
+            let value = if turn == 0 {
+                format!("<image>\n{question}")
+            } else {
+                question.clone()
+            };
+            conversations.push(LlavaTurn {
+                from: "human",
+                value,
+            });
+            conversations.push(LlavaTurn {
+                from: "gpt",
+                value: format!("{}.", capitalize(&answer)),
+            });
+            corpus.push(format!("{question} {}.", capitalize(&answer)));
+            answers.vqa.push(VqaItem {
+                id: id.clone(),
+                image: image.clone(),
+                attribute: attribute.to_string(),
+                question,
+                answer,
+            });
+        }
+        sft.push(LlavaRecord {
+            id,
+            image,
+            conversations,
+        });
+    }
+
+    // WebDataset pairs: KEY.jpg + KEY.txt in one tar.
+    let mut tar = tar::Builder::new(Vec::new());
+    for i in 0..sizes.wds {
+        let scene = Scene::random(&mut rng);
+        let (lo, hi) = sizes.image_side;
+        let (w, h) = (rng.random_range(lo..=hi), rng.random_range(lo..=hi));
+        let jpg = encode(&scene.render(&mut rng, w, h), ImageFormat::Jpeg)?;
+        let caption = scene.caption(&mut rng);
+        corpus.push(caption.clone());
+        let key = format!("{i:06}");
+        answers
+            .images
+            .push(scene.facts(format!("pairs-000.tar!{key}.jpg")));
+        for (name, bytes) in [
+            (format!("{key}.jpg"), jpg),
+            (format!("{key}.txt"), caption.into_bytes()),
+        ] {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(bytes.len() as u64);
+            header.set_mode(0o644);
+            header.set_mtime(0);
+            header.set_cksum();
+            tar.append_data(&mut header, &name, bytes.as_slice())?;
+        }
+    }
+    let tar_bytes = tar.into_inner()?;
+
+    // Interleaved documents: paragraphs with the images they describe.
+    let mut interleaved = Vec::new();
+    for i in 0..sizes.interleaved {
+        let id = format!("doc-{i:05}");
+        let mut text_list = vec![format!(
+            "{} {}",
+            filler_sentence(&mut rng),
+            filler_sentence(&mut rng)
+        )];
+        let mut image_info = Vec::new();
+        for j in 0..rng.random_range(1..=3) {
+            let scene = Scene::random(&mut rng);
+            let image = image_file(&mut rng, &format!("{id}-{j}"), &scene, i + j)?;
+            answers.images.push(scene.facts(image.clone()));
+            image_info.push(Mmc4Image {
+                image_name: image,
+                matched_text_index: text_list.len(),
+            });
+            text_list.push(format!(
+                "{} {}",
+                scene.caption(&mut rng),
+                filler_sentence(&mut rng)
+            ));
+        }
+        corpus.extend(text_list.iter().cloned());
+        interleaved.push(Mmc4Record {
+            url: format!("synth://{id}"),
+            id,
+            text_list,
+            image_info,
+        });
+    }
+
+    // Long documents with one planted fact each, at depths cycling 0..1.
+    let depths = [0.0, 0.25, 0.5, 0.75, 1.0];
+    let mut longdocs = Vec::new();
+    for i in 0..sizes.longdocs {
+        let id = format!("long-{i:05}");
+        let depth = depths[i % depths.len()];
+        let name = format!("{}{}", NAMES.choose(&mut rng).expect("non-empty"), i);
+        let code = rng.random_range(1000..10000u32).to_string();
+        let target_words = rng.random_range(sizes.long_words.0..=sizes.long_words.1);
+        let mut sentences = Vec::new();
+        let mut words = 0;
+        while words < target_words {
+            let s = filler_sentence(&mut rng);
+            words += s.split_whitespace().count();
+            sentences.push(s);
+        }
+        let at = ((sentences.len() as f64) * depth).round() as usize;
+        sentences.insert(
+            at.min(sentences.len()),
+            format!("The secret code of {name} is {code}."),
+        );
+        let text = sentences.join(" ");
+        corpus.push(text.clone());
+        answers.needles.push(Needle {
+            id: id.clone(),
+            depth,
+            question: format!("What is the secret code of {name}?"),
+            answer: code,
+        });
+        longdocs.push(TextRecord { id, text });
+    }
+
+    let written: [(&str, Vec<u8>); 5] = [
+        ("pretrain.json", json_array(&pretrain).into_bytes()),
+        ("sft.json", json_array(&sft).into_bytes()),
+        ("pairs-000.tar", tar_bytes),
+        ("interleaved.jsonl", json_lines(&interleaved).into_bytes()),
+        ("longdocs.jsonl", json_lines(&longdocs).into_bytes()),
+    ];
+    for (name, bytes) in written {
+        let path = out.join(name);
+        fs_err::write(&path, bytes)?;
+        files.push(path);
+    }
+    let counts = [
+        sizes.pretrain,
+        sizes.sft,
+        sizes.wds,
+        sizes.interleaved,
+        sizes.longdocs,
+    ];
+    let kinds = [
+        "image_text",
+        "image_text",
+        "image_text",
+        "interleaved",
+        "text",
+    ];
+    for ((name, _, _), (count, kind)) in SOURCES.iter().zip(counts.into_iter().zip(kinds)) {
+        answers.counts.insert(name.to_string(), count as u64);
+        answers.kinds.insert(name.to_string(), kind.to_string());
+    }
+
+    let tokenizer = out.join("tokenizer.json");
+    train_tokenizer(&corpus, sizes.vocab, &tokenizer)?;
+    files.push(tokenizer);
+
+    let registry = Registry {
+        sources: SOURCES
+            .iter()
+            .map(|(name, kind, file)| RegistryEntry {
+                name: Some(name.to_string()),
+                kind: *kind,
+                path: file.into(),
+                media_root: Some(".".into()),
+            })
+            .collect(),
+    };
+    for (name, text) in [
+        ("registry.toml", registry.to_toml()),
+        (
+            "answers.json",
+            serde_json::to_string_pretty(&answers).expect("answers serialize") + "\n",
+        ),
+    ] {
+        let path = out.join(name);
+        fs_err::write(&path, text)?;
+        files.push(path);
+    }
+    let bytes = files
+        .iter()
+        .map(|f| f.metadata().map(|m| m.len()).unwrap_or(0))
+        .sum();
+    Ok(SynthSummary {
+        answers,
+        files: files.len(),
+        bytes,
+    })
+}
+
+fn json_array<T: Serialize>(items: &[T]) -> String {
+    serde_json::to_string_pretty(items).expect("plain data serializes") + "\n"
+}
+
+fn json_lines<T: Serialize>(items: &[T]) -> String {
+    let lines: Vec<String> = items
+        .iter()
+        .map(|i| serde_json::to_string(i).expect("plain data serializes"))
+        .collect();
+    lines.join("\n") + "\n"
+}
+
+/// Trains a byte-level BPE on `corpus` with the ChatML and media special
+/// tokens, and saves it as a Hugging Face `tokenizer.json`.
+pub fn train_tokenizer(corpus: &[String], vocab_size: usize, path: &Path) -> Result<()> {
+    let fail = |e: tokenizers::Error| Error::Tokenizer {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    let special: Vec<AddedToken> = SpecialTokens::ALL
+        .iter()
+        .map(|t| AddedToken::from(*t, true))
+        .collect();
+    let mut trainer = BpeTrainerBuilder::new()
+        .vocab_size(vocab_size)
+        .min_frequency(2)
+        .show_progress(false)
+        .special_tokens(special)
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .build();
+    let byte_level = ByteLevel::default().add_prefix_space(false);
+    let mut tokenizer = TokenizerBuilder::<
+        BPE,
+        NormalizerWrapper,
+        PreTokenizerWrapper,
+        PostProcessorWrapper,
+        DecoderWrapper,
+    >::new()
+    .with_model(BPE::default())
+    .with_normalizer(None)
+    .with_pre_tokenizer(Some(byte_level.into()))
+    .with_post_processor(Some(byte_level.into()))
+    .with_decoder(Some(byte_level.into()))
+    .build()
+    .map_err(fail)?;
+    tokenizer.train(&mut trainer, corpus.iter()).map_err(fail)?;
+    let json = tokenizer.to_string(true).map_err(fail)?;
+    fs_err::write(path, json)?;
+    Ok(())
+}

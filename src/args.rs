@@ -1,0 +1,211 @@
+//! The command line, as clap sees it. Nothing here does work.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Build, audit, mix and stream the training data of a long-context
+/// vision-language curriculum (LongVILA's five stages).
+#[derive(Debug, Parser)]
+#[command(name = "lvpipe", version, about, max_term_width = 100)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write a synthetic corpus in the real formats, with known answers.
+    Synth(SynthArgs),
+    /// Turn raw sources into Parquet shards, a quarantine table and a manifest.
+    BuildShards(BuildArgs),
+    /// Run a read-only SQL query over a shard folder.
+    Sql(SqlArgs),
+    /// Run the whole chain on the synthetic corpus and write a report.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ScaleArg {
+    /// Dozens of samples, for tests (seconds).
+    Tiny,
+    /// Thousands of samples, for the demo and benchmarks.
+    Small,
+}
+
+#[derive(Debug, Args)]
+pub struct SynthArgs {
+    /// Folder to write into (created if missing).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// How much data to write.
+    #[arg(long, value_enum, default_value = "tiny")]
+    pub scale: ScaleArg,
+    /// Random seed; the same seed and scale give the same bytes.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum AspectArg {
+    /// Resize the longer side and pad to a square with grey (VILA `pad`).
+    Pad,
+    /// Squash to a square (VILA `resize`).
+    Resize,
+}
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// Folder for the shards (created if missing; an interrupted build there resumes).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Hugging Face tokenizer.json with the ChatML tokens and `<image>`.
+    #[arg(long)]
+    pub tokenizer: PathBuf,
+    /// A source as KIND:PATH or NAME=KIND:PATH; KIND is llava, text, wds or
+    /// interleaved; NAME defaults to the file stem. Repeat for several.
+    #[arg(long = "source", value_name = "[NAME=]KIND:PATH")]
+    pub sources: Vec<String>,
+    /// A registry file (TOML `[[source]]` tables with name, kind, path,
+    /// media_root), read in addition to --source flags.
+    #[arg(long)]
+    pub registry: Option<PathBuf>,
+    /// Folder that media paths of --source files resolve against (default:
+    /// each source file's folder).
+    #[arg(long)]
+    pub media_root: Option<PathBuf>,
+    /// Side of the square images stored in shards, in pixels.
+    #[arg(long, default_value_t = 384)]
+    pub image_size: u32,
+    /// How images become square.
+    #[arg(long, value_enum, default_value = "pad")]
+    pub image_aspect: AspectArg,
+    /// JPEG quality of stored images (1 to 100).
+    #[arg(long, default_value_t = 90)]
+    pub jpeg_quality: u8,
+    /// Largest image accepted, in pixels (width x height); larger ones are
+    /// quarantined as media_too_large (decompression bomb guard).
+    #[arg(long, default_value_t = 89_478_485)]
+    pub max_image_pixels: u64,
+    /// Largest encoded media file accepted (e.g. 64MiB).
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    pub max_media_bytes: u64,
+    /// Approximate uncompressed size of one shard (e.g. 256MiB, 1GB).
+    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    pub shard_size: u64,
+    /// Rows per Parquet row group, the unit of random access.
+    #[arg(long, default_value_t = 256)]
+    pub row_group_rows: usize,
+    /// Stop at the first record that would be quarantined (exit code 1).
+    #[arg(long)]
+    pub strict: bool,
+    /// Replace a different build found in --out instead of refusing.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Keep exact duplicates (same content within a source) instead of
+    /// quarantining them.
+    #[arg(long)]
+    pub keep_duplicates: bool,
+    /// Worker threads for decoding and tokenization (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Stop with an error after this many shards, as a crash would (for
+    /// testing resume).
+    #[arg(long, hide = true)]
+    pub fail_after_shards: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum FormatArg {
+    /// Aligned text table (long cells cut).
+    Table,
+    /// CSV with a header row.
+    Csv,
+    /// Newline-delimited JSON objects.
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct SqlArgs {
+    /// Shard folder written by build-shards (tables: samples, quarantine, manifest).
+    #[arg(long)]
+    pub shards: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: FormatArg,
+    /// The query (SELECT, WITH, EXPLAIN, SHOW, DESCRIBE; writes are refused).
+    pub query: String,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Folder for everything the demo writes (raw/, shards/, report.md).
+    #[arg(long, default_value = "demo")]
+    pub out: PathBuf,
+    /// Size of the synthetic corpus.
+    #[arg(long, value_enum, default_value = "small")]
+    pub scale: ScaleArg,
+    /// Random seed of the synthetic corpus.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// Parses `123`, `64KB`, `256MiB`, `1GB`, `2GiB`.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}`: expected a size like 256MiB"))?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "kib" | "k" => 1 << 10,
+        "mb" => 1_000_000,
+        "mib" | "m" => 1 << 20,
+        "gb" => 1_000_000_000,
+        "gib" | "g" => 1 << 30,
+        other => {
+            return Err(format!(
+                "`{text}`: unknown unit `{other}` (use B, KB, KiB, MB, MiB, GB, GiB)"
+            ));
+        }
+    };
+    Ok((number * scale as f64) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("256MiB").unwrap(), 256 << 20);
+        assert_eq!(parse_size("1GB").unwrap(), 1_000_000_000);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("12 parsecs").is_err());
+    }
+
+    #[test]
+    fn every_flag_has_help() {
+        use clap::CommandFactory;
+        let cli = Cli::command();
+        for sub in cli.get_subcommands() {
+            assert!(sub.get_about().is_some(), "{}", sub.get_name());
+            for arg in sub.get_arguments().filter(|a| !a.is_hide_set()) {
+                assert!(
+                    arg.get_help().is_some(),
+                    "{} --{}",
+                    sub.get_name(),
+                    arg.get_id()
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! Helpers shared by the CLI tests: run the binary, build fixtures in a temp dir.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use arrow::array::RecordBatch;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+/// Runs `lvpipe ARGS` in `cwd`.
+pub fn lvpipe(cwd: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lvpipe"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("lvpipe runs")
+}
+
+/// Runs `lvpipe ARGS` and fails the test, with its stderr, unless it succeeds.
+pub fn lvpipe_ok(cwd: &Path, args: &[&str]) -> String {
+    let out = lvpipe(cwd, args);
+    assert!(
+        out.status.success(),
+        "lvpipe {args:?} failed ({:?}):\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 stdout")
+}
+
+/// A tiny synthetic corpus, made once per test binary and copied per test.
+pub fn tiny_corpus() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("tempdir").keep();
+        lvpipe_ok(
+            &dir,
+            &["synth", "--out", "raw", "--scale", "tiny", "--seed", "7"],
+        );
+        dir
+    })
+}
+
+/// The five synth sources as `--source` flags, relative to the corpus folder.
+pub const SYNTH_SOURCES: [&str; 5] = [
+    "llava:raw/pretrain.json",
+    "llava:raw/sft.json",
+    "text:raw/longdocs.jsonl",
+    "interleaved:raw/interleaved.jsonl",
+    "wds:raw/pairs-000.tar",
+];
+
+pub fn build_args<'a>(out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "build-shards",
+        "--out",
+        out,
+        "--tokenizer",
+        "raw/tokenizer.json",
+        "--image-size",
+        "64",
+    ];
+    for s in SYNTH_SOURCES {
+        args.extend(["--source", s]);
+    }
+    args.extend(extra);
+    args
+}
+
+/// Rows of `sql --format json` as JSON objects.
+pub fn sql_json(cwd: &Path, shards: &str, query: &str) -> Vec<serde_json::Value> {
+    lvpipe_ok(cwd, &["sql", "--shards", shards, "--format", "json", query])
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json row"))
+        .collect()
+}
+
+/// All record batches of the Parquet files of a folder whose names start with `prefix`.
+pub fn read_table(dir: &Path, prefix: &str) -> Vec<RecordBatch> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            name.starts_with(prefix) && name.ends_with(".parquet")
+        })
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .flat_map(|f| {
+            ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(f).unwrap())
+                .unwrap()
+                .build()
+                .unwrap()
+                .map(|b| b.unwrap())
+        })
+        .collect()
+}
+
+/// Every file of a folder (recursively) with its bytes, sorted by path.
+pub fn folder_bytes(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push((
+                    path.strip_prefix(dir).unwrap().to_path_buf(),
+                    std::fs::read(&path).unwrap(),
+                ));
+            }
+        }
+    }
+    out.sort();
+    out
+}

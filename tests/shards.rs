@@ -1,0 +1,524 @@
+//! synth -> build-shards -> sql, end to end through the binary.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::path::Path;
+
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::{UInt8Type, UInt32Type};
+use common::*;
+
+#[test]
+fn counts_per_source_and_kind_equal_what_synth_wrote() {
+    let corpus = tiny_corpus();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("shards");
+    let out = out.to_str().unwrap();
+    let summary = lvpipe_ok(corpus, &build_args(out, &["--json"]));
+    let summary: serde_json::Value = serde_json::from_str(&summary).unwrap();
+    assert_eq!(summary["quarantined"], 0, "{summary}");
+
+    let answers: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(corpus.join("raw/answers.json")).unwrap())
+            .unwrap();
+    let rows = sql_json(
+        corpus,
+        out,
+        "SELECT source, kind, count(*) AS n, sum(num_text_tokens) AS tokens FROM samples GROUP BY 1, 2 ORDER BY 1",
+    );
+    let got: BTreeMap<String, (String, u64)> = rows
+        .iter()
+        .map(|r| {
+            assert!(r["tokens"].as_u64().unwrap() > r["n"].as_u64().unwrap());
+            (
+                r["source"].as_str().unwrap().to_string(),
+                (
+                    r["kind"].as_str().unwrap().to_string(),
+                    r["n"].as_u64().unwrap(),
+                ),
+            )
+        })
+        .collect();
+    let expected: BTreeMap<String, (String, u64)> = answers["counts"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                (
+                    answers["kinds"][k].as_str().unwrap().to_string(),
+                    v.as_u64().unwrap(),
+                ),
+            )
+        })
+        .collect();
+    assert_eq!(got, expected);
+
+    // The registry synth wrote builds the same samples.
+    let reg_out = dir.path().join("from-registry");
+    lvpipe_ok(
+        corpus,
+        &[
+            "build-shards",
+            "--registry",
+            "raw/registry.toml",
+            "--tokenizer",
+            "raw/tokenizer.json",
+            "--image-size",
+            "64",
+            "--out",
+            reg_out.to_str().unwrap(),
+        ],
+    );
+    let ids = |shards: &str| {
+        sql_json(
+            corpus,
+            shards,
+            "SELECT sample_id FROM samples ORDER BY sample_id",
+        )
+    };
+    assert_eq!(ids(reg_out.to_str().unwrap()), ids(out));
+
+    // Every stored image has the requested size, and the manifest table lists the files.
+    let sizes = sql_json(
+        corpus,
+        out,
+        "SELECT count(*) AS n FROM (SELECT unnest(media) AS m FROM samples) WHERE m['width'] != 64 OR m['height'] != 64",
+    );
+    assert_eq!(sizes[0]["n"], 0);
+    let manifest = sql_json(
+        corpus,
+        out,
+        "SELECT sum(rows) AS rows FROM manifest WHERE table_name = 'samples'",
+    );
+    assert_eq!(
+        manifest[0]["rows"].as_u64(),
+        Some(expected.values().map(|v| v.1).sum())
+    );
+}
+
+#[test]
+fn masked_tokens_decode_to_exactly_the_assistant_turns() {
+    let corpus = tiny_corpus();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("shards");
+    lvpipe_ok(corpus, &build_args(out.to_str().unwrap(), &[]));
+    let tokenizer = tokenizers::Tokenizer::from_file(corpus.join("raw/tokenizer.json")).unwrap();
+    let mut checked_conversations = 0;
+    for batch in read_table(&out, "samples-") {
+        let ids = batch.column_by_name("input_ids").unwrap().as_list::<i32>();
+        let masks = batch.column_by_name("loss_mask").unwrap().as_list::<i32>();
+        let messages = batch.column_by_name("messages").unwrap().as_list::<i32>();
+        let kinds = batch.column_by_name("kind").unwrap().as_string::<i32>();
+        for row in 0..batch.num_rows() {
+            let ids = ids.value(row);
+            let ids = ids.as_primitive::<UInt32Type>().values();
+            let mask = masks.value(row);
+            let mask = mask.as_primitive::<UInt8Type>().values();
+            let turns = messages.value(row);
+            let turns = turns.as_struct();
+            let roles = turns.column(0).as_string::<i32>();
+            let contents = turns.column(1).as_string::<i32>();
+            // Contiguous runs of masked tokens, decoded.
+            let mut runs: Vec<Vec<u32>> = Vec::new();
+            for (i, (&id, &m)) in ids.iter().zip(mask).enumerate() {
+                if m == 1 {
+                    if i == 0 || mask[i - 1] == 0 {
+                        runs.push(Vec::new());
+                    }
+                    runs.last_mut().unwrap().push(id);
+                }
+            }
+            let decoded: Vec<String> = runs
+                .iter()
+                .map(|r| tokenizer.decode(r, false).unwrap())
+                .collect();
+            if kinds.value(row) == "image_text" {
+                let expected: Vec<String> = (0..roles.len())
+                    .filter(|&i| roles.value(i) == "assistant")
+                    .map(|i| format!("{}<|im_end|>", contents.value(i)))
+                    .collect();
+                assert_eq!(decoded, expected, "row {row}");
+                // And the whole row decodes to the ChatML rendering of the conversation.
+                let mut chatml =
+                    String::from("<|im_start|>system\nYou are a helpful assistant<|im_end|>\n");
+                for i in 0..roles.len() {
+                    chatml.push_str(&format!(
+                        "<|im_start|>{}\n{}<|im_end|>\n",
+                        roles.value(i),
+                        contents.value(i)
+                    ));
+                }
+                assert_eq!(tokenizer.decode(ids, false).unwrap(), chatml);
+                checked_conversations += 1;
+            } else {
+                // Documents train on everything but media placeholders, and end with <|endoftext|>.
+                let text: String = (0..roles.len()).map(|i| contents.value(i)).collect();
+                assert_eq!(
+                    decoded.concat(),
+                    format!("{}<|endoftext|>", text.replace("<image>", ""))
+                );
+            }
+        }
+    }
+    assert!(checked_conversations >= 40, "{checked_conversations}");
+}
+
+fn png(w: u32, h: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_pixel(w, h, image::Rgb([200, 10, 10]));
+    let mut out = Vec::new();
+    img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
+    out
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// A small PNG whose header claims 50000 x 50000 pixels: a decompression bomb.
+fn png_bomb() -> Vec<u8> {
+    let mut bytes = png(8, 8);
+    // IHDR data starts at byte 16 (8 signature + 4 length + 4 type).
+    bytes[16..20].copy_from_slice(&50_000u32.to_be_bytes());
+    bytes[20..24].copy_from_slice(&50_000u32.to_be_bytes());
+    let crc = crc32(&bytes[12..29]);
+    bytes[29..33].copy_from_slice(&crc.to_be_bytes());
+    bytes
+}
+
+fn conversation(id: &str, image: Option<&str>, human: &str) -> String {
+    let image = image
+        .map(|i| format!(r#""image": "{i}", "#))
+        .unwrap_or_default();
+    format!(
+        r#"{{"id": "{id}", {image}"conversations": [{{"from": "human", "value": "{human}"}}, {{"from": "gpt", "value": "A red square."}}]}}"#
+    )
+}
+
+/// Writes one fixture per bad-input kind between good records.
+fn bad_inputs(dir: &Path) {
+    std::fs::create_dir_all(dir.join("img")).unwrap();
+    for i in 0..3 {
+        std::fs::write(dir.join(format!("img/good{i}.png")), png(40 + i, 30)).unwrap();
+    }
+    std::fs::write(
+        dir.join("img/corrupt.jpg"),
+        b"\xFF\xD8\xFF\xE0 this is not really a jpeg",
+    )
+    .unwrap();
+    let good_png = png(30, 30);
+    std::fs::write(
+        dir.join("img/truncated.png"),
+        &good_png[..good_png.len() / 2],
+    )
+    .unwrap();
+    std::fs::write(dir.join("img/bomb.png"), png_bomb()).unwrap();
+    let mut lines = vec![
+        conversation("good-0", Some("img/good0.png"), "<image>\\nWhat is it?"),
+        conversation("missing", Some("img/nope.png"), "<image>\\nWhat is it?"),
+        conversation("corrupt", Some("img/corrupt.jpg"), "<image>\\nWhat is it?"),
+        conversation("truncated", Some("img/truncated.png"), "<image>\\nWhat is it?"),
+        conversation("bomb", Some("img/bomb.png"), "<image>\\nWhat is it?"),
+        r#"{"id": "broken", "conversations": [{"from": "human""#.to_string(),
+        conversation("good-1", Some("img/good1.png"), "<image>\\nWhat is it?"),
+        conversation("mismatch", Some("img/good2.png"), "<image><image>\\nCompare them."),
+        r#"{"id": "empty", "image": "img/good2.png", "conversations": []}"#.to_string(),
+        r#"{"id": "alternation", "conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]}"#.to_string(),
+        conversation("good-2", None, "Say something."),
+    ];
+    lines.insert(6, String::new()); // blank lines are skipped, not quarantined
+    let mut bytes = lines.join("\n").into_bytes();
+    bytes.extend(b"\n{\"id\": \"latin1\", \"conversations\": [{\"from\": \"human\", \"value\": \"caf\xe9\"}]}\n");
+    bytes.extend(conversation("good-3", Some("img/good2.png"), "<image>\\nAgain?").as_bytes());
+    bytes.push(b'\n');
+    std::fs::write(dir.join("vqa.jsonl"), bytes).unwrap();
+
+    std::fs::write(
+        dir.join("docs.jsonl"),
+        "{\"id\": \"d0\", \"text\": \"A long story.\"}\n{\"id\": \"d1\", \"text\": \"   \"}\n{\"id\": \"d2\", \"text\": \"Another one.\"}\n",
+    )
+    .unwrap();
+
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut add = |name: &str, bytes: &[u8]| {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(bytes.len() as u64);
+        header.set_mode(0o644);
+        // Write the name into the raw header so `..` survives (the builder refuses it).
+        let raw = &mut header.as_old_mut().name;
+        raw[..name.len()].copy_from_slice(name.as_bytes());
+        header.set_cksum();
+        tar.append(&header, bytes).unwrap();
+    };
+    add("000.png", &png(20, 20));
+    add("000.txt", b"A red square.");
+    add("../evil.png", &png(20, 20));
+    add("001.png", &png(21, 20));
+    add("001.txt", b"Another red square.");
+    std::fs::write(dir.join("pairs.tar"), tar.into_inner().unwrap()).unwrap();
+}
+
+#[test]
+fn every_bad_input_kind_is_quarantined_and_good_records_survive() {
+    let corpus = tiny_corpus();
+    let dir = tempfile::tempdir().unwrap();
+    bad_inputs(dir.path());
+    std::fs::copy(
+        corpus.join("raw/tokenizer.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    lvpipe_ok(
+        dir.path(),
+        &[
+            "build-shards",
+            "--out",
+            "shards",
+            "--tokenizer",
+            "tokenizer.json",
+            "--image-size",
+            "32",
+            "--source",
+            "llava:vqa.jsonl",
+            "--source",
+            "text:docs.jsonl",
+            "--source",
+            "wds:pairs.tar",
+        ],
+    );
+    let rows = sql_json(
+        dir.path(),
+        "shards",
+        "SELECT origin, reason, detail, annotation_id FROM quarantine ORDER BY origin",
+    );
+    let got: BTreeMap<String, String> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["origin"].as_str().unwrap().to_string(),
+                r["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let expected: BTreeMap<String, String> = [
+        ("vqa.jsonl:2", "missing_media"),
+        ("vqa.jsonl:3", "corrupt_media"),
+        ("vqa.jsonl:4", "corrupt_media"),
+        ("vqa.jsonl:5", "media_too_large"),
+        ("vqa.jsonl:6", "malformed_json"),
+        ("vqa.jsonl:9", "placeholder_mismatch"),
+        ("vqa.jsonl:10", "empty_conversation"),
+        ("vqa.jsonl:11", "non_alternating_conversation"),
+        ("vqa.jsonl:13", "non_utf8"),
+        ("docs.jsonl:2", "empty_document"),
+        ("pairs.tar!../evil.png", "unsafe_path"),
+    ]
+    .into_iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    assert_eq!(got, expected);
+    let bomb = rows.iter().find(|r| r["origin"] == "vqa.jsonl:5").unwrap();
+    assert!(
+        bomb["detail"].as_str().unwrap().contains("50000x50000"),
+        "{bomb}"
+    );
+    assert_eq!(bomb["annotation_id"], "bomb");
+
+    let good = sql_json(
+        dir.path(),
+        "shards",
+        "SELECT source, coalesce(annotation_id, origin) AS id FROM samples ORDER BY 2",
+    );
+    let good: Vec<String> = good
+        .iter()
+        .map(|r| {
+            format!(
+                "{}/{}",
+                r["source"].as_str().unwrap(),
+                r["id"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        good,
+        [
+            "pairs/000",
+            "pairs/001",
+            "docs/d0",
+            "docs/d2",
+            "vqa/good-0",
+            "vqa/good-1",
+            "vqa/good-2",
+            "vqa/good-3"
+        ]
+    );
+
+    // --strict stops at the first bad record, names it, and exits 1.
+    let strict = lvpipe(
+        dir.path(),
+        &[
+            "build-shards",
+            "--out",
+            "strict",
+            "--tokenizer",
+            "tokenizer.json",
+            "--strict",
+            "--source",
+            "llava:vqa.jsonl",
+        ],
+    );
+    assert_eq!(strict.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&strict.stderr);
+    assert!(stderr.contains("vqa.jsonl:2: missing_media"), "{stderr}");
+}
+
+#[test]
+fn an_interrupted_build_resumes_to_the_same_shards() {
+    let corpus = tiny_corpus();
+    let dir = tempfile::tempdir().unwrap();
+    let full = dir.path().join("full");
+    let resumed = dir.path().join("resumed");
+    let small = ["--shard-size", "40KB", "--row-group-rows", "8"];
+    lvpipe_ok(corpus, &build_args(full.to_str().unwrap(), &small));
+    let shards = std::fs::read_dir(&full)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("samples-")
+        })
+        .count();
+    assert!(
+        shards >= 4,
+        "want several shards to interrupt, got {shards}"
+    );
+
+    let mut crash = small.to_vec();
+    crash.extend(["--fail-after-shards", "2"]);
+    let first = lvpipe(corpus, &build_args(resumed.to_str().unwrap(), &crash));
+    assert_eq!(first.status.code(), Some(2));
+    assert!(!resumed.join("manifest.json").exists());
+    assert!(
+        resumed.join("samples-00001.parquet").exists()
+            && !resumed.join("samples-00002.parquet").exists()
+    );
+    // What a kill leaves behind: a half-written file and a part without its samples file.
+    std::fs::write(resumed.join("samples-00002.parquet.tmp"), b"half").unwrap();
+    std::fs::copy(
+        full.join("samples-00003.parquet"),
+        resumed.join("quarantine-00002.parquet"),
+    )
+    .unwrap();
+
+    let out = lvpipe(corpus, &build_args(resumed.to_str().unwrap(), &small));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("resuming after"));
+    assert_eq!(folder_bytes(&full), folder_bytes(&resumed));
+
+    // A third run finds the build complete and changes nothing.
+    let again = lvpipe_ok(corpus, &build_args(resumed.to_str().unwrap(), &small));
+    assert!(again.contains("already holds this build"), "{again}");
+    assert_eq!(folder_bytes(&full), folder_bytes(&resumed));
+
+    // Other settings into the same folder are refused, not mixed in.
+    let other = lvpipe(
+        corpus,
+        &build_args(resumed.to_str().unwrap(), &["--jpeg-quality", "80"]),
+    );
+    assert_eq!(other.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&other.stderr).contains("--overwrite"));
+}
+
+#[test]
+fn synth_is_deterministic_per_seed() {
+    let dir = tempfile::tempdir().unwrap();
+    for (out, seed) in [("a", "3"), ("b", "3"), ("c", "4")] {
+        lvpipe_ok(
+            dir.path(),
+            &["synth", "--out", out, "--scale", "tiny", "--seed", seed],
+        );
+    }
+    let (a, b, c) = (
+        folder_bytes(&dir.path().join("a")),
+        folder_bytes(&dir.path().join("b")),
+        folder_bytes(&dir.path().join("c")),
+    );
+    assert_eq!(a.len(), b.len());
+    for ((pa, ba), (pb, bb)) in a.iter().zip(&b) {
+        assert_eq!(pa, pb);
+        assert!(
+            ba == bb,
+            "{} differs between two runs with the same seed",
+            pa.display()
+        );
+    }
+    assert_ne!(a, c);
+}
+
+#[test]
+fn sql_refuses_writes_and_explains_bad_folders() {
+    let corpus = tiny_corpus();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("shards");
+    let out = out.to_str().unwrap();
+    lvpipe_ok(corpus, &build_args(out, &[]));
+    for query in [
+        "CREATE TABLE x AS SELECT * FROM samples",
+        "INSERT INTO quarantine SELECT * FROM quarantine",
+        "COPY samples TO 'stolen.parquet'",
+        "DROP TABLE samples",
+        "SET datafusion.execution.batch_size = 1",
+    ] {
+        let res = lvpipe(corpus, &["sql", "--shards", out, query]);
+        assert_eq!(res.status.code(), Some(2), "{query}");
+        let stderr = String::from_utf8_lossy(&res.stderr);
+        assert!(stderr.contains("only queries run"), "{query}: {stderr}");
+    }
+    assert!(!corpus.join("stolen.parquet").exists());
+    let table = lvpipe_ok(
+        corpus,
+        &[
+            "sql",
+            "--shards",
+            out,
+            "SELECT count(*) AS n FROM quarantine",
+        ],
+    );
+    assert!(table.contains("| 0 "), "{table}");
+    let csv = lvpipe_ok(
+        corpus,
+        &[
+            "sql",
+            "--shards",
+            out,
+            "--format",
+            "csv",
+            "SELECT 'a' AS x, 2 AS y",
+        ],
+    );
+    assert_eq!(csv, "x,y\na,2\n");
+    let res = lvpipe(corpus, &["sql", "--shards", "raw", "SELECT 1"]);
+    assert_eq!(res.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&res.stderr).contains("no manifest.json"));
+}
