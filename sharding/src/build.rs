@@ -510,6 +510,26 @@ fn sample_row(
     ))
 }
 
+/// blake3 of a file when it is at most 2 MiB, else of its first and last MiB.
+fn head_tail_hash(path: &Path, len: u64) -> Result<blake3::Hash> {
+    use std::io::{Read, Seek, SeekFrom};
+    const MIB: usize = 1 << 20;
+    let mut file = fs_err::File::open(path)?;
+    if len <= 2 * MIB as u64 {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update_reader(&mut file)?;
+        return Ok(hasher.finalize());
+    }
+    let mut buf = vec![0u8; MIB];
+    let mut hasher = blake3::Hasher::new();
+    file.read_exact(&mut buf)?;
+    hasher.update(&buf);
+    file.seek(SeekFrom::End(-(MIB as i64)))?;
+    file.read_exact(&mut buf)?;
+    hasher.update(&buf);
+    Ok(hasher.finalize())
+}
+
 /// The identity of a build: settings that change the output, and for each
 /// source its size and a hash of its first and last MiB (cheap on large
 /// tars, and enough to tell an edited file from the one a crashed run read).
@@ -519,23 +539,8 @@ fn build_fingerprint(
 ) -> Result<(String, serde_json::Value)> {
     let mut sources = Vec::new();
     for s in &settings.sources {
-        let bytes = fs_err::read(&s.path).ok().filter(|b| b.len() <= 2 << 20);
         let len = s.path.metadata()?.len();
-        let sample = match bytes {
-            Some(b) => blake3::hash(&b),
-            None => {
-                use std::io::{Read, Seek, SeekFrom};
-                let mut f = fs_err::File::open(&s.path)?;
-                let mut buf = vec![0u8; 1 << 20];
-                let mut h = blake3::Hasher::new();
-                f.read_exact(&mut buf)?;
-                h.update(&buf);
-                f.seek(SeekFrom::End(-(1 << 20)))?;
-                f.read_exact(&mut buf)?;
-                h.update(&buf);
-                h.finalize()
-            }
-        };
+        let sample = head_tail_hash(&s.path, len)?;
         sources.push(serde_json::json!({
             "name": s.name,
             "kind": s.kind,
@@ -586,18 +591,36 @@ fn remove_all_lvpipe_files(out: &Path) -> Result<()> {
     Ok(())
 }
 
-fn kv(path: &Path, key: &str) -> Result<Option<String>> {
-    let file = fs_err::File::open(path)?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file.into_parts().0)?;
-    Ok(builder
-        .metadata()
-        .file_metadata()
-        .key_value_metadata()
-        .and_then(|kvs| {
-            kvs.iter()
-                .find(|kv| kv.key == key)
-                .and_then(|kv| kv.value.clone())
-        }))
+/// Row count and key-value metadata of a Parquet file (footer only).
+struct FileMeta {
+    rows: u64,
+    kv: std::collections::HashMap<String, String>,
+}
+
+impl FileMeta {
+    fn read(path: &Path) -> Result<Self> {
+        let file = fs_err::File::open(path)?.into_parts().0;
+        let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
+        let meta = builder.metadata().file_metadata();
+        let kv = meta
+            .key_value_metadata()
+            .into_iter()
+            .flatten()
+            .filter_map(|kv| Some((kv.key.clone(), kv.value.clone()?)))
+            .collect();
+        Ok(FileMeta {
+            rows: meta.num_rows() as u64,
+            kv,
+        })
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.kv.get(key).map(String::as_str)
+    }
+
+    fn get_u64(&self, key: &str) -> Option<u64> {
+        self.get(key).and_then(|v| v.parse().ok())
+    }
 }
 
 /// Decides what to do with the output folder: confirm a finished build,
@@ -630,7 +653,8 @@ fn prepare_out_dir(settings: &BuildSettings, fingerprint: &str) -> Result<OutSta
         if !path.exists() {
             break;
         }
-        if kv(&path, meta::BUILD_FINGERPRINT)?.as_deref() != Some(fingerprint) {
+        let file_meta = FileMeta::read(&path)?;
+        if file_meta.get(meta::BUILD_FINGERPRINT) != Some(fingerprint) {
             if !settings.overwrite {
                 return Err(conflict("shards of an unfinished build"));
             }
@@ -640,11 +664,9 @@ fn prepare_out_dir(settings: &BuildSettings, fingerprint: &str) -> Result<OutSta
                 next_record: 0,
             }));
         }
-        next_record = kv(&path, meta::RECORD_END)?
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| {
-                Error::Conflict(format!("{} lacks {}", path.display(), meta::RECORD_END))
-            })?;
+        next_record = file_meta.get_u64(meta::RECORD_END).ok_or_else(|| {
+            Error::Conflict(format!("{} lacks {}", path.display(), meta::RECORD_END))
+        })?;
         next_index += 1;
     }
     for entry in fs_err::read_dir(out)? {
@@ -729,16 +751,10 @@ fn write_manifest(
             if !path.exists() {
                 continue;
             }
-            let bytes = fs_err::read(&path)?;
-            let file = fs_err::File::open(&path)?.into_parts().0;
-            let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
-            let meta_value = |key: &str| {
-                kv(&path, key)
-                    .ok()
-                    .flatten()
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(0)
-            };
+            let file_meta = FileMeta::read(&path)?;
+            let mut hasher = blake3::Hasher::new();
+            hasher.update_reader(fs_err::File::open(&path)?)?;
+            let missing = |key| Error::Internal(format!("{} lacks {key}", path.display()));
             shards.push(ManifestShard {
                 file: path
                     .file_name()
@@ -746,11 +762,15 @@ fn write_manifest(
                     .to_string_lossy()
                     .into_owned(),
                 table,
-                rows: builder.metadata().file_metadata().num_rows() as u64,
-                bytes: bytes.len() as u64,
-                blake3: blake3::hash(&bytes).to_hex().to_string(),
-                record_start: meta_value(meta::RECORD_START),
-                record_end: meta_value(meta::RECORD_END),
+                rows: file_meta.rows,
+                bytes: path.metadata()?.len(),
+                blake3: hasher.finalize().to_hex().to_string(),
+                record_start: file_meta
+                    .get_u64(meta::RECORD_START)
+                    .ok_or_else(|| missing(meta::RECORD_START))?,
+                record_end: file_meta
+                    .get_u64(meta::RECORD_END)
+                    .ok_or_else(|| missing(meta::RECORD_END))?,
             });
         }
         index += 1;

@@ -182,3 +182,82 @@ impl ChatTokenizer {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokenizer() -> ChatTokenizer {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        let corpus: Vec<String> = (0..50)
+            .map(|i| {
+                format!("What color is shape {i}?\nIt is red, blue or green.\n<image>\nA square.")
+            })
+            .collect();
+        crate::synth::train_tokenizer(&corpus, 300, &path).unwrap();
+        ChatTokenizer::load(&path).unwrap()
+    }
+
+    fn turn(role: &'static str, content: &str) -> Segment {
+        Segment {
+            role,
+            content: content.to_string(),
+        }
+    }
+
+    #[test]
+    fn pieces_tokenize_like_the_whole_string_and_the_mask_covers_answers() {
+        let tok = tokenizer();
+        let turns = [
+            turn("system", "Be brief."),
+            turn("user", "<image>\nWhat color is it?"),
+            turn("assistant", "Red."),
+            turn("user", "And the shape?\n"),
+            turn("assistant", " A square.\n"),
+        ];
+        let (ids, mask) = tok.encode_conversation(&turns).unwrap();
+        let rendered = "<|im_start|>system\nBe brief.<|im_end|>\n\
+            <|im_start|>user\n<image>\nWhat color is it?<|im_end|>\n<|im_start|>assistant\nRed.<|im_end|>\n\
+            <|im_start|>user\nAnd the shape?\n<|im_end|>\n<|im_start|>assistant\n A square.\n<|im_end|>\n";
+        assert_eq!(ids, tok.encode(rendered).unwrap());
+        let trained: Vec<u32> = ids
+            .iter()
+            .zip(&mask)
+            .filter(|(_, m)| **m == 1)
+            .map(|(i, _)| *i)
+            .collect();
+        assert_eq!(
+            tok.decode(&trained).unwrap(),
+            "Red.<|im_end|> A square.\n<|im_end|>"
+        );
+        assert_eq!(ids.iter().filter(|&&i| i == tok.special().image).count(), 1);
+    }
+
+    #[test]
+    fn the_default_system_prompt_is_qwen2s() {
+        let tok = tokenizer();
+        let (ids, _) = tok
+            .encode_conversation(&[turn("user", "Hi"), turn("assistant", "Hello")])
+            .unwrap();
+        assert!(
+            tok.decode(&ids)
+                .unwrap()
+                .starts_with("<|im_start|>system\nYou are a helpful assistant<|im_end|>\n")
+        );
+    }
+
+    #[test]
+    fn a_tokenizer_without_the_template_tokens_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("plain.json");
+        let mut tok = tokenizers::Tokenizer::new(tokenizers::models::bpe::BPE::default());
+        tok.add_special_tokens(vec![tokenizers::AddedToken::from("<|im_start|>", true)]).unwrap();
+        tok.save(&path, false).unwrap();
+        let err = ChatTokenizer::load(&path).err().unwrap().to_string();
+        assert!(
+            err.contains("<|im_end|>") && err.contains("<image>"),
+            "{err}"
+        );
+    }
+}
