@@ -13,6 +13,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+// Image buffers of a few hundred KiB are allocated and freed per record on
+// every worker; glibc returns them to the kernel and page-faults them back
+// (about a fifth of build-shards' time on JPEGs), mimalloc keeps them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = args::Cli::parse();
     match commands::run(cli) {

@@ -19,6 +19,10 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
+// The same allocator as the `lvpipe` binary.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const IMAGES: usize = 1000;
 
 fn photo_like(rng: &mut SmallRng) -> Vec<u8> {
@@ -60,7 +64,7 @@ fn main() {
         .skip(1)
         .find(|a| !a.starts_with('-'))
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("target/bench-data"));
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-data"));
     let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
         "{{\"loadavg\": \"{}\", \"threads\": {}}}",
@@ -76,6 +80,72 @@ fn main() {
         ..Default::default()
     };
     let bytes: usize = images.iter().map(Vec::len).sum();
+    // Where the time goes, one thread: decode alone, then decode + resize.
+    let (decode, _) = best_of(3, || {
+        images
+            .iter()
+            .map(|b| image::load_from_memory(b).unwrap().width())
+            .sum::<u32>()
+    });
+    println!(
+        "{{\"bench\": \"image decode only (zune-jpeg via image)\", \"threads\": 1, \"img_per_s\": {:.1}}}",
+        images.len() as f64 / decode
+    );
+    let decoded: Vec<_> = images
+        .iter()
+        .take(200)
+        .map(|b| image::load_from_memory(b).unwrap().into_rgb8())
+        .collect();
+    let (resize, small) = best_of(3, || {
+        decoded
+            .iter()
+            .map(|img| {
+                let src = fast_image_resize::images::Image::from_vec_u8(
+                    640,
+                    480,
+                    img.as_raw().clone(),
+                    fast_image_resize::PixelType::U8x3,
+                )
+                .unwrap();
+                let mut dst = fast_image_resize::images::Image::new(
+                    384,
+                    384,
+                    fast_image_resize::PixelType::U8x3,
+                );
+                let opts = fast_image_resize::ResizeOptions::new().resize_alg(
+                    fast_image_resize::ResizeAlg::Convolution(
+                        fast_image_resize::FilterType::Bilinear,
+                    ),
+                );
+                fast_image_resize::Resizer::new()
+                    .resize(&src, &mut dst, &opts)
+                    .unwrap();
+                dst.into_vec()
+            })
+            .collect::<Vec<_>>()
+    });
+    let (encode, _) = best_of(3, || {
+        small
+            .iter()
+            .map(|px| {
+                let image = turbojpeg::Image {
+                    pixels: px.as_slice(),
+                    width: 384,
+                    pitch: 384 * 3,
+                    height: 384,
+                    format: turbojpeg::PixelFormat::RGB,
+                };
+                turbojpeg::compress(image, 90, turbojpeg::Subsamp::Sub2x2)
+                    .unwrap()
+                    .len()
+            })
+            .sum::<usize>()
+    });
+    println!(
+        "{{\"bench\": \"stage ms per image\", \"resize_ms\": {:.3}, \"encode_ms\": {:.3}}}",
+        resize * 1e3 / 200.0,
+        encode * 1e3 / 200.0
+    );
     for threads in [1, rayon::current_num_threads()] {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)

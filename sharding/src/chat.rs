@@ -252,7 +252,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("plain.json");
         let mut tok = tokenizers::Tokenizer::new(tokenizers::models::bpe::BPE::default());
-        tok.add_special_tokens(vec![tokenizers::AddedToken::from("<|im_start|>", true)]).unwrap();
+        tok.add_special_tokens(vec![tokenizers::AddedToken::from("<|im_start|>", true)])
+            .unwrap();
         tok.save(&path, false).unwrap();
         let err = ChatTokenizer::load(&path).err().unwrap().to_string();
         assert!(

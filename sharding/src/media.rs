@@ -126,17 +126,20 @@ pub fn process_image(
             pad_center(&inner, nw, nh, size)
         }
     };
-    let mut out = Vec::with_capacity(pixels.len() / 8);
-    jpeg_encoder::Encoder::new(&mut out, settings.jpeg_quality)
-        .encode(
-            &pixels,
-            size as u16,
-            size as u16,
-            jpeg_encoder::ColorType::Rgb,
-        )
+    // libjpeg-turbo encodes a 384x384 image about 3x faster than the
+    // pure-Rust encoders (`cargo bench -p lvpipe-sharding --bench ingest`).
+    let image = turbojpeg::Image {
+        pixels: pixels.as_slice(),
+        width: size as usize,
+        pitch: size as usize * 3,
+        height: size as usize,
+        format: turbojpeg::PixelFormat::RGB,
+    };
+    let quality = i32::from(settings.jpeg_quality);
+    let out = turbojpeg::compress(image, quality, turbojpeg::Subsamp::Sub2x2)
         .map_err(|e| (QuarantineReason::CorruptMedia, format!("JPEG encode: {e}")))?;
     Ok(ProcessedImage {
-        bytes: out,
+        bytes: out.to_vec(),
         width: size,
         height: size,
         orig_width: w,
