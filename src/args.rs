@@ -21,8 +21,65 @@ pub enum Command {
     BuildShards(BuildArgs),
     /// Run a read-only SQL query over a shard folder.
     Sql(SqlArgs),
+    /// Check a curriculum recipe on its own and against shards; print what each stage will see.
+    Plan(PlanArgs),
+    /// Select, weigh, order and pack one stage's data into a memory-mappable mix.
+    Mix(MixArgs),
+    /// Print the batches the loader gives one rank (to inspect a mix).
+    Stream(StreamArgs),
     /// Run the whole chain on the synthetic corpus and write a report.
     Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// Recipe file (TOML; see recipes/README.md).
+    #[arg(long)]
+    pub recipe: PathBuf,
+    /// Shard folder the recipe's queries run against.
+    #[arg(long)]
+    pub shards: PathBuf,
+    /// Print the plan as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct MixArgs {
+    /// Recipe file (TOML).
+    #[arg(long)]
+    pub recipe: PathBuf,
+    /// Stage number, 1-based.
+    #[arg(long)]
+    pub stage: usize,
+    /// Shard folder.
+    #[arg(long)]
+    pub shards: PathBuf,
+    /// Folder for mixes; the stage goes to OUT/stage-N.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct StreamArgs {
+    /// A stage's mix folder (OUT/stage-N of `lvpipe mix`).
+    #[arg(long)]
+    pub mix: PathBuf,
+    /// This rank, 0-based.
+    #[arg(long, default_value_t = 0)]
+    pub rank: u32,
+    /// Data-parallel ranks; must divide the stage's global batch.
+    #[arg(long, default_value_t = 1)]
+    pub world_size: u32,
+    /// Global step to start at (resuming is exact and costs nothing).
+    #[arg(long, default_value_t = 0)]
+    pub from_step: u64,
+    /// Number of steps to print.
+    #[arg(long, default_value_t = 1)]
+    pub steps: u64,
+    /// One JSON object per batch instead of a summary line.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -133,6 +190,9 @@ pub struct SqlArgs {
     /// Shard folder written by build-shards (tables: samples, quarantine, manifest).
     #[arg(long)]
     pub shards: PathBuf,
+    /// Folder of mixes written by `lvpipe mix` (adds tables mix_report and packs).
+    #[arg(long)]
+    pub mixes: Option<PathBuf>,
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     pub format: FormatArg,

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use lvpipe_pipeline::{Catalog, OutputFormat, render};
+use lvpipe_pipeline::{Catalog, Loader, Mix, OutputFormat, Recipe, build_mix, render};
 use lvpipe_sharding::synth::{Scale, SynthSettings, synthesize};
 use lvpipe_sharding::{
     BuildSettings, BuildSummary, ImageAspect, ImageLimits, ImageSettings, Registry, SourceSpec,
@@ -14,7 +14,8 @@ use lvpipe_sharding::{
 };
 
 use crate::args::{
-    AspectArg, BuildArgs, Cli, Command, DemoArgs, FormatArg, ScaleArg, SqlArgs, SynthArgs,
+    AspectArg, BuildArgs, Cli, Command, DemoArgs, FormatArg, MixArgs, PlanArgs, ScaleArg, SqlArgs,
+    StreamArgs, SynthArgs,
 };
 use crate::progress::BuildProgress;
 
@@ -23,8 +24,105 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Synth(args) => synth(args),
         Command::BuildShards(args) => build(args),
         Command::Sql(args) => sql(args),
+        Command::Plan(args) => plan(args),
+        Command::Mix(args) => mix(args),
+        Command::Stream(args) => stream(args),
         Command::Demo(args) => demo(args),
     }
+}
+
+fn plan(args: PlanArgs) -> Result<ExitCode> {
+    let recipe = Recipe::load(&args.recipe)?;
+    let (problems, stages) = runtime()?.block_on(async {
+        let catalog = Catalog::open(&args.shards).await?;
+        lvpipe_pipeline::plan(&recipe, &catalog).await
+    })?;
+    if args.json {
+        let json =
+            serde_json::json!({"ok": problems.is_empty(), "problems": problems, "stages": stages});
+        out(&(serde_json::to_string_pretty(&json)? + "\n"))?;
+    } else {
+        let mut text = format!(
+            "{:<3} {:<24} {:>8} {:>9} {:>12} {:>7} {:>6} {:>7} {:>8}\n",
+            "#", "stage", "context", "samples", "tokens", "packs", "steps", "epochs", "padding"
+        );
+        for s in &stages {
+            text.push_str(&format!(
+                "{:<3} {:<24} {:>8} {:>9} {:>12} {:>7} {:>6} {:>7.2} {:>7.1}%\n",
+                s.stage,
+                s.name,
+                s.context,
+                s.samples,
+                s.tokens,
+                s.packs,
+                s.steps,
+                s.epochs,
+                s.padding * 100.0
+            ));
+        }
+        if problems.is_empty() {
+            text.push_str("plan: ok\n");
+        } else {
+            text.push_str(&format!("plan: {} problem(s):\n", problems.len()));
+            for p in &problems {
+                text.push_str(&format!("  - {p}\n"));
+            }
+        }
+        out(&text)?;
+    }
+    Ok(if problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn mix(args: MixArgs) -> Result<ExitCode> {
+    let recipe = Recipe::load(&args.recipe)?;
+    let meta = runtime()?.block_on(async {
+        let catalog = Catalog::open(&args.shards).await?;
+        build_mix(&catalog, &recipe, args.stage, &args.out).await
+    })?;
+    out(&format!(
+        "stage {} ({}): {} samples in {} packs of {} tokens ({:.1}% padding) -> {}\n",
+        meta.stage,
+        meta.name,
+        meta.samples,
+        meta.packs,
+        meta.context,
+        100.0 * meta.padding as f64 / (meta.packs as f64 * meta.context as f64).max(1.0),
+        args.out.join(format!("stage-{}", meta.stage)).display()
+    ))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn stream(args: StreamArgs) -> Result<ExitCode> {
+    let mix = Mix::open(&args.mix)?;
+    let loader = Loader::new(mix, args.rank, args.world_size)?;
+    let mut text = String::new();
+    for batch in loader.stream(args.from_step, args.steps, 2) {
+        if args.json {
+            let packs: Vec<_> = batch
+                .packs
+                .iter()
+                .map(|p| serde_json::json!({"pack_id": p.pack_id, "sample_ids": p.sample_ids, "tokens": p.expanded_tokens}))
+                .collect();
+            let line = serde_json::json!({"step": batch.step, "rank": batch.rank, "epoch": batch.epoch, "packs": packs});
+            text.push_str(&format!("{line}\n"));
+        } else {
+            let ids: Vec<String> = batch.packs.iter().map(|p| p.pack_id.to_string()).collect();
+            let samples: usize = batch.packs.iter().map(|p| p.sample_ids.len()).sum();
+            text.push_str(&format!(
+                "step {} epoch {} rank {}: packs [{}], {samples} samples\n",
+                batch.step,
+                batch.epoch,
+                batch.rank,
+                ids.join(", ")
+            ));
+        }
+    }
+    out(&text)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// 1 when a check failed (a strict build met a bad record), 2 otherwise.
@@ -194,6 +292,9 @@ fn sql(args: SqlArgs) -> Result<ExitCode> {
     };
     let text = runtime()?.block_on(async {
         let catalog = Catalog::open(&args.shards).await?;
+        if let Some(mixes) = &args.mixes {
+            catalog.register_mixes(mixes)?;
+        }
         let batches = catalog.query(&args.query).await?;
         render(&batches, format)
     })?;

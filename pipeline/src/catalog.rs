@@ -80,6 +80,32 @@ impl Catalog {
         &self.ctx
     }
 
+    /// Registers `mix_report` and `packs` over every `stage-N` folder of a
+    /// `mix` output folder (both tables have a `stage` column).
+    pub fn register_mixes(&self, mixes: &Path) -> Result<()> {
+        let mut stages: Vec<PathBuf> = fs_err::read_dir(mixes)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.join(crate::mix::MixMeta::FILE_NAME).exists())
+            .collect();
+        stages.sort();
+        if stages.is_empty() {
+            return Err(Error::Shards {
+                path: mixes.to_path_buf(),
+                message: "no stage-N folders with a mix.json: run `lvpipe mix` first".into(),
+            });
+        }
+        for (table, file) in [("mix_report", "mix_report.arrow"), ("packs", "packs.arrow")] {
+            let mut batches = Vec::new();
+            for dir in &stages {
+                batches.extend(crate::mix::read_ipc(&dir.join(file))?);
+            }
+            let schema = batches[0].schema();
+            self.ctx
+                .register_table(table, Arc::new(MemTable::try_new(schema, vec![batches])?))?;
+        }
+        Ok(())
+    }
+
     /// Runs one read-only statement and collects its result.
     pub async fn query(&self, sql: &str) -> Result<Vec<RecordBatch>> {
         check_read_only(sql)?;

@@ -8,6 +8,9 @@ pub enum Error {
     /// A statement that is not a query (the user can fix it).
     #[error("only queries run here (SELECT, WITH, EXPLAIN, SHOW, DESCRIBE); refused: {0}")]
     NotAQuery(String),
+    /// A recipe that does not parse or does not fit the data (the user can fix it).
+    #[error("recipe: {0}")]
+    Recipe(String),
     /// A folder that is not a finished shard build, or of another schema version.
     #[error("{path}: {message}")]
     Shards { path: PathBuf, message: String },

@@ -17,8 +17,16 @@
 
 mod catalog;
 mod error;
+pub mod loader;
+pub mod mix;
+mod plan;
+pub mod recipe;
 mod render;
 
 pub use catalog::Catalog;
 pub use error::{Error, Result};
+pub use loader::{Batch, Loader, LoaderState, Mix, PackData};
+pub use mix::{MixMeta, build_mix};
+pub use plan::{StagePlan, plan};
+pub use recipe::Recipe;
 pub use render::{OutputFormat, render};

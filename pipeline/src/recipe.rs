@@ -1,0 +1,418 @@
+//! Curriculum recipes: the model's shape and one `[[stage]]` per stage.
+//!
+//! The format is documented in `recipes/README.md`; `recipes/tiny.toml` and
+//! `recipes/longvila-qwen2-7b.toml` are complete examples. Parsing checks
+//! syntax and types only; [`Recipe::check`] finds every problem a recipe has
+//! on its own, and `plan` adds the checks against shards.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// A whole curriculum.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    pub model: ModelConfig,
+    #[serde(rename = "stage")]
+    pub stages: Vec<Stage>,
+}
+
+/// The sizes planning needs (and the trainer will build).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Side of the square input image of the vision tower, in pixels.
+    pub image_size: u32,
+    /// Side of one vision patch, in pixels.
+    pub patch_size: u32,
+    /// Projector downsampling (2 for VILA's `mlp_downsample`: 2x2 patches per token).
+    #[serde(default = "two")]
+    pub projector_downsample: u32,
+    pub vision_hidden_size: u32,
+    pub vision_layers: u32,
+    pub vision_heads: u32,
+    pub hidden_size: u32,
+    pub intermediate_size: u32,
+    pub num_layers: u32,
+    pub num_heads: u32,
+    pub num_kv_heads: u32,
+    pub vocab_size: u32,
+    pub rope_base: f64,
+    /// The chat template the shards must have been tokenized with.
+    #[serde(default = "chatml")]
+    pub chat_template: String,
+}
+
+fn two() -> u32 {
+    2
+}
+
+fn chatml() -> String {
+    "chatml".to_string()
+}
+
+impl ModelConfig {
+    /// Vision patches per image or frame.
+    pub fn patches(&self) -> u32 {
+        (self.image_size / self.patch_size.max(1)).pow(2)
+    }
+
+    /// LLM tokens per image or frame after the projector: ceil(sqrt(P)/d)^2.
+    pub fn tokens_per_media(&self) -> u32 {
+        let side = self.image_size / self.patch_size.max(1);
+        side.div_ceil(self.projector_downsample.max(1)).pow(2)
+    }
+}
+
+/// Learning-rate schedule after warmup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    Cosine,
+    Constant,
+}
+
+/// What a stage's weights count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightBy {
+    #[default]
+    Samples,
+    Tokens,
+}
+
+/// What happens to a sample longer than the stage's context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LongSamples {
+    /// Leave it out of the mix (and count it in the plan).
+    #[default]
+    Drop,
+    /// Cut text-only samples into context-sized chunks (stage 4); others are dropped.
+    Chunk,
+}
+
+/// Modules a stage may train.
+pub const TRAINABLE_MODULES: [&str; 6] =
+    ["vision", "projector", "llm", "llm_lora", "embed", "norm"];
+
+/// One curriculum stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stage {
+    pub name: String,
+    /// `base` (pretrained vision + LLM, fresh projector) or an earlier stage's name.
+    pub init: String,
+    pub trainable: Vec<String>,
+    /// Context length in tokens, media expanded.
+    pub context: u32,
+    /// Overrides the model's RoPE base for this stage (stage 4 raises it).
+    pub rope_base: Option<f64>,
+    /// Frame sampling policy of video samples (`uniform:N`, `fps:F,max:N`).
+    pub frames: Option<String>,
+    pub lr: f64,
+    pub schedule: Schedule,
+    /// Warmup as a fraction of the stage's steps.
+    #[serde(default)]
+    pub warmup: f64,
+    /// Packs per optimizer step across all ranks.
+    pub global_batch: u32,
+    pub epochs: Option<u32>,
+    pub steps: Option<u64>,
+    pub seed: u64,
+    /// Sequence-parallel degree the stage is planned for.
+    #[serde(default = "one")]
+    pub sequence_parallel: u32,
+    #[serde(default)]
+    pub weight_by: WeightBy,
+    #[serde(default)]
+    pub long_samples: LongSamples,
+    #[serde(rename = "source")]
+    pub sources: Vec<StageSource>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// One source of a stage: which samples, and how much of them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageSource {
+    pub name: String,
+    /// A WHERE clause over `samples`, or a full query returning `sample_id`.
+    pub query: String,
+    /// Whole copies of the selection per epoch (VILA's `name*N`).
+    pub repeat: Option<u32>,
+    /// Share of the stage (by samples or tokens, as the stage says), relative
+    /// to the other sources' weights.
+    pub weight: Option<f64>,
+}
+
+impl StageSource {
+    /// The query as SQL selecting the rows of `samples` it names.
+    pub fn sql(&self, columns: &str) -> String {
+        let q = self.query.trim();
+        let lower = q.to_ascii_lowercase();
+        if lower.starts_with("select") || lower.starts_with("with") {
+            format!(
+                "SELECT {columns} FROM samples WHERE sample_id IN (SELECT sample_id FROM ({q}))"
+            )
+        } else {
+            format!("SELECT {columns} FROM samples WHERE {q}")
+        }
+    }
+}
+
+impl Recipe {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = fs_err::read_to_string(path)?;
+        Self::parse(&text).map_err(|e| match e {
+            Error::Recipe(m) => Error::Recipe(format!("{}: {m}", path.display())),
+            other => other,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Self> {
+        toml::from_str(text).map_err(|e| Error::Recipe(e.to_string()))
+    }
+
+    /// blake3 of the canonical recipe (for checkpoints and mixes).
+    pub fn fingerprint(&self) -> String {
+        let json = serde_json::to_string(self).expect("recipe serializes");
+        blake3::hash(json.as_bytes()).to_hex()[..16].to_string()
+    }
+
+    /// Stage by 1-based number.
+    pub fn stage(&self, number: usize) -> Result<&Stage> {
+        self.stages.get(number.wrapping_sub(1)).ok_or_else(|| {
+            Error::Recipe(format!(
+                "no stage {number}: the recipe has stages 1 to {}",
+                self.stages.len()
+            ))
+        })
+    }
+
+    /// Every problem the recipe has on its own, one line each (empty when fine).
+    pub fn check(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let m = &self.model;
+        // A patch grid keeps whole patches only (SigLIP at 384 px with 14 px
+        // patches sees 27 x 27), so the sizes need not divide.
+        if m.patch_size == 0 || m.patch_size > m.image_size {
+            problems.push(format!(
+                "model: patch_size {} must be in 1..=image_size {}",
+                m.patch_size, m.image_size
+            ));
+        }
+        if m.num_kv_heads == 0 || m.num_heads % m.num_kv_heads.max(1) != 0 {
+            problems.push(format!(
+                "model: num_heads {} is not a multiple of num_kv_heads {}",
+                m.num_heads, m.num_kv_heads
+            ));
+        }
+        if m.num_heads == 0 || m.hidden_size % m.num_heads.max(1) != 0 {
+            problems.push(format!(
+                "model: hidden_size {} is not a multiple of num_heads {}",
+                m.hidden_size, m.num_heads
+            ));
+        }
+        if self.stages.is_empty() {
+            problems.push("the recipe has no [[stage]]".to_string());
+        }
+        let mut names = HashSet::new();
+        for (i, stage) in self.stages.iter().enumerate() {
+            let at = format!("stage {} ({})", i + 1, stage.name);
+            if !names.insert(stage.name.as_str()) {
+                problems.push(format!("{at}: another stage has the same name"));
+            }
+            for module in &stage.trainable {
+                if !TRAINABLE_MODULES.contains(&module.as_str()) {
+                    problems.push(format!(
+                        "{at}: unknown trainable module `{module}` (known: {})",
+                        TRAINABLE_MODULES.join(", ")
+                    ));
+                }
+            }
+            if stage.trainable.is_empty() {
+                problems.push(format!("{at}: trains nothing (trainable is empty)"));
+            }
+            match (stage.epochs, stage.steps) {
+                (None, None) | (Some(_), Some(_)) => {
+                    problems.push(format!("{at}: give exactly one of epochs and steps"))
+                }
+                (Some(0), _) | (_, Some(0)) => problems.push(format!("{at}: zero epochs or steps")),
+                _ => {}
+            }
+            if stage.global_batch == 0 || stage.context == 0 {
+                problems.push(format!("{at}: global_batch and context must be positive"));
+            }
+            if !(0.0..1.0).contains(&stage.warmup) {
+                problems.push(format!(
+                    "{at}: warmup {} is not a fraction in [0, 1)",
+                    stage.warmup
+                ));
+            }
+            let sp = stage.sequence_parallel.max(1);
+            if m.num_heads % sp != 0 {
+                problems.push(format!(
+                    "{at}: sequence_parallel {sp} does not divide num_heads {} (Ulysses splits heads)",
+                    m.num_heads
+                ));
+            }
+            if sp > 1 && m.num_kv_heads % sp != 0 && sp % m.num_kv_heads.max(1) != 0 {
+                problems.push(format!(
+                    "{at}: sequence_parallel {sp} and num_kv_heads {} neither divides the other (KV heads cannot be split or replicated)",
+                    m.num_kv_heads
+                ));
+            }
+            if let Some(policy) = &stage.frames {
+                match frame_count(policy) {
+                    Err(e) => problems.push(format!("{at}: {e}")),
+                    Ok(Some(n)) if sp > 1 && n % sp != 0 => problems.push(format!(
+                        "{at}: frames `{policy}` gives {n} frames, not a multiple of sequence_parallel {sp}: \
+                         {} would be silently trimmed",
+                        n % sp
+                    )),
+                    Ok(_) => {}
+                }
+            }
+            if stage.sources.is_empty() {
+                problems.push(format!("{at}: no [[stage.source]]"));
+            }
+            for source in &stage.sources {
+                match (source.repeat, source.weight) {
+                    (Some(_), Some(_)) => problems.push(format!(
+                        "{at}, source {}: give repeat or weight, not both",
+                        source.name
+                    )),
+                    (Some(0), _) => problems.push(format!(
+                        "{at}, source {}: repeat must be at least 1",
+                        source.name
+                    )),
+                    (_, Some(w)) if !(w > 0.0 && w.is_finite()) => problems.push(format!(
+                        "{at}, source {}: weight {w} must be positive",
+                        source.name
+                    )),
+                    _ => {}
+                }
+                if let Err(e) =
+                    datafusion::sql::parser::DFParser::parse_sql(&source.sql("sample_id"))
+                {
+                    problems.push(format!(
+                        "{at}, source {}: the query does not parse: {e}",
+                        source.name
+                    ));
+                }
+            }
+            let mixed = stage.sources.iter().any(|s| s.weight.is_some())
+                && stage.sources.iter().any(|s| s.weight.is_none());
+            if mixed {
+                problems.push(format!(
+                    "{at}: some sources have a weight and others not: weigh all or none"
+                ));
+            }
+        }
+        problems.extend(self.check_init_chain());
+        problems
+    }
+
+    /// Each stage starts from `base` or from a stage before it.
+    fn check_init_chain(&self) -> Vec<String> {
+        let index: BTreeMap<&str, usize> = self
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.as_str(), i))
+            .collect();
+        let mut problems = Vec::new();
+        for (i, stage) in self.stages.iter().enumerate() {
+            if stage.init == "base" {
+                continue;
+            }
+            match index.get(stage.init.as_str()) {
+                None => problems.push(format!(
+                    "stage {} ({}): init `{}` is neither `base` nor a stage of this recipe",
+                    i + 1,
+                    stage.name,
+                    stage.init
+                )),
+                Some(&j) if j >= i => problems.push(format!(
+                    "stage {} ({}): init `{}` is not an earlier stage (the init chain has a cycle or runs forward)",
+                    i + 1,
+                    stage.name,
+                    stage.init
+                )),
+                Some(_) => {}
+            }
+        }
+        problems
+    }
+}
+
+/// Frames a policy asks for at most: `uniform:N` and `...max:N` give N.
+pub fn frame_count(policy: &str) -> std::result::Result<Option<u32>, String> {
+    let bad =
+        || format!("frame policy `{policy}`: expected uniform:N, fps:F,max:N or head:fps:F,max:N");
+    if let Some(n) = policy.strip_prefix("uniform:") {
+        return n.parse().map(Some).map_err(|_| bad());
+    }
+    let rest = policy.strip_prefix("head:").unwrap_or(policy);
+    let (fps, max) = rest
+        .strip_prefix("fps:")
+        .and_then(|r| r.split_once(",max:"))
+        .ok_or_else(bad)?;
+    fps.parse::<f64>().map_err(|_| bad())?;
+    max.parse().map(Some).map_err(|_| bad())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_recipes_parse_and_check_clean() {
+        for file in ["tiny.toml", "longvila-qwen2-7b.toml"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../recipes")
+                .join(file);
+            let recipe = Recipe::load(&path).unwrap();
+            assert_eq!(recipe.stages.len(), 5, "{file}");
+            assert_eq!(recipe.check(), Vec::<String>::new(), "{file}");
+        }
+    }
+
+    #[test]
+    fn media_tokens_follow_vila() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes/longvila-qwen2-7b.toml");
+        let recipe = Recipe::load(&path).unwrap();
+        // SigLIP-so400m at 384 px, 14 px patches: 27x27 patches -> 196 tokens.
+        assert_eq!(recipe.model.patches(), 729);
+        assert_eq!(recipe.model.tokens_per_media(), 196);
+    }
+
+    #[test]
+    fn where_clauses_and_full_queries_become_selections() {
+        let s = |query: &str| StageSource {
+            name: "a".into(),
+            query: query.into(),
+            repeat: None,
+            weight: None,
+        };
+        assert_eq!(
+            s("kind = 'text'").sql("sample_id"),
+            "SELECT sample_id FROM samples WHERE kind = 'text'"
+        );
+        assert!(
+            s("SELECT sample_id FROM samples LIMIT 3")
+                .sql("x")
+                .contains("IN (SELECT sample_id FROM (SELECT")
+        );
+        assert_eq!(frame_count("fps:2,max:64").unwrap(), Some(64));
+        assert!(frame_count("every:2").is_err());
+    }
+}

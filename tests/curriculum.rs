@@ -1,0 +1,242 @@
+//! plan -> mix -> stream through the binary, on the tiny synthetic corpus.
+
+mod common;
+
+use common::*;
+
+/// A recipe with one of each problem `plan` must find.
+const BROKEN: &str = r#"
+[model]
+image_size = 64
+patch_size = 8
+vision_hidden_size = 32
+vision_layers = 1
+vision_heads = 2
+hidden_size = 64
+intermediate_size = 128
+num_layers = 1
+num_heads = 6
+num_kv_heads = 3
+vocab_size = 100
+rope_base = 10000.0
+chat_template = "vicuna_v1"
+
+[[stage]]
+name = "one"
+init = "two"
+trainable = ["projector", "lm_head_only"]
+context = 40
+frames = "uniform:9"
+lr = 1e-3
+schedule = "cosine"
+global_batch = 2
+epochs = 1
+seed = 1
+sequence_parallel = 4
+  [[stage.source]]
+  name = "broken-sql"
+  query = "source = = 'sft'"
+  repeat = 1
+  [[stage.source]]
+  name = "nothing"
+  query = "source = 'no-such-source'"
+  repeat = 1
+
+[[stage]]
+name = "two"
+init = "one"
+trainable = ["llm"]
+context = 64
+lr = 1e-3
+schedule = "constant"
+global_batch = 2
+epochs = 1
+seed = 2
+  [[stage.source]]
+  name = "captions"
+  query = "source = 'pretrain'"
+  repeat = 1
+"#;
+
+const GOOD: &str = r#"
+[model]
+image_size = 64
+patch_size = 8
+vision_hidden_size = 32
+vision_layers = 1
+vision_heads = 2
+hidden_size = 64
+intermediate_size = 128
+num_layers = 1
+num_heads = 4
+num_kv_heads = 2
+vocab_size = 1024
+rope_base = 10000.0
+
+[[stage]]
+name = "sft"
+init = "base"
+trainable = ["projector", "llm"]
+context = 256
+lr = 1e-3
+schedule = "cosine"
+global_batch = 4
+epochs = 1
+seed = 1
+  [[stage.source]]
+  name = "vqa"
+  query = "source = 'sft'"
+  repeat = 2
+  [[stage.source]]
+  name = "captions"
+  query = "SELECT sample_id FROM samples WHERE source = 'pretrain' AND num_text_tokens < 80"
+  repeat = 1
+"#;
+
+fn shards(dir: &std::path::Path) -> String {
+    let out = dir.join("shards");
+    lvpipe_ok(tiny_corpus(), &build_args(out.to_str().unwrap(), &[]));
+    out.to_str().unwrap().to_string()
+}
+
+#[test]
+fn plan_lists_every_problem_of_a_broken_recipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = shards(dir.path());
+    let recipe = dir.path().join("broken.toml");
+    std::fs::write(&recipe, BROKEN).unwrap();
+    let res = lvpipe(
+        tiny_corpus(),
+        &[
+            "plan",
+            "--recipe",
+            recipe.to_str().unwrap(),
+            "--shards",
+            &shards,
+        ],
+    );
+    assert_eq!(res.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&res.stdout);
+    for expected in [
+        "stage 1 (one): unknown trainable module `lm_head_only`",
+        "stage 1 (one): sequence_parallel 4 does not divide num_heads 6",
+        "stage 1 (one): sequence_parallel 4 and num_kv_heads 3 neither divides the other",
+        "stage 1 (one): frames `uniform:9` gives 9 frames, not a multiple of sequence_parallel 4",
+        "stage 1 (one), source broken-sql: the query does not parse",
+        "stage 1 (one), source nothing: the query selects no samples",
+        "stage 1 (one): init `two` is not an earlier stage",
+        "model: chat template `vicuna_v1` but the shards were tokenized with `chatml`",
+        "model: vocab_size 100 but the shards hold token id",
+        "stage 2 (two), source captions: 24 of 24 samples are longer than the context 64",
+    ] {
+        assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
+    }
+}
+
+#[test]
+fn mix_is_reproducible_and_streams_what_plan_promised() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = shards(dir.path());
+    let recipe = dir.path().join("good.toml");
+    std::fs::write(&recipe, GOOD).unwrap();
+    let recipe = recipe.to_str().unwrap();
+    let plan = lvpipe_ok(
+        tiny_corpus(),
+        &["plan", "--recipe", recipe, "--shards", &shards, "--json"],
+    );
+    let plan: serde_json::Value = serde_json::from_str(&plan).unwrap();
+    assert_eq!(plan["ok"], true, "{plan}");
+    let stage = &plan["stages"][0];
+
+    let mixes: Vec<String> = ["m1", "m2"]
+        .iter()
+        .map(|m| dir.path().join(m).to_str().unwrap().to_string())
+        .collect();
+    for out in &mixes {
+        lvpipe_ok(
+            tiny_corpus(),
+            &[
+                "mix", "--recipe", recipe, "--stage", "1", "--shards", &shards, "--out", out,
+            ],
+        );
+    }
+    for file in [
+        "samples.arrow",
+        "packs.arrow",
+        "mix_report.arrow",
+        "mix.json",
+    ] {
+        let a = std::fs::read(format!("{}/stage-1/{file}", mixes[0])).unwrap();
+        let b = std::fs::read(format!("{}/stage-1/{file}", mixes[1])).unwrap();
+        assert!(
+            a == b,
+            "{file} differs between two mixes of the same inputs"
+        );
+    }
+    let shares = lvpipe_ok(
+        tiny_corpus(),
+        &[
+            "sql",
+            "--shards",
+            &shards,
+            "--mixes",
+            &mixes[0],
+            "--format",
+            "json",
+            "SELECT source, samples, target_share, realized_share FROM mix_report WHERE stage = 1 ORDER BY source",
+        ],
+    );
+    let rows: Vec<serde_json::Value> = shares
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // 16 VQA samples twice, and the short captions once.
+    assert_eq!(rows[1]["source"], "vqa");
+    assert_eq!(rows[1]["samples"], 32);
+    let total: u64 = rows.iter().map(|r| r["samples"].as_u64().unwrap()).sum();
+    assert_eq!(Some(total), stage["samples"].as_u64());
+
+    // Two ranks of a world of 2 at step 1 are the two halves of rank 0 of a world of 1.
+    let stream = |rank: &str, world: &str| -> serde_json::Value {
+        let text = lvpipe_ok(
+            tiny_corpus(),
+            &[
+                "stream",
+                "--mix",
+                &format!("{}/stage-1", mixes[0]),
+                "--rank",
+                rank,
+                "--world-size",
+                world,
+                "--from-step",
+                "1",
+                "--steps",
+                "1",
+                "--json",
+            ],
+        );
+        serde_json::from_str(text.trim()).unwrap()
+    };
+    let whole = stream("0", "1");
+    let (r0, r1) = (stream("0", "2"), stream("1", "2"));
+    assert_eq!(whole["step"], 1);
+    assert_eq!(r1["rank"], 1);
+    let packs = |v: &serde_json::Value| v["packs"].as_array().unwrap().clone();
+    assert_eq!(packs(&whole), [packs(&r0), packs(&r1)].concat());
+    assert_eq!(packs(&whole).len(), 4);
+    for p in packs(&whole) {
+        assert!(p["tokens"].as_u64().unwrap() <= 256);
+    }
+    let bad = lvpipe(
+        tiny_corpus(),
+        &[
+            "stream",
+            "--mix",
+            &format!("{}/stage-1", mixes[0]),
+            "--world-size",
+            "3",
+        ],
+    );
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("must divide the global batch 4"));
+}
