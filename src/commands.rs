@@ -325,6 +325,9 @@ const DEMO_QUERIES: [(&str, &str); 4] = [
     ),
 ];
 
+/// The demo's recipe, shipped in the binary so `lvpipe demo` runs anywhere.
+const TINY_RECIPE: &str = include_str!("../recipes/tiny.toml");
+
 fn demo(args: DemoArgs) -> Result<ExitCode> {
     let started = Instant::now();
     let raw = args.out.join("raw");
@@ -372,22 +375,71 @@ fn demo(args: DemoArgs) -> Result<ExitCode> {
             "MISMATCH"
         }
     ));
-    let tables = runtime()?.block_on(async {
+    // The curriculum's data side: the tiny recipe, planned and mixed per stage.
+    let recipe_path = args.out.join("recipes/tiny.toml");
+    fs_err::create_dir_all(args.out.join("recipes"))?;
+    fs_err::write(&recipe_path, TINY_RECIPE)?;
+    let recipe = Recipe::load(&recipe_path)?;
+    let mixes = args.out.join("mixes");
+    let (tables, problems, plan_text) = runtime()?.block_on(async {
         let catalog = Catalog::open(&shards).await?;
         let mut tables = Vec::new();
         for (title, query) in DEMO_QUERIES {
-            tables.push((
-                title,
-                query,
-                render(&catalog.query(query).await?, OutputFormat::Table)?,
-            ));
+            tables.push((title, query.to_string(), render(&catalog.query(query).await?, OutputFormat::Table)?));
         }
-        Ok::<_, lvpipe_pipeline::Error>(tables)
+        log("lvpipe demo: planning and mixing the five stages of recipes/tiny.toml");
+        let (problems, stages) = lvpipe_pipeline::plan(&recipe, &catalog).await?;
+        let plan_text = serde_json::to_string_pretty(&stages).unwrap_or_default();
+        if problems.is_empty() {
+            for stage in 1..=recipe.stages.len() {
+                build_mix(&catalog, &recipe, stage, &mixes).await?;
+            }
+            catalog.register_mixes(&mixes)?;
+            let query = "SELECT stage, source, selected, too_long, samples, tokens, \
+                         round(target_share, 3) AS target, round(realized_share, 3) AS realized \
+                         FROM mix_report ORDER BY stage, source";
+            tables.push(("Mix report per stage", query.to_string(), render(&catalog.query(query).await?, OutputFormat::Table)?));
+            let query = "SELECT stage, count(*) AS packs, sum(tokens) AS tokens, \
+                         round(avg(waste * 1.0 / (tokens + waste)), 3) AS padding FROM packs GROUP BY stage ORDER BY stage";
+            tables.push(("Packs per stage", query.to_string(), render(&catalog.query(query).await?, OutputFormat::Table)?));
+        }
+        Ok::<_, lvpipe_pipeline::Error>((tables, problems, plan_text))
     })?;
+    report.push_str(&format!(
+        "\n## Plan of recipes/tiny.toml\n\n```json\n{plan_text}\n```\n"
+    ));
+    if !problems.is_empty() {
+        report.push_str(&format!(
+            "\nPlan problems:\n\n- {}\n",
+            problems.join("\n- ")
+        ));
+    }
     for (title, query, table) in tables {
         report.push_str(&format!(
             "\n## {title}\n\n```sql\n{query}\n```\n\n```\n{table}```\n"
         ));
+    }
+    // The loader's first global batch of every stage, as a smoke check.
+    if problems.is_empty() {
+        report.push_str("\n## Loader: first global batch per stage\n\n| stage | packs | samples | max tokens | context |\n|---|---|---|---|---|\n");
+        for (i, stage) in recipe.stages.iter().enumerate() {
+            let mix = Mix::open(&mixes.join(format!("stage-{}", i + 1)))?;
+            let batch = Loader::new(mix, 0, 1)?.batch(0);
+            let samples: usize = batch.packs.iter().map(|p| p.sample_ids.len()).sum();
+            let max = batch
+                .packs
+                .iter()
+                .map(|p| p.expanded_tokens)
+                .max()
+                .unwrap_or(0);
+            report.push_str(&format!(
+                "| {} {} | {} | {samples} | {max} | {} |\n",
+                i + 1,
+                stage.name,
+                batch.packs.len(),
+                stage.context
+            ));
+        }
     }
     let path = args.out.join("report.md");
     fs_err::write(&path, &report)?;
@@ -397,7 +449,7 @@ fn demo(args: DemoArgs) -> Result<ExitCode> {
         started.elapsed().as_secs_f64(),
         path.display()
     ));
-    Ok(if summary.samples == expected {
+    Ok(if summary.samples == expected && problems.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
