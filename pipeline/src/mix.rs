@@ -380,7 +380,8 @@ fn pack(order: &[Unit], context: u32) -> Vec<Pack> {
     packs
 }
 
-pub(crate) fn samples_schema() -> SchemaRef {
+/// Schema of `samples.arrow`.
+pub fn samples_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new("pack_id", DataType::UInt32, false),
         Field::new("sample_id", DataType::Utf8, false),
