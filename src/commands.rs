@@ -101,11 +101,12 @@ fn stream(args: StreamArgs) -> Result<ExitCode> {
     let loader = Loader::new(mix, args.rank, args.world_size)?;
     let mut text = String::new();
     for batch in loader.stream(args.from_step, args.steps, 2) {
+        let batch = batch?;
         if args.json {
             let packs: Vec<_> = batch
                 .packs
                 .iter()
-                .map(|p| serde_json::json!({"pack_id": p.pack_id, "sample_ids": p.sample_ids, "tokens": p.expanded_tokens}))
+                .map(|p| serde_json::json!({"pack_id": p.pack_id, "sample_ids": p.sample_ids, "tokens": p.expanded_tokens, "media": p.num_media}))
                 .collect();
             let line = serde_json::json!({"step": batch.step, "rank": batch.rank, "epoch": batch.epoch, "packs": packs});
             text.push_str(&format!("{line}\n"));
@@ -424,7 +425,7 @@ fn demo(args: DemoArgs) -> Result<ExitCode> {
         report.push_str("\n## Loader: first global batch per stage\n\n| stage | packs | samples | max tokens | context |\n|---|---|---|---|---|\n");
         for (i, stage) in recipe.stages.iter().enumerate() {
             let mix = Mix::open(&mixes.join(format!("stage-{}", i + 1)))?;
-            let batch = Loader::new(mix, 0, 1)?.batch(0);
+            let batch = Loader::new(mix, 0, 1)?.batch(0)?;
             let samples: usize = batch.packs.iter().map(|p| p.sample_ids.len()).sum();
             let max = batch
                 .packs

@@ -227,6 +227,29 @@ fn mix_is_reproducible_and_streams_what_plan_promised() {
     for p in packs(&whole) {
         assert!(p["tokens"].as_u64().unwrap() <= 256);
     }
+    // Media come decoded to the model's input: [media, 3, 64, 64] in [-1, 1].
+    let mix =
+        lvpipe_pipeline::Mix::open(std::path::Path::new(&format!("{}/stage-1", mixes[0]))).unwrap();
+    let batch = lvpipe_pipeline::Loader::new(mix, 0, 1)
+        .unwrap()
+        .batch(0)
+        .unwrap();
+    let mut images = 0;
+    for (pack, json) in batch.packs.iter().zip(packs(&whole_step0(&mixes[0]))) {
+        assert_eq!(u64::from(pack.num_media), json["media"].as_u64().unwrap());
+        assert_eq!(
+            pack.num_media as usize,
+            pack.sample_ids.len(),
+            "every sample of this mix has one image"
+        );
+        assert_eq!(pack.pixels.len(), pack.num_media as usize * 3 * 64 * 64);
+        assert!(pack.pixels.iter().all(|v| (-1.0..=1.0).contains(v)));
+        // Light backgrounds and saturated shapes: both ends of the range occur.
+        assert!(pack.pixels.iter().any(|&v| v > 0.7) && pack.pixels.iter().any(|&v| v < -0.3));
+        images += pack.num_media;
+    }
+    assert!(images > 0);
+
     let bad = lvpipe(
         tiny_corpus(),
         &[
@@ -239,4 +262,12 @@ fn mix_is_reproducible_and_streams_what_plan_promised() {
     );
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("must divide the global batch 4"));
+}
+
+fn whole_step0(mix: &str) -> serde_json::Value {
+    let text = lvpipe_ok(
+        tiny_corpus(),
+        &["stream", "--mix", &format!("{mix}/stage-1"), "--json"],
+    );
+    serde_json::from_str(text.trim()).unwrap()
 }

@@ -13,7 +13,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use arrow::array::{ArrayRef, ListArray, RecordBatch, StringArray, UInt8Array, UInt32Array, UInt64Array};
+use arrow::array::{
+    ArrayRef, ListArray, RecordBatch, StringArray, UInt8Array, UInt32Array, UInt64Array,
+};
 use arrow::buffer::OffsetBuffer;
 use arrow::datatypes::{DataType, Field, Schema};
 use lvpipe_pipeline::{Loader, Mix, MixMeta};
@@ -24,7 +26,8 @@ const ROWS_PER_BATCH: usize = 1024;
 
 fn write(path: &Path, batches: impl Iterator<Item = RecordBatch>, schema: Arc<Schema>) {
     let file = std::fs::File::create(path).unwrap();
-    let mut w = arrow::ipc::writer::FileWriter::try_new(std::io::BufWriter::new(file), &schema).unwrap();
+    let mut w =
+        arrow::ipc::writer::FileWriter::try_new(std::io::BufWriter::new(file), &schema).unwrap();
     for b in batches {
         w.write(&b).unwrap();
     }
@@ -32,11 +35,13 @@ fn write(path: &Path, batches: impl Iterator<Item = RecordBatch>, schema: Arc<Sc
 }
 
 fn prepare(dir: &Path, gib: f64) -> u64 {
-    let samples = ((gib * (1u64 << 30) as f64) / (SAMPLE_TOKENS * 4) as f64) as usize / PER_PACK * PER_PACK;
+    let samples =
+        ((gib * (1u64 << 30) as f64) / (SAMPLE_TOKENS * 4) as f64) as usize / PER_PACK * PER_PACK;
     let packs = samples / PER_PACK;
     let meta_path = dir.join(MixMeta::FILE_NAME);
     if meta_path.exists() {
-        let meta: MixMeta = serde_json::from_str(&std::fs::read_to_string(&meta_path).unwrap()).unwrap();
+        let meta: MixMeta =
+            serde_json::from_str(&std::fs::read_to_string(&meta_path).unwrap()).unwrap();
         if meta.samples == samples as u64 {
             return meta.tokens;
         }
@@ -47,16 +52,38 @@ fn prepare(dir: &Path, gib: f64) -> u64 {
     let batches = (0..samples).step_by(ROWS_PER_BATCH).map(|start| {
         let n = ROWS_PER_BATCH.min(samples - start);
         let lens = vec![SAMPLE_TOKENS; n];
-        let ids: Vec<u32> = (0..n * SAMPLE_TOKENS).map(|i| (i as u32).wrapping_mul(2_654_435_761) % 151_000).collect();
+        let ids: Vec<u32> = (0..n * SAMPLE_TOKENS)
+            .map(|i| (i as u32).wrapping_mul(2_654_435_761) % 151_000)
+            .collect();
         let columns: Vec<ArrayRef> = vec![
-            Arc::new(UInt32Array::from_iter_values((start..start + n).map(|r| (r / PER_PACK) as u32))),
-            Arc::new(StringArray::from_iter_values((start..start + n).map(|r| format!("{r:032x}")))),
+            Arc::new(UInt32Array::from_iter_values(
+                (start..start + n).map(|r| (r / PER_PACK) as u32),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                (start..start + n).map(|r| format!("{r:032x}")),
+            )),
             Arc::new(StringArray::from_iter_values((0..n).map(|_| "bench"))),
             Arc::new(UInt32Array::from(vec![0; n])),
             Arc::new(UInt32Array::from(vec![0; n])),
             Arc::new(UInt32Array::from(vec![SAMPLE_TOKENS as u32; n])),
-            Arc::new(ListArray::new(item(DataType::UInt32), OffsetBuffer::from_lengths(lens.clone()), Arc::new(UInt32Array::from(ids)), None)),
-            Arc::new(ListArray::new(item(DataType::UInt8), OffsetBuffer::from_lengths(lens), Arc::new(UInt8Array::from(vec![1u8; n * SAMPLE_TOKENS])), None)),
+            Arc::new(ListArray::new(
+                item(DataType::UInt32),
+                OffsetBuffer::from_lengths(lens.clone()),
+                Arc::new(UInt32Array::from(ids)),
+                None,
+            )),
+            Arc::new(ListArray::new(
+                item(DataType::UInt8),
+                OffsetBuffer::from_lengths(lens),
+                Arc::new(UInt8Array::from(vec![1u8; n * SAMPLE_TOKENS])),
+                None,
+            )),
+            Arc::new(ListArray::new(
+                item(DataType::Binary),
+                OffsetBuffer::from_lengths(vec![0; n]),
+                Arc::new(arrow::array::BinaryArray::from(Vec::<&[u8]>::new())),
+                None,
+            )),
         ];
         RecordBatch::try_new(schema.clone(), columns).unwrap()
     });
@@ -75,14 +102,20 @@ fn prepare(dir: &Path, gib: f64) -> u64 {
         vec![
             Arc::new(UInt32Array::from(vec![1; packs])),
             Arc::new(UInt32Array::from_iter_values(0..packs as u32)),
-            Arc::new(UInt64Array::from_iter_values((0..packs as u64).map(|p| p * PER_PACK as u64))),
+            Arc::new(UInt64Array::from_iter_values(
+                (0..packs as u64).map(|p| p * PER_PACK as u64),
+            )),
             Arc::new(UInt32Array::from(vec![PER_PACK as u32; packs])),
             Arc::new(UInt32Array::from(vec![context; packs])),
             Arc::new(UInt32Array::from(vec![0; packs])),
         ],
     )
     .unwrap();
-    write(&dir.join("packs.arrow"), std::iter::once(packs_batch), packs_schema);
+    write(
+        &dir.join("packs.arrow"),
+        std::iter::once(packs_batch),
+        packs_schema,
+    );
     let tokens = (samples * SAMPLE_TOKENS) as u64;
     let meta = MixMeta {
         stage: 1,
@@ -93,6 +126,7 @@ fn prepare(dir: &Path, gib: f64) -> u64 {
         epochs: Some(1),
         steps: None,
         tokens_per_media: 1,
+        image_size: 64,
         recipe_fingerprint: String::new(),
         shards_build_fingerprint: String::new(),
         tokenizer_fingerprint: String::new(),
@@ -106,11 +140,18 @@ fn prepare(dir: &Path, gib: f64) -> u64 {
 }
 
 fn main() {
-    let gib: f64 = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(1.0);
+    let gib: f64 = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(1.0);
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-loader");
     let tokens = prepare(&dir, gib);
     let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    println!("{{\"loadavg\": \"{}\", \"tokens\": {tokens}, \"token_bytes\": {}}}", loadavg.trim(), tokens * 4);
+    println!(
+        "{{\"loadavg\": \"{}\", \"tokens\": {tokens}, \"token_bytes\": {}}}",
+        loadavg.trim(),
+        tokens * 4
+    );
 
     let mut best = f64::MAX;
     for _ in 0..3 {
@@ -119,7 +160,12 @@ fn main() {
         let t = Instant::now();
         let mut seen = 0u64;
         for batch in Loader::new(mix, 0, 1).unwrap().stream(0, steps, 4) {
-            seen += batch.packs.iter().map(|p| p.input_ids.len() as u64).sum::<u64>();
+            let batch = batch.unwrap();
+            seen += batch
+                .packs
+                .iter()
+                .map(|p| p.input_ids.len() as u64)
+                .sum::<u64>();
         }
         best = best.min(t.elapsed().as_secs_f64());
         assert_eq!(seen, tokens);
@@ -142,5 +188,8 @@ fn main() {
         best = best.min(t.elapsed().as_secs_f64());
         std::hint::black_box(&dst);
     }
-    println!("{{\"bench\": \"memcpy, 1 thread\", \"bytes\": {bytes}, \"gb_per_s\": {:.2}}}", bytes as f64 / best / 1e9);
+    println!(
+        "{{\"bench\": \"memcpy, 1 thread\", \"bytes\": {bytes}, \"gb_per_s\": {:.2}}}",
+        bytes as f64 / best / 1e9
+    );
 }

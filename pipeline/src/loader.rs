@@ -20,6 +20,7 @@ use arrow::ipc::root_as_footer;
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::mix::{MixMeta, read_ipc};
@@ -48,6 +49,11 @@ pub struct PackData {
     pub boundaries: Vec<u32>,
     /// Expanded tokens (media placeholders counted as the projector's tokens).
     pub expanded_tokens: u32,
+    /// Images and frames of the pack, in placeholder order.
+    pub num_media: u32,
+    /// Their pixels, `[num_media, 3, S, S]` row-major, normalized to [-1, 1]
+    /// as SigLIP expects ((x / 255 - 0.5) / 0.5); S is the model's image size.
+    pub pixels: Vec<f32>,
 }
 
 /// This rank's part of one global batch.
@@ -128,8 +134,8 @@ impl Mix {
         order
     }
 
-    /// Assembles one pack from the mapped rows.
-    pub fn pack(&self, pack_id: u32) -> PackData {
+    /// Assembles one pack from the mapped rows, media decoded.
+    pub fn pack(&self, pack_id: u32) -> Result<PackData> {
         let first = self.first_row[pack_id as usize];
         let mut data = PackData {
             pack_id,
@@ -139,7 +145,10 @@ impl Mix {
             position_ids: Vec::new(),
             boundaries: vec![0],
             expanded_tokens: 0,
+            num_media: 0,
+            pixels: Vec::new(),
         };
+        let size = self.meta.image_size;
         for row in first..first + u64::from(self.num_samples[pack_id as usize]) {
             let b = self.batch_starts.partition_point(|&s| s <= row) - 1;
             let batch = &self.batches[b];
@@ -159,9 +168,39 @@ impl Mix {
             }
             data.position_ids.extend(0..ids.len() as u32);
             data.boundaries.push(data.input_ids.len() as u32);
+            let media = batch.column(8).as_list::<i32>().value(r);
+            for bytes in media.as_binary::<i32>().iter().flatten() {
+                data.pixels.extend(decode_pixels(
+                    bytes,
+                    size,
+                    &data.sample_ids[data.sample_ids.len() - 1],
+                )?);
+                data.num_media += 1;
+            }
         }
-        data
+        Ok(data)
     }
+}
+
+/// One image to normalized CHW pixels at `size` x `size`. Shards hold images
+/// that lvpipe itself encoded, so a failure here means a corrupted mix file.
+fn decode_pixels(bytes: &[u8], size: u32, sample_id: &str) -> Result<Vec<f32>> {
+    let n = (size * size) as usize;
+    let rgb = image::load_from_memory(bytes)
+        .map_err(|e| Error::Recipe(format!("mix sample {sample_id}: undecodable image: {e}")))?
+        .into_rgb8();
+    let rgb = if rgb.dimensions() == (size, size) {
+        rgb
+    } else {
+        image::imageops::resize(&rgb, size, size, image::imageops::FilterType::Triangle)
+    };
+    let mut out = vec![0.0f32; 3 * n];
+    for (i, px) in rgb.pixels().enumerate() {
+        for c in 0..3 {
+            out[c * n + i] = f32::from(px.0[c]) / 127.5 - 1.0;
+        }
+    }
+    Ok(out)
 }
 
 /// Decodes an IPC file's batches over a memory map, without copying buffers.
@@ -231,37 +270,39 @@ impl Loader {
 
     /// This rank's batch at global step `step` (O(packs) for the epoch order,
     /// nothing for the steps before it).
-    pub fn batch(&self, step: u64) -> Batch {
+    pub fn batch(&self, step: u64) -> Result<Batch> {
         let spe = self.mix.steps_per_epoch();
         let (epoch, local) = (step / spe, step % spe);
         let order = self.mix.epoch_order(epoch);
         self.batch_in(&order, step, epoch, local)
     }
 
-    fn batch_in(&self, order: &[u32], step: u64, epoch: u64, local: u64) -> Batch {
+    fn batch_in(&self, order: &[u32], step: u64, epoch: u64, local: u64) -> Result<Batch> {
         let g = u64::from(self.mix.meta.global_batch);
         let per_rank = g / u64::from(self.world_size);
         let start = (local * g + u64::from(self.rank) * per_rank) as usize;
+        // Packs are assembled (and their media decoded) in parallel; on the
+        // stream's worker thread this overlaps with the consumer's step.
         let packs = order[start..start + per_rank as usize]
-            .iter()
+            .par_iter()
             .map(|&p| self.mix.pack(p))
-            .collect();
-        Batch {
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Batch {
             step,
             epoch,
             rank: self.rank,
             packs,
-        }
+        })
     }
 
-    /// Batches from `state.step` on, assembled on a worker thread with at
-    /// most `prefetch` batches waiting.
+    /// Batches from `from_step` on, assembled on a worker thread with at
+    /// most `prefetch` batches waiting; the stream ends after an error.
     pub fn stream(
         self,
         from_step: u64,
         steps: u64,
         prefetch: usize,
-    ) -> crossbeam_channel::Receiver<Batch> {
+    ) -> crossbeam_channel::Receiver<Result<Batch>> {
         let (tx, rx) = crossbeam_channel::bounded(prefetch.max(1));
         std::thread::spawn(move || {
             let spe = self.mix.steps_per_epoch();
@@ -272,7 +313,9 @@ impl Loader {
                     cached = Some((epoch, self.mix.epoch_order(epoch)));
                 }
                 let order = &cached.as_ref().expect("set above").1;
-                if tx.send(self.batch_in(order, step, epoch, local)).is_err() {
+                let batch = self.batch_in(order, step, epoch, local);
+                let failed = batch.is_err();
+                if tx.send(batch).is_err() || failed {
                     return;
                 }
             }

@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, AsArray, Float64Array, ListArray, RecordBatch, StringArray, UInt8Array, UInt32Array,
-    UInt64Array,
+    ArrayRef, AsArray, BinaryArray, Float64Array, ListArray, RecordBatch, StringArray, UInt8Array,
+    UInt32Array, UInt64Array,
 };
 use arrow::buffer::OffsetBuffer;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, UInt8Type, UInt32Type};
@@ -40,6 +40,8 @@ pub struct MixMeta {
     pub epochs: Option<u32>,
     pub steps: Option<u64>,
     pub tokens_per_media: u32,
+    /// Side of the square pixels the loader decodes media to.
+    pub image_size: u32,
     pub recipe_fingerprint: String,
     pub shards_build_fingerprint: String,
     pub tokenizer_fingerprint: String,
@@ -89,7 +91,7 @@ pub(crate) struct Selection {
 }
 
 const SELECT_COLUMNS: &str =
-    "sample_id, source, kind, num_images, num_frames, input_ids, loss_mask";
+    "sample_id, source, kind, num_images, num_frames, input_ids, loss_mask, media";
 
 /// Runs each source's query and cuts its rows into units that fit the context.
 pub(crate) async fn select(catalog: &Catalog, recipe: &Recipe, stage: &Stage) -> Result<Selection> {
@@ -335,6 +337,7 @@ pub async fn build_mix(
         epochs: stage.epochs,
         steps: stage.steps,
         tokens_per_media: recipe.model.tokens_per_media(),
+        image_size: recipe.model.image_size,
         recipe_fingerprint: recipe.fingerprint(),
         shards_build_fingerprint: manifest.build_fingerprint.clone(),
         tokenizer_fingerprint: manifest.tokenizer_fingerprint.clone(),
@@ -399,6 +402,13 @@ pub fn samples_schema() -> SchemaRef {
             DataType::List(Arc::new(Field::new("item", DataType::UInt8, false))),
             false,
         ),
+        // Encoded images and frames (JPEG, as stored in the shards); the
+        // loader decodes them for the batches it is about to hand out.
+        Field::new(
+            "media",
+            DataType::List(Arc::new(Field::new("item", DataType::Binary, false))),
+            false,
+        ),
     ]))
 }
 
@@ -426,6 +436,8 @@ fn samples_batches(
         let mut ids = Vec::new();
         let mut masks = Vec::new();
         let mut lens = Vec::with_capacity(chunk.len());
+        let mut media_lens = Vec::with_capacity(chunk.len());
+        let mut media_bytes: Vec<Vec<u8>> = Vec::new();
         for u in chunk {
             let list = col("input_ids", u);
             let values = list.as_list::<i32>().value(u.row);
@@ -438,6 +450,17 @@ fn samples_batches(
                 &values.as_primitive::<UInt8Type>().values()[u.start as usize..u.end as usize],
             );
             lens.push((u.end - u.start) as usize);
+            // Chunks of long documents are text-only; a whole sample brings its media.
+            let list = col("media", u);
+            let items = list.as_list::<i32>().value(u.row);
+            let bytes = items
+                .as_struct()
+                .column_by_name("bytes")
+                .expect("media schema")
+                .as_binary::<i32>()
+                .clone();
+            media_lens.push(arrow::array::Array::len(&bytes));
+            media_bytes.extend(bytes.iter().map(|b| b.unwrap_or_default().to_vec()));
         }
         let string = |name: &str| -> ArrayRef {
             Arc::new(
@@ -479,6 +502,12 @@ fn samples_batches(
                 item(DataType::UInt8),
                 OffsetBuffer::from_lengths(lens.iter().copied()),
                 Arc::new(UInt8Array::from(masks)),
+                None,
+            )?),
+            Arc::new(ListArray::try_new(
+                item(DataType::Binary),
+                OffsetBuffer::from_lengths(media_lens),
+                Arc::new(BinaryArray::from_iter_values(media_bytes.iter())),
                 None,
             )?),
         ];

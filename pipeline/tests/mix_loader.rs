@@ -240,7 +240,7 @@ proptest! {
         // Every selected sample appears exactly its repeat count in the mix.
         let mut counts: BTreeMap<String, u32> = BTreeMap::new();
         for p in 0..mix.num_packs() as u32 {
-            let pack = mix.pack(p);
+            let pack = mix.pack(p).unwrap();
             // No pack exceeds the context; positions restart at every boundary;
             // the first token of every sample is masked.
             prop_assert!(pack.expanded_tokens <= context);
@@ -270,7 +270,7 @@ proptest! {
             (0..steps)
                 .map(|step| {
                     (0..world)
-                        .flat_map(|r| Loader::new(mix.clone(), r, world).unwrap().batch(step).packs.into_iter().map(|p| p.pack_id))
+                        .flat_map(|r| Loader::new(mix.clone(), r, world).unwrap().batch(step).unwrap().packs.into_iter().map(|p| p.pack_id))
                         .collect()
                 })
                 .collect()
@@ -283,9 +283,9 @@ proptest! {
 
         // Resuming at step k gives the batches of an uninterrupted run.
         let loader = || Loader::new(mix.clone(), 1, 2).unwrap();
-        let full: Vec<_> = loader().stream(0, steps, 2).iter().collect();
+        let full: Vec<_> = loader().stream(0, steps, 2).iter().map(|b| b.unwrap()).collect();
         let k = steps / 2 + 1;
-        let resumed: Vec<_> = loader().stream(k, steps - k, 2).iter().collect();
+        let resumed: Vec<_> = loader().stream(k, steps - k, 2).iter().map(|b| b.unwrap()).collect();
         prop_assert_eq!(&full[k as usize..], &resumed[..]);
     }
 }
