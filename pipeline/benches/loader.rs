@@ -88,14 +88,7 @@ fn prepare(dir: &Path, gib: f64) -> u64 {
         RecordBatch::try_new(schema.clone(), columns).unwrap()
     });
     write(&dir.join("samples.arrow"), batches, schema.clone());
-    let packs_schema = Arc::new(Schema::new(vec![
-        Field::new("stage", DataType::UInt32, false),
-        Field::new("pack_id", DataType::UInt32, false),
-        Field::new("first_row", DataType::UInt64, false),
-        Field::new("num_samples", DataType::UInt32, false),
-        Field::new("tokens", DataType::UInt32, false),
-        Field::new("waste", DataType::UInt32, false),
-    ]));
+    let packs_schema = lvpipe_pipeline::mix::packs_schema();
     let context = (SAMPLE_TOKENS * PER_PACK) as u32;
     let packs_batch = RecordBatch::try_new(
         packs_schema.clone(),

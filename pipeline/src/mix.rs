@@ -516,17 +516,21 @@ fn samples_batches(
     Ok(out)
 }
 
-fn packs_batch(stage: usize, packs: &[Pack], context: u32) -> Result<RecordBatch> {
-    let schema = Arc::new(Schema::new(vec![
+/// Schema of `packs.arrow`.
+pub fn packs_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
         Field::new("stage", DataType::UInt32, false),
         Field::new("pack_id", DataType::UInt32, false),
         Field::new("first_row", DataType::UInt64, false),
         Field::new("num_samples", DataType::UInt32, false),
         Field::new("tokens", DataType::UInt32, false),
         Field::new("waste", DataType::UInt32, false),
-    ]));
+    ]))
+}
+
+fn packs_batch(stage: usize, packs: &[Pack], context: u32) -> Result<RecordBatch> {
     Ok(RecordBatch::try_new(
-        schema,
+        packs_schema(),
         vec![
             Arc::new(UInt32Array::from_iter_values(
                 packs.iter().map(|_| stage as u32),
