@@ -86,7 +86,27 @@ impl Mix {
                     message: e.to_string(),
                 }
             })?;
-        let batches = mmap_ipc(&dir.join("samples.arrow"))?;
+        let samples_path = dir.join("samples.arrow");
+        let batches = mmap_ipc(&samples_path)?;
+        // `pack` reads columns by position; a file of another layout (an
+        // older lvpipe) is refused here instead of being misread there.
+        let expected = crate::mix::samples_schema();
+        if let Some(b) = batches
+            .iter()
+            .find(|b| b.schema().fields() != expected.fields())
+        {
+            return Err(Error::Shards {
+                path: samples_path,
+                message: format!(
+                    "columns {:?} are not the layout this lvpipe writes; rerun `lvpipe mix`",
+                    b.schema()
+                        .fields()
+                        .iter()
+                        .map(|f| f.name().as_str())
+                        .collect::<Vec<_>>()
+                ),
+            });
+        }
         let mut batch_starts = Vec::with_capacity(batches.len());
         let mut total = 0u64;
         for b in &batches {
