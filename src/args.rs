@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use lvpipe_sharding::video::FramePolicy;
 
 /// Build, audit, mix and stream the training data of a long-context
 /// vision-language curriculum (LongVILA's five stages).
@@ -147,6 +148,24 @@ pub struct BuildArgs {
     /// Largest encoded media file accepted (e.g. 64MiB).
     #[arg(long, default_value = "64MiB", value_parser = parse_size)]
     pub max_media_bytes: u64,
+    /// Frames taken from each video: `uniform:N` (N evenly spread over the
+    /// whole video), `fps:F,max:N` (LongVILA: min(N, F x duration) spread
+    /// evenly) or `head:fps:F,max:N` (one every 1/F s from the start, at most
+    /// N). A registry source's `frames` overrides it.
+    #[arg(long, default_value = "uniform:8", value_parser = parse_frames)]
+    pub frames: FramePolicy,
+    /// `exact`: the frame shown at each target time (decodes from the
+    /// keyframe before it); `keyframe`: the nearest keyframe, its real time
+    /// recorded (approximate, many times faster on long videos).
+    #[arg(long, value_enum, default_value = "exact")]
+    pub frame_seek: FrameSeekArg,
+    /// A video with fewer distinct decodable frames than its policy asks:
+    /// `keep` what decodes, or `quarantine` it as too_few_frames.
+    #[arg(long, value_enum, default_value = "keep")]
+    pub short_videos: ShortVideosArg,
+    /// Largest video frame accepted, in pixels (width x height).
+    #[arg(long, default_value_t = 7680 * 4320)]
+    pub max_video_pixels: u64,
     /// Approximate uncompressed size of one shard (e.g. 256MiB, 1GB).
     #[arg(long, default_value = "256MiB", value_parser = parse_size)]
     pub shard_size: u64,
@@ -173,6 +192,22 @@ pub struct BuildArgs {
     /// testing resume).
     #[arg(long, hide = true)]
     pub fail_after_shards: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum FrameSeekArg {
+    Exact,
+    Keyframe,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ShortVideosArg {
+    Keep,
+    Quarantine,
+}
+
+fn parse_frames(s: &str) -> Result<FramePolicy, String> {
+    s.parse()
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

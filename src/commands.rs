@@ -8,14 +8,15 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use lvpipe_pipeline::{Catalog, Loader, Mix, OutputFormat, Recipe, build_mix, render};
 use lvpipe_sharding::synth::{Scale, SynthSettings, synthesize};
+use lvpipe_sharding::video::{SeekMode, ShortVideos, VideoSettings};
 use lvpipe_sharding::{
     BuildSettings, BuildSummary, ImageAspect, ImageLimits, ImageSettings, Registry, SourceSpec,
     build_shards,
 };
 
 use crate::args::{
-    AspectArg, BuildArgs, Cli, Command, DemoArgs, FormatArg, MixArgs, PlanArgs, ScaleArg, SqlArgs,
-    StreamArgs, SynthArgs,
+    AspectArg, BuildArgs, Cli, Command, DemoArgs, FormatArg, FrameSeekArg, MixArgs, PlanArgs,
+    ScaleArg, ShortVideosArg, SqlArgs, StreamArgs, SynthArgs,
 };
 use crate::progress::BuildProgress;
 
@@ -200,6 +201,18 @@ fn build_settings(args: &BuildArgs) -> Result<BuildSettings> {
             max_pixels: args.max_image_pixels,
             max_bytes: args.max_media_bytes,
         },
+    };
+    settings.video = VideoSettings {
+        policy: args.frames,
+        seek: match args.frame_seek {
+            FrameSeekArg::Exact => SeekMode::Exact,
+            FrameSeekArg::Keyframe => SeekMode::Keyframe,
+        },
+        short: match args.short_videos {
+            ShortVideosArg::Keep => ShortVideos::Keep,
+            ShortVideosArg::Quarantine => ShortVideos::Quarantine,
+        },
+        max_pixels: args.max_video_pixels,
     };
     settings.target_shard_bytes = args.shard_size;
     settings.row_group_rows = args.row_group_rows;

@@ -113,6 +113,10 @@ fn masked_tokens_decode_to_exactly_the_assistant_turns() {
         let masks = batch.column_by_name("loss_mask").unwrap().as_list::<i32>();
         let messages = batch.column_by_name("messages").unwrap().as_list::<i32>();
         let kinds = batch.column_by_name("kind").unwrap().as_string::<i32>();
+        let frames = batch
+            .column_by_name("num_frames")
+            .unwrap()
+            .as_primitive::<UInt32Type>();
         for row in 0..batch.num_rows() {
             let ids = ids.value(row);
             let ids = ids.as_primitive::<UInt32Type>().values();
@@ -136,7 +140,7 @@ fn masked_tokens_decode_to_exactly_the_assistant_turns() {
                 .iter()
                 .map(|r| tokenizer.decode(r, false).unwrap())
                 .collect();
-            if kinds.value(row) == "image_text" {
+            if ["image_text", "video_qa"].contains(&kinds.value(row)) {
                 let expected: Vec<String> = (0..roles.len())
                     .filter(|&i| roles.value(i) == "assistant")
                     .map(|i| format!("{}<|im_end|>", contents.value(i)))
@@ -145,11 +149,13 @@ fn masked_tokens_decode_to_exactly_the_assistant_turns() {
                 // And the whole row decodes to the ChatML rendering of the conversation.
                 let mut chatml =
                     String::from("<|im_start|>system\nYou are a helpful assistant<|im_end|>\n");
+                // A video is one `<image>` and a newline per sampled frame.
+                let video = "<image>\n".repeat(frames.value(row) as usize);
                 for i in 0..roles.len() {
                     chatml.push_str(&format!(
                         "<|im_start|>{}\n{}<|im_end|>\n",
                         roles.value(i),
-                        contents.value(i)
+                        contents.value(i).replace("<video>\n", &video)
                     ));
                 }
                 assert_eq!(tokenizer.decode(ids, false).unwrap(), chatml);

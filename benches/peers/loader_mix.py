@@ -1,10 +1,10 @@
 """Writes a token-only mix for `lvpipe stream` and measures memcpy in the same run.
 
-    python benches/peers/loader_mix.py OUT_DIR [GIB]
+    python benches/peers/loader_mix.py OUT_DIR [GIB] [TOKENS_PER_SAMPLE]
     time target/release/lvpipe stream --mix OUT_DIR --steps STEPS > /dev/null
 
-The mix has GIB GiB of u32 token ids in 4096-token samples, two per
-8192-token pack, global batch 8, in the layout `lvpipe mix` writes
+The mix has GIB GiB of u32 token ids in TOKENS_PER_SAMPLE-token samples
+(default 4096), two per pack, global batch 8, in the layout `lvpipe mix` writes
 (docs/mixes.md). It prints the step count for one epoch and a numpy memcpy
 of the same number of bytes (best of 3), for the bandwidth comparison.
 """
@@ -19,7 +19,8 @@ import pyarrow as pa
 
 out = sys.argv[1]
 gib = float(sys.argv[2]) if len(sys.argv) > 2 else 1.0
-T, PER_PACK, G = 4096, 2, 8
+T = int(sys.argv[3]) if len(sys.argv) > 3 else 4096
+PER_PACK, G = 2, 8
 samples = int(gib * 2**30 / (T * 4)) // PER_PACK * PER_PACK
 packs = samples // PER_PACK
 os.makedirs(out, exist_ok=True)

@@ -77,10 +77,20 @@ pub enum QuarantineReason {
     /// A record whose text contains a reserved special token (e.g. `<|im_end|>`),
     /// which would corrupt the chat template.
     ReservedToken,
+    /// A media file with no video stream (audio only, an image, a subtitle file).
+    NoVideoStream,
+    /// A video codec this FFmpeg cannot decode.
+    UnsupportedCodec,
+    /// A video whose duration is zero or that neither the container nor the
+    /// annotation (`fps`, `frame_count`) gives.
+    UnknownDuration,
+    /// Fewer distinct decodable frames than the frame policy asks for (with
+    /// `--short-videos quarantine`), or none at all.
+    TooFewFrames,
 }
 
 impl QuarantineReason {
-    pub const ALL: [QuarantineReason; 13] = [
+    pub const ALL: [QuarantineReason; 17] = [
         QuarantineReason::MalformedJson,
         QuarantineReason::NonUtf8,
         QuarantineReason::MissingMedia,
@@ -94,6 +104,10 @@ impl QuarantineReason {
         QuarantineReason::Duplicate,
         QuarantineReason::UnsupportedMedia,
         QuarantineReason::ReservedToken,
+        QuarantineReason::NoVideoStream,
+        QuarantineReason::UnsupportedCodec,
+        QuarantineReason::UnknownDuration,
+        QuarantineReason::TooFewFrames,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -111,6 +125,10 @@ impl QuarantineReason {
             QuarantineReason::Duplicate => "duplicate",
             QuarantineReason::UnsupportedMedia => "unsupported_media",
             QuarantineReason::ReservedToken => "reserved_token",
+            QuarantineReason::NoVideoStream => "no_video_stream",
+            QuarantineReason::UnsupportedCodec => "unsupported_codec",
+            QuarantineReason::UnknownDuration => "unknown_duration",
+            QuarantineReason::TooFewFrames => "too_few_frames",
         }
     }
 

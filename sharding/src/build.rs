@@ -15,12 +15,14 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::chat::{CHAT_TEMPLATE, ChatTokenizer};
-use crate::media::{ImageSettings, process_image};
+use crate::chat::{CHAT_TEMPLATE, ChatTokenizer, Segment, SpecialTokens};
+use crate::media::{ImageSettings, encode_rgb, process_image};
 use crate::readers::{Body, RawMedia, RawSample, Reject, read_source};
 use crate::source::SourceSpec;
+use crate::video::VideoSettings;
 use crate::writer::{
-    MediaItem, PartIdentity, PartWriter, QuarantineRow, SampleRow, part_file, write_atomic,
+    MediaItem, PartIdentity, PartWriter, QuarantineRow, SampleRow, VideoInfo, part_file,
+    write_atomic,
 };
 use crate::{Error, Result};
 
@@ -41,6 +43,8 @@ pub struct BuildSettings {
     pub tokenizer: PathBuf,
     pub sources: Vec<SourceSpec>,
     pub image: ImageSettings,
+    /// How videos are sampled; a source's `frames` overrides the policy.
+    pub video: VideoSettings,
     /// Approximate uncompressed bytes per shard before it is cut.
     pub target_shard_bytes: u64,
     /// Rows per Parquet row group (the unit of random access).
@@ -60,12 +64,25 @@ pub struct BuildSettings {
 }
 
 impl BuildSettings {
+    /// The video settings of source `index`: the build's, with the source's
+    /// own frame policy where the registry gives one.
+    pub fn video_for(&self, index: usize) -> Result<VideoSettings> {
+        let mut video = self.video;
+        if let Some(frames) = &self.sources[index].frames {
+            video.policy = frames.parse().map_err(|e| {
+                Error::Config(format!("source `{}`: {e}", self.sources[index].name))
+            })?;
+        }
+        Ok(video)
+    }
+
     pub fn new(out: impl Into<PathBuf>, tokenizer: impl Into<PathBuf>) -> Self {
         BuildSettings {
             out: out.into(),
             tokenizer: tokenizer.into(),
             sources: Vec::new(),
             image: ImageSettings::default(),
+            video: VideoSettings::default(),
             target_shard_bytes: 256 << 20,
             row_group_rows: 256,
             chunk_records: 64,
@@ -87,6 +104,9 @@ impl BuildSettings {
             return Err(Error::Config(
                 "no sources: give --source KIND:PATH or --registry FILE".into(),
             ));
+        }
+        for i in 0..self.sources.len() {
+            self.video_for(i)?;
         }
         let mut names = HashSet::new();
         for s in &self.sources {
@@ -401,7 +421,12 @@ fn process(record: RawRecord, settings: &BuildSettings, tokenizer: &ChatTokenize
     let RawRecord {
         seq, origin, body, ..
     } = record;
-    let result = body.and_then(|raw| sample_row(raw, seq, &origin, source, settings, tokenizer));
+    let result = body.and_then(|raw| {
+        let video = settings
+            .video_for(record.source)
+            .expect("checked when the build started");
+        sample_row(raw, seq, &origin, source, settings, &video, tokenizer)
+    });
     match result {
         Ok((row, id)) => Processed::Sample(Box::new(row), id),
         Err(r) => Processed::Rejected(QuarantineRow {
@@ -421,6 +446,7 @@ fn sample_row(
     origin: &str,
     source: &str,
     settings: &BuildSettings,
+    video_settings: &VideoSettings,
     tokenizer: &ChatTokenizer,
 ) -> std::result::Result<(SampleRow, u128), Reject> {
     let id = raw.annotation_id.clone();
@@ -438,8 +464,68 @@ fn sample_row(
         }
     }
     let mut media = Vec::with_capacity(raw.media.len());
+    let mut video = None;
+    let mut turns = std::borrow::Cow::Borrowed(&raw.turns);
     for (i, item) in raw.media.iter().enumerate() {
+        if let RawMedia::Video {
+            path,
+            written,
+            hints,
+        } = item
+        {
+            let label = format!("video `{written}`");
+            let at = |(reason, detail): (QuarantineReason, String)| {
+                fail(reason, format!("{label}: {detail}"))
+            };
+            let mut file = std::fs::File::open(path).map_err(|e| {
+                let reason = if e.kind() == std::io::ErrorKind::NotFound {
+                    QuarantineReason::MissingMedia
+                } else {
+                    QuarantineReason::CorruptMedia
+                };
+                fail(reason, format!("{label}: {}: {e}", path.display()))
+            })?;
+            hasher
+                .update_reader(&mut file)
+                .map_err(|e| fail(QuarantineReason::CorruptMedia, format!("{label}: {e}")))?;
+            let sampled = crate::video::sample(path, video_settings, *hints).map_err(at)?;
+            for frame in sampled.frames {
+                let image = encode_rgb(frame.rgb, frame.width, frame.height, &settings.image)
+                    .map_err(at)?;
+                media.push(MediaItem {
+                    bytes: image.bytes,
+                    width: image.width,
+                    height: image.height,
+                    orig_width: image.orig_width,
+                    orig_height: image.orig_height,
+                    frame_index: Some(frame.index),
+                    timestamp_ms: Some(frame.timestamp_ms),
+                });
+            }
+            // VILA expands a video into one `<image>` and a newline per
+            // frame; the stored messages keep the annotation's text.
+            let expanded = format!("{}\n", SpecialTokens::IMAGE).repeat(media.len());
+            turns = std::borrow::Cow::Owned(
+                raw.turns
+                    .iter()
+                    .map(|t| Segment {
+                        role: t.role,
+                        content: t
+                            .content
+                            .replacen(&format!("{}\n", SpecialTokens::VIDEO), &expanded, 1)
+                            .replacen(SpecialTokens::VIDEO, &expanded, 1),
+                    })
+                    .collect(),
+            );
+            video = Some(VideoInfo {
+                duration_ms: sampled.duration_ms,
+                fps: sampled.fps,
+                codec: sampled.codec,
+            });
+            continue;
+        }
         let (bytes, label) = match item {
+            RawMedia::Video { .. } => unreachable!("handled above"),
             RawMedia::Bytes(bytes) => (std::borrow::Cow::Borrowed(bytes), format!("image {i}")),
             RawMedia::File { path, written } => {
                 let label = format!("image {i} (`{written}`)");
@@ -472,12 +558,12 @@ fn sample_row(
             timestamp_ms: None,
         });
     }
-    let is_document = raw.turns.iter().all(|t| t.role == "text");
+    let is_document = turns.iter().all(|t| t.role == "text");
     let encoded = if is_document {
-        let text: String = raw.turns.iter().map(|t| t.content.as_str()).collect();
+        let text: String = turns.iter().map(|t| t.content.as_str()).collect();
         tokenizer.encode_document(&text)
     } else {
-        tokenizer.encode_conversation(&raw.turns)
+        tokenizer.encode_conversation(&turns)
     };
     let (input_ids, loss_mask) =
         encoded.map_err(|e| fail(QuarantineReason::MalformedJson, e.to_string()))?;
@@ -500,8 +586,17 @@ fn sample_row(
             annotation_id: raw.annotation_id,
             content_hash,
             messages: raw.turns,
-            num_images: media.len() as u32,
-            num_frames: 0,
+            num_images: if video.is_some() {
+                0
+            } else {
+                media.len() as u32
+            },
+            num_frames: if video.is_some() {
+                media.len() as u32
+            } else {
+                0
+            },
+            video,
             media,
             input_ids,
             loss_mask,
@@ -546,6 +641,7 @@ fn build_fingerprint(
             "kind": s.kind,
             "path": s.path,
             "media_root": s.media_root(),
+            "frames": s.frames,
             "bytes": len,
             "blake3_head_tail": sample.to_hex().to_string(),
         }));
@@ -555,6 +651,7 @@ fn build_fingerprint(
         "tokenizer_fingerprint": tokenizer_fingerprint,
         "chat_template": CHAT_TEMPLATE,
         "image": settings.image,
+        "video": settings.video,
         "target_shard_bytes": settings.target_shard_bytes,
         "row_group_rows": settings.row_group_rows,
         "dedup": settings.dedup,

@@ -28,10 +28,11 @@
 mod build;
 mod chat;
 mod error;
-mod media;
+pub mod media;
 mod readers;
 mod source;
 pub mod synth;
+pub mod video;
 mod writer;
 
 pub use build::{BuildEvent, BuildSettings, BuildSummary, ImageAspect, build_shards};

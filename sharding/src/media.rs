@@ -114,15 +114,25 @@ pub fn process_image(
     decode_limits.max_alloc = Some(limits.max_pixels.saturating_mul(8));
     decoder.limits(decode_limits);
     let rgb = decoder.decode().map_err(|e| corrupt(&e))?.into_rgb8();
+    encode_rgb(rgb.into_raw(), w, h, settings)
+}
 
+/// Resizes packed RGB pixels (`w` x `h`) to the settings' square and encodes
+/// them as JPEG: the second half of [`process_image`], shared by video frames.
+pub fn encode_rgb(
+    rgb: Vec<u8>,
+    w: u32,
+    h: u32,
+    settings: &ImageSettings,
+) -> Result<ProcessedImage, (QuarantineReason, String)> {
     let size = settings.size;
     let pixels = match settings.aspect {
-        ImageAspect::Resize => resize_rgb(rgb.into_raw(), w, h, size, size)?,
+        ImageAspect::Resize => resize_rgb(rgb, w, h, size, size)?,
         ImageAspect::Pad => {
             let scale = f64::from(size) / f64::from(w.max(h));
             let nw = ((f64::from(w) * scale).round() as u32).clamp(1, size);
             let nh = ((f64::from(h) * scale).round() as u32).clamp(1, size);
-            let inner = resize_rgb(rgb.into_raw(), w, h, nw, nh)?;
+            let inner = resize_rgb(rgb, w, h, nw, nh)?;
             pad_center(&inner, nw, nh, size)
         }
     };

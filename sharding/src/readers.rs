@@ -35,6 +35,12 @@ pub(crate) enum RawMedia {
     File { path: PathBuf, written: String },
     /// Bytes already read (a tar member).
     Bytes(Vec<u8>),
+    /// A video file, sampled into frames by the source's frame policy.
+    Video {
+        path: PathBuf,
+        written: String,
+        hints: crate::video::Hints,
+    },
 }
 
 /// Why a record cannot become a sample.
@@ -273,10 +279,7 @@ fn llava_inner(value: &Value, media_root: &Path) -> Body {
         .into_iter()
         .find(|k| obj.contains_key(*k))
     {
-        return Err(Reject::new(
-            QuarantineReason::UnsupportedMedia,
-            format!("`{key}`: video ingestion (FFmpeg frame sampling) is not in this build yet"),
-        ));
+        return llava_video(obj, key, media_root);
     }
     let images: Vec<String> = match obj.get("image") {
         None | Some(Value::Null) => vec![],
@@ -288,39 +291,7 @@ fn llava_inner(value: &Value, media_root: &Path) -> Body {
             .ok_or_else(|| malformed("`image` must be a path or a list of paths"))?,
         Some(_) => return Err(malformed("`image` must be a path or a list of paths")),
     };
-    let turns = obj
-        .get("conversations")
-        .and_then(Value::as_array)
-        .ok_or_else(|| {
-            malformed("missing `conversations` (a list of {\"from\", \"value\"} turns)")
-        })?;
-    let mut segments = Vec::with_capacity(turns.len());
-    for (i, turn) in turns.iter().enumerate() {
-        let from = turn.get("from").and_then(Value::as_str);
-        let text = turn.get("value").and_then(Value::as_str);
-        let (Some(from), Some(text)) = (from, text) else {
-            return Err(malformed(&format!(
-                "turn {i} needs string `from` and `value`"
-            )));
-        };
-        let role = match from {
-            "human" | "user" => "user",
-            "gpt" | "assistant" => "assistant",
-            "system" if i == 0 => "system",
-            other => {
-                return Err(Reject::new(
-                    QuarantineReason::NonAlternatingConversation,
-                    format!("turn {i}: unknown or misplaced role `{other}`"),
-                ));
-            }
-        };
-        segments.push(Segment {
-            role,
-            content: text.to_string(),
-        });
-    }
-    check_alternation(&segments)?;
-    check_reserved(&segments)?;
+    let mut segments = llava_turns(obj)?;
     let placeholders: usize = segments
         .iter()
         .map(|s| s.content.matches(SpecialTokens::IMAGE).count())
@@ -368,6 +339,108 @@ fn llava_inner(value: &Value, media_root: &Path) -> Body {
         },
         turns: segments,
         media,
+    })
+}
+
+/// The turns of a LLaVA annotation, checked.
+fn llava_turns(obj: &serde_json::Map<String, Value>) -> std::result::Result<Vec<Segment>, Reject> {
+    let malformed = |m: &str| Reject::new(QuarantineReason::MalformedJson, m);
+    let turns = obj
+        .get("conversations")
+        .and_then(Value::as_array)
+        .ok_or_else(|| {
+            malformed("missing `conversations` (a list of {\"from\", \"value\"} turns)")
+        })?;
+    let mut segments = Vec::with_capacity(turns.len());
+    for (i, turn) in turns.iter().enumerate() {
+        let from = turn.get("from").and_then(Value::as_str);
+        let text = turn.get("value").and_then(Value::as_str);
+        let (Some(from), Some(text)) = (from, text) else {
+            return Err(malformed(&format!(
+                "turn {i} needs string `from` and `value`"
+            )));
+        };
+        let role = match from {
+            "human" | "user" => "user",
+            "gpt" | "assistant" => "assistant",
+            "system" if i == 0 => "system",
+            other => {
+                return Err(Reject::new(
+                    QuarantineReason::NonAlternatingConversation,
+                    format!("turn {i}: unknown or misplaced role `{other}`"),
+                ));
+            }
+        };
+        segments.push(Segment {
+            role,
+            content: text.to_string(),
+        });
+    }
+    check_alternation(&segments)?;
+    check_reserved(&segments)?;
+    Ok(segments)
+}
+
+/// A VILA video annotation: `video` (or `video_path`, or `video_id` naming
+/// `ID.mp4`), optional `fps` and `frame_count`, and one `<video>`
+/// placeholder (put before the first human turn when the text has none).
+fn llava_video(obj: &serde_json::Map<String, Value>, key: &str, media_root: &Path) -> Body {
+    let malformed = |m: String| Reject::new(QuarantineReason::MalformedJson, m);
+    let written = match obj.get(key) {
+        Some(Value::String(s)) if key == "video_id" => format!("{s}.mp4"),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) if key == "video_id" => format!("{n}.mp4"),
+        _ => return Err(malformed(format!("`{key}` must be a string"))),
+    };
+    if obj.get("image").is_some_and(|v| !v.is_null()) {
+        return Err(malformed(format!(
+            "both `image` and `{key}`: one sample is either an image or a video sample"
+        )));
+    }
+    let number = |k: &str| -> std::result::Result<Option<f64>, Reject> {
+        match obj.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .filter(|f| f.is_finite() && *f > 0.0)
+                .map(Some)
+                .ok_or_else(|| malformed(format!("`{k}` must be a positive number"))),
+        }
+    };
+    let hints = crate::video::Hints {
+        fps: number("fps")?,
+        frame_count: number("frame_count")?.map(|f| f as u64),
+    };
+    let mut segments = llava_turns(obj)?;
+    let count = |tag: &str| -> usize {
+        segments
+            .iter()
+            .map(|s| s.content.matches(tag).count())
+            .sum()
+    };
+    let (videos, images) = (count(SpecialTokens::VIDEO), count(SpecialTokens::IMAGE));
+    if images > 0 || videos > 1 {
+        return Err(Reject::new(
+            QuarantineReason::PlaceholderMismatch,
+            format!("{videos} `<video>` and {images} `<image>` placeholder(s) for one video"),
+        ));
+    }
+    if videos == 0 {
+        let first_user = segments
+            .iter_mut()
+            .find(|s| s.role == "user")
+            .expect("checked alternation");
+        first_user.content = format!("{}\n{}", SpecialTokens::VIDEO, first_user.content);
+    }
+    Ok(RawSample {
+        annotation_id: None,
+        kind: SampleKind::VideoQa,
+        turns: segments,
+        media: vec![RawMedia::Video {
+            path: media_root.join(&written),
+            written,
+            hints,
+        }],
     })
 }
 
@@ -670,6 +743,7 @@ mod tests {
             kind,
             path,
             media_root: None,
+            frames: None,
         };
         let mut out = Vec::new();
         read_source(&spec, &Arc::new(AtomicU64::new(0)), &mut |o, b| {
@@ -730,6 +804,23 @@ mod tests {
     }
 
     #[test]
+    fn video_annotations_follow_vila() {
+        let line = r#"{"id": "v1", "video_id": "abc", "fps": 30, "frame_count": 90, "conversations": [{"from": "human", "value": "What happens?"}, {"from": "gpt", "value": "A ball rolls."}]}"#;
+        let out = collect(SourceKind::Llava, "a.jsonl", line.as_bytes());
+        let sample = out[0].1.as_ref().unwrap();
+        assert_eq!(sample.kind, SampleKind::VideoQa);
+        // No placeholder in the text: the video goes before the first question.
+        assert_eq!(sample.turns[0].content, "<video>\nWhat happens?");
+        match &sample.media[..] {
+            [RawMedia::Video { written, hints, .. }] => {
+                assert_eq!(written, "abc.mp4");
+                assert_eq!((hints.fps, hints.frame_count), (Some(30.0), Some(90)));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn conversation_checks_have_reason_codes() {
         let cases = [
             (
@@ -754,7 +845,19 @@ mod tests {
             ),
             (
                 r#"{"video": "v.mp4", "conversations": []}"#,
-                QuarantineReason::UnsupportedMedia,
+                QuarantineReason::EmptyConversation,
+            ),
+            (
+                r#"{"video": "v.mp4", "conversations": [{"from": "human", "value": "<video><video>"}, {"from": "gpt", "value": "a"}]}"#,
+                QuarantineReason::PlaceholderMismatch,
+            ),
+            (
+                r#"{"video": "v.mp4", "image": "a.png", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}"#,
+                QuarantineReason::MalformedJson,
+            ),
+            (
+                r#"{"video": "v.mp4", "fps": -2, "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}"#,
+                QuarantineReason::MalformedJson,
             ),
             (r#"{"id": 1}"#, QuarantineReason::MalformedJson),
             (r#"{"id": 1,"#, QuarantineReason::MalformedJson),

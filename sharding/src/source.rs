@@ -58,6 +58,9 @@ pub struct SourceSpec {
     /// Folder that relative media paths resolve against; defaults to the
     /// folder of `path`.
     pub media_root: Option<PathBuf>,
+    /// Frame policy of this source's videos (`uniform:N`, `fps:F,max:N`,
+    /// `head:fps:F,max:N`); defaults to the build's `--frames`.
+    pub frames: Option<String>,
 }
 
 impl SourceSpec {
@@ -85,6 +88,7 @@ impl SourceSpec {
             kind,
             path,
             media_root: media_root.map(Path::to_path_buf),
+            frames: None,
         })
     }
 
@@ -118,6 +122,7 @@ fn default_name(path: &Path) -> Result<String> {
 /// kind = "llava"
 /// path = "sft.json"      # relative to the registry file
 /// media_root = "."
+/// frames = "uniform:16"  # videos only; defaults to `--frames`
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Registry {
@@ -133,6 +138,9 @@ pub struct RegistryEntry {
     pub kind: SourceKind,
     pub path: PathBuf,
     pub media_root: Option<PathBuf>,
+    /// Frame policy of this source's videos; defaults to the build's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frames: Option<String>,
 }
 
 impl Registry {
@@ -155,6 +163,7 @@ impl Registry {
                     kind: entry.kind,
                     media_root: entry.media_root.map(|root| base.join(root)),
                     path: file,
+                    frames: entry.frames,
                 })
             })
             .collect()
@@ -202,6 +211,7 @@ mod tests {
                 kind: SourceKind::Text,
                 path: "docs.jsonl".into(),
                 media_root: Some(".".into()),
+                frames: Some("uniform:4".into()),
             }],
         };
         std::fs::write(&file, reg.to_toml()).unwrap();

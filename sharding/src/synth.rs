@@ -27,6 +27,9 @@ use crate::chat::SpecialTokens;
 use crate::source::{Registry, RegistryEntry, SourceKind};
 use crate::{Error, Result};
 
+#[cfg(feature = "video")]
+mod videos;
+
 /// How much to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -46,6 +49,17 @@ struct Sizes {
     image_side: (u32, u32),
     long_words: (usize, usize),
     vocab: usize,
+    #[cfg_attr(not(feature = "video"), allow(dead_code))]
+    videos: VideoSizes,
+}
+
+#[cfg_attr(not(feature = "video"), allow(dead_code))]
+struct VideoSizes {
+    clips: usize,
+    clip_side: (u32, u32),
+    long: usize,
+    long_side: (u32, u32),
+    long_seconds: u32,
 }
 
 impl Scale {
@@ -60,6 +74,13 @@ impl Scale {
                 image_side: (48, 96),
                 long_words: (300, 600),
                 vocab: 1024,
+                videos: VideoSizes {
+                    clips: 8,
+                    clip_side: (64, 48),
+                    long: 3,
+                    long_side: (64, 48),
+                    long_seconds: 64,
+                },
             },
             Scale::Small => Sizes {
                 pretrain: 1200,
@@ -70,6 +91,13 @@ impl Scale {
                 image_side: (160, 320),
                 long_words: (1500, 6000),
                 vocab: 4096,
+                videos: VideoSizes {
+                    clips: 240,
+                    clip_side: (128, 96),
+                    long: 24,
+                    long_side: (96, 72),
+                    long_seconds: 120,
+                },
             },
         }
     }
@@ -92,6 +120,14 @@ pub const SOURCES: [(&str, SourceKind, &str); 5] = [
     ("longdocs", SourceKind::Text, "longdocs.jsonl"),
 ];
 
+/// Video sources synth writes when lvpipe is built with FFmpeg (the `video`
+/// feature), with the frame policy the registry gives each: short clips as
+/// stage 3 uses them, long videos at LongVILA's 2 fps cap.
+pub const VIDEO_SOURCES: [(&str, &str, &str); 2] = [
+    ("video_sft", "video_sft.json", "uniform:8"),
+    ("longvideo", "longvideo.json", "fps:2,max:64"),
+];
+
 /// The known answers, written to `answers.json`.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct Answers {
@@ -104,6 +140,39 @@ pub struct Answers {
     pub images: Vec<ImageFacts>,
     pub vqa: Vec<VqaItem>,
     pub needles: Vec<Needle>,
+    /// Questions about the short clips (`video_sft.json`).
+    #[serde(default)]
+    pub video_vqa: Vec<VideoQaItem>,
+    /// The shape that flashes in each long video (`longvideo.json`).
+    #[serde(default)]
+    pub video_needles: Vec<VideoNeedle>,
+}
+
+/// One question about a short clip and its answer.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct VideoQaItem {
+    pub id: String,
+    pub video: String,
+    pub attribute: String,
+    pub question: String,
+    pub answer: String,
+}
+
+/// A shape shown for two seconds somewhere in a long video.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct VideoNeedle {
+    pub id: String,
+    pub video: String,
+    /// Relative position of the needle's start in the video, 0 to 1.
+    pub depth: f64,
+    /// When it shows: `start_ms` <= t < `end_ms`.
+    pub start_ms: i64,
+    pub end_ms: i64,
+    pub duration_ms: i64,
+    pub colour: String,
+    pub shape: String,
+    pub question: String,
+    pub answer: String,
 }
 
 /// What an image shows.
@@ -268,26 +337,32 @@ impl Scene {
                 cx + rng.random_range(-0.1..0.1) * r,
                 cy + rng.random_range(-0.1..0.1) * r,
             );
-            let bx0 = (cx - r).floor().max(0.0) as u32;
-            let by0 = (cy - r).floor().max(0.0) as u32;
-            let bx1 = ((cx + r).ceil() as u32).min(w - 1);
-            let by1 = ((cy + r).ceil() as u32).min(h - 1);
-            for y in by0..=by1 {
-                for x in bx0..=bx1 {
-                    let (dx, dy) = (x as f32 + 0.5 - cx, y as f32 + 0.5 - cy);
-                    let inside = match SHAPES[self.shape] {
-                        "circle" => dx * dx + dy * dy <= r * r,
-                        "square" => dx.abs() <= r * 0.85 && dy.abs() <= r * 0.85,
-                        // Apex up: the half-width grows from 0 at the top to r at the bottom.
-                        _ => dy >= -r && dy <= r && dx.abs() <= (dy + r) / 2.0,
-                    };
-                    if inside {
-                        img.put_pixel(x, y, colour);
-                    }
-                }
-            }
+            draw_shape(&mut img, SHAPES[self.shape], cx, cy, r, colour.0);
         }
         img
+    }
+}
+
+/// Fills `shape` of radius `r` centred at (`cx`, `cy`), clipped to the image.
+fn draw_shape(img: &mut RgbImage, shape: &str, cx: f32, cy: f32, r: f32, colour: [u8; 3]) {
+    let (w, h) = img.dimensions();
+    let bx0 = (cx - r).floor().max(0.0) as u32;
+    let by0 = (cy - r).floor().max(0.0) as u32;
+    let bx1 = ((cx + r).ceil().max(0.0) as u32).min(w - 1);
+    let by1 = ((cy + r).ceil().max(0.0) as u32).min(h - 1);
+    for y in by0..=by1 {
+        for x in bx0..=bx1 {
+            let (dx, dy) = (x as f32 + 0.5 - cx, y as f32 + 0.5 - cy);
+            let inside = match shape {
+                "circle" => dx * dx + dy * dy <= r * r,
+                "square" => dx.abs() <= r * 0.85 && dy.abs() <= r * 0.85,
+                // Apex up: the half-width grows from 0 at the top to r at the bottom.
+                _ => dy >= -r && dy <= r && dx.abs() <= (dy + r) / 2.0,
+            };
+            if inside {
+                img.put_pixel(x, y, Rgb(colour));
+            }
+        }
     }
 }
 
@@ -412,6 +487,8 @@ pub fn synthesize(settings: &SynthSettings) -> Result<SynthSummary> {
         images: vec![],
         vqa: vec![],
         needles: vec![],
+        video_vqa: vec![],
+        video_needles: vec![],
     };
     // Every piece of text also feeds the tokenizer trainer.
     let mut corpus: Vec<String> = Vec::new();
@@ -614,6 +691,29 @@ pub fn synthesize(settings: &SynthSettings) -> Result<SynthSummary> {
         longdocs.push(TextRecord { id, text });
     }
 
+    #[cfg(feature = "video")]
+    {
+        let v = videos::write(out, &sizes.videos, &mut rng)?;
+        for (name, records) in [
+            (VIDEO_SOURCES[0].1, &v.clips),
+            (VIDEO_SOURCES[1].1, &v.long),
+        ] {
+            let path = out.join(name);
+            fs_err::write(&path, json_array(records))?;
+            files.push(path);
+        }
+        files.extend(v.files);
+        corpus.extend(v.corpus);
+        answers.video_vqa = v.qa;
+        answers.video_needles = v.needles;
+        for ((name, ..), count) in VIDEO_SOURCES.iter().zip([v.clips.len(), v.long.len()]) {
+            answers.counts.insert(name.to_string(), count as u64);
+            answers
+                .kinds
+                .insert(name.to_string(), "video_qa".to_string());
+        }
+    }
+
     let written: [(&str, Vec<u8>); 5] = [
         ("pretrain.json", json_array(&pretrain).into_bytes()),
         ("sft.json", json_array(&sft).into_bytes()),
@@ -657,7 +757,20 @@ pub fn synthesize(settings: &SynthSettings) -> Result<SynthSummary> {
                 kind: *kind,
                 path: file.into(),
                 media_root: Some(".".into()),
+                frames: None,
             })
+            .chain(
+                VIDEO_SOURCES
+                    .iter()
+                    .filter(|_| cfg!(feature = "video"))
+                    .map(|(name, file, frames)| RegistryEntry {
+                        name: Some(name.to_string()),
+                        kind: SourceKind::Llava,
+                        path: file.into(),
+                        media_root: Some(".".into()),
+                        frames: Some(frames.to_string()),
+                    }),
+            )
             .collect(),
     };
     for (name, text) in [

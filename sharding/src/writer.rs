@@ -42,6 +42,8 @@ pub(crate) struct SampleRow {
     pub media: Vec<MediaItem>,
     pub num_images: u32,
     pub num_frames: u32,
+    /// Video samples: duration, the stream's frame rate and codec.
+    pub video: Option<VideoInfo>,
     pub input_ids: Vec<u32>,
     pub loss_mask: Vec<u8>,
 }
@@ -53,6 +55,14 @@ impl SampleRow {
         let text: usize = self.messages.iter().map(|m| m.content.len() + 8).sum();
         (media + text + self.input_ids.len() * 5 + self.origin.len() + 160) as u64
     }
+}
+
+/// What a video sample records about its source video.
+#[derive(Debug, Clone)]
+pub(crate) struct VideoInfo {
+    pub duration_ms: i64,
+    pub fps: f64,
+    pub codec: String,
 }
 
 /// One image or frame as stored.
@@ -379,9 +389,20 @@ pub(crate) fn samples_batch(rows: &[SampleRow]) -> Result<RecordBatch> {
         )?,
         u32s(&|r| r.num_images),
         u32s(&|r| r.num_frames),
-        Arc::new(Int64Array::from(vec![None::<i64>; rows.len()])),
-        Arc::new(Float64Array::from(vec![None::<f64>; rows.len()])),
-        opt_strings(rows.iter().map(|_| None)),
+        Arc::new(
+            rows.iter()
+                .map(|r| r.video.as_ref().map(|v| v.duration_ms))
+                .collect::<Int64Array>(),
+        ),
+        Arc::new(
+            rows.iter()
+                .map(|r| r.video.as_ref().map(|v| v.fps))
+                .collect::<Float64Array>(),
+        ),
+        opt_strings(
+            rows.iter()
+                .map(|r| r.video.as_ref().map(|v| v.codec.as_str())),
+        ),
         list(
             DataType::UInt32,
             rows.iter().map(|r| r.input_ids.len()),

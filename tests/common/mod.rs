@@ -43,13 +43,15 @@ pub fn tiny_corpus() -> &'static Path {
     })
 }
 
-/// The five synth sources as `--source` flags, relative to the corpus folder.
-pub const SYNTH_SOURCES: [&str; 5] = [
+/// The synth sources as `--source` flags, relative to the corpus folder.
+pub const SYNTH_SOURCES: [&str; 7] = [
     "llava:raw/pretrain.json",
     "llava:raw/sft.json",
     "text:raw/longdocs.jsonl",
     "interleaved:raw/interleaved.jsonl",
     "wds:raw/pairs-000.tar",
+    "llava:raw/video_sft.json",
+    "llava:raw/longvideo.json",
 ];
 
 pub fn build_args<'a>(out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {

@@ -1,0 +1,237 @@
+//! Synthetic videos with known answers: short clips of a moving shape (what
+//! it is, its colour, which way it moves) and long videos in which a shape
+//! flashes for two seconds at a known time (the video needle).
+
+use std::path::{Path, PathBuf};
+
+use rand::Rng;
+use rand::rngs::SmallRng;
+use serde::Serialize;
+
+use super::{
+    COLOURS, LlavaTurn, SHAPES, VideoNeedle, VideoQaItem, VideoSizes, capitalize, draw_shape,
+};
+use crate::video::encode::{self, Codec, Spec};
+use crate::{Error, Result};
+
+/// A LLaVA/VILA video annotation.
+#[derive(Serialize)]
+pub(super) struct VideoRecord {
+    id: String,
+    video: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fps: Option<f64>,
+    conversations: Vec<LlavaTurn>,
+}
+
+pub(super) struct Written {
+    pub clips: Vec<VideoRecord>,
+    pub long: Vec<VideoRecord>,
+    pub qa: Vec<VideoQaItem>,
+    pub needles: Vec<VideoNeedle>,
+    pub files: Vec<PathBuf>,
+    pub corpus: Vec<String>,
+}
+
+/// Frames per second of the short clips and of the long videos.
+const CLIP_FPS: u32 = 10;
+const CLIP_FRAMES: u32 = 30;
+const LONG_FPS: u32 = 4;
+/// How long the needle shows, in frames of the long videos (2 s).
+const NEEDLE_FRAMES: u32 = 8;
+
+pub(super) fn write(out: &Path, sizes: &VideoSizes, rng: &mut SmallRng) -> Result<Written> {
+    fs_err::create_dir_all(out.join("videos"))?;
+    let mut w = Written {
+        clips: vec![],
+        long: vec![],
+        qa: vec![],
+        needles: vec![],
+        files: vec![],
+        corpus: vec![],
+    };
+    let fail = |path: &Path, e: ffmpeg_next::Error| {
+        Error::Io(std::io::Error::other(format!(
+            "FFmpeg could not write {}: {e}",
+            path.display()
+        )))
+    };
+    let vp9 = Codec::Vp9.available();
+    for i in 0..sizes.clips {
+        let id = format!("clip-{i:05}");
+        let (colour, shape) = (
+            rng.random_range(0..COLOURS.len()),
+            rng.random_range(0..SHAPES.len()),
+        );
+        let rightward = rng.random_bool(0.5);
+        let (cw, ch) = sizes.clip_side;
+        // Every fourth clip is VP9 in WebM where this FFmpeg can encode it.
+        let webm = vp9 && i % 4 == 3;
+        let rel = format!("videos/{id}.{}", if webm { "webm" } else { "mp4" });
+        let path = out.join(&rel);
+        let mut spec = Spec::new(cw, ch, CLIP_FPS);
+        spec.codec = if webm { Codec::Vp9 } else { Codec::H264 };
+        let tint: [u8; 3] = [
+            rng.random_range(225..=250),
+            rng.random_range(225..=250),
+            235,
+        ];
+        let r = ch as f32 * 0.25;
+        let frames = (0..CLIP_FRAMES).map(|f| {
+            let t = f as f32 / (CLIP_FRAMES - 1) as f32;
+            let t = if rightward { t } else { 1.0 - t };
+            let cx = r + t * (cw as f32 - 2.0 * r);
+            let mut img = image::RgbImage::from_pixel(cw, ch, image::Rgb(tint));
+            draw_shape(
+                &mut img,
+                SHAPES[shape],
+                cx,
+                ch as f32 / 2.0,
+                r,
+                COLOURS[colour].1,
+            );
+            (i64::from(f) * 1000 / i64::from(CLIP_FPS), img.into_raw())
+        });
+        encode::write(&path, &spec, frames).map_err(|e| fail(&path, e))?;
+        w.files.push(path);
+        let direction = if rightward {
+            "left to right"
+        } else {
+            "right to left"
+        };
+        let mut qas = vec![
+            (
+                "shape",
+                "What shape moves across the video?".to_string(),
+                SHAPES[shape].to_string(),
+            ),
+            (
+                "colour",
+                "What color is the moving shape?".to_string(),
+                COLOURS[colour].0.to_string(),
+            ),
+            (
+                "direction",
+                "Which way does the shape move?".to_string(),
+                direction.to_string(),
+            ),
+        ];
+        for k in (1..qas.len()).rev() {
+            qas.swap(k, rng.random_range(0..=k));
+        }
+        qas.truncate(2);
+        let mut conversations = Vec::new();
+        for (turn, (attribute, question, answer)) in qas.into_iter().enumerate() {
+            let value = if turn == 0 {
+                format!("<video>\n{question}")
+            } else {
+                question.clone()
+            };
+            conversations.push(LlavaTurn {
+                from: "human",
+                value,
+            });
+            conversations.push(LlavaTurn {
+                from: "gpt",
+                value: format!("{}.", capitalize(&answer)),
+            });
+            w.corpus
+                .push(format!("{question} {}.", capitalize(&answer)));
+            w.qa.push(VideoQaItem {
+                id: id.clone(),
+                video: rel.clone(),
+                attribute: attribute.to_string(),
+                question,
+                answer,
+            });
+        }
+        w.clips.push(VideoRecord {
+            id,
+            video: rel,
+            // Half the annotations carry VILA's optional `fps`.
+            fps: (i % 2 == 0).then_some(f64::from(CLIP_FPS)),
+            conversations,
+        });
+    }
+
+    let depths = [0.1, 0.3, 0.5, 0.7, 0.9];
+    for i in 0..sizes.long {
+        let id = format!("long-video-{i:05}");
+        let (lw, lh) = sizes.long_side;
+        let total = sizes.long_seconds * LONG_FPS;
+        let depth = depths[i % depths.len()];
+        let first =
+            ((f64::from(total - NEEDLE_FRAMES) * depth).round() as u32).min(total - NEEDLE_FRAMES);
+        let (colour, shape) = (
+            rng.random_range(0..COLOURS.len()),
+            rng.random_range(0..SHAPES.len()),
+        );
+        let rel = format!("videos/{id}.mp4");
+        let path = out.join(&rel);
+        let mut spec = Spec::new(lw, lh, LONG_FPS);
+        // A keyframe every 8 s, as in the benchmark's long videos.
+        spec.gop = 8 * LONG_FPS;
+        let frames = (0..total).map(|f| {
+            let mut img = image::RgbImage::from_pixel(lw, lh, image::Rgb([40, 40, 40]));
+            // A small grey dot wanders so that no two seconds look alike.
+            let phase = f as f32 / total as f32 * std::f32::consts::TAU * 3.0;
+            let (dx, dy) = (
+                lw as f32 * (0.5 + 0.4 * phase.cos()),
+                lh as f32 * (0.5 + 0.4 * phase.sin()),
+            );
+            draw_shape(
+                &mut img,
+                "circle",
+                dx,
+                dy,
+                lh as f32 * 0.06,
+                [150, 150, 150],
+            );
+            if (first..first + NEEDLE_FRAMES).contains(&f) {
+                draw_shape(
+                    &mut img,
+                    SHAPES[shape],
+                    lw as f32 / 2.0,
+                    lh as f32 / 2.0,
+                    lh as f32 * 0.35,
+                    COLOURS[colour].1,
+                );
+            }
+            (i64::from(f) * 1000 / i64::from(LONG_FPS), img.into_raw())
+        });
+        encode::write(&path, &spec, frames).map_err(|e| fail(&path, e))?;
+        w.files.push(path);
+        let question = "What colored shape appears briefly in the video?".to_string();
+        let answer = format!("{} {}", COLOURS[colour].0, SHAPES[shape]);
+        w.corpus.push(format!("{question} A {answer}."));
+        w.long.push(VideoRecord {
+            id: id.clone(),
+            video: rel.clone(),
+            fps: None,
+            conversations: vec![
+                LlavaTurn {
+                    from: "human",
+                    value: format!("<video>\n{question}"),
+                },
+                LlavaTurn {
+                    from: "gpt",
+                    value: format!("A {answer}."),
+                },
+            ],
+        });
+        let ms = |frame: u32| i64::from(frame) * 1000 / i64::from(LONG_FPS);
+        w.needles.push(VideoNeedle {
+            id,
+            video: rel,
+            depth,
+            start_ms: ms(first),
+            end_ms: ms(first + NEEDLE_FRAMES),
+            duration_ms: ms(total),
+            colour: COLOURS[colour].0.to_string(),
+            shape: SHAPES[shape].to_string(),
+            question,
+            answer,
+        });
+    }
+    Ok(w)
+}

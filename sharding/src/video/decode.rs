@@ -1,0 +1,535 @@
+//! Decoding with FFmpeg: open, pick targets, seek or decode forward, convert.
+
+use std::path::Path;
+use std::sync::Once;
+
+use ff::format::Pixel;
+use ff::software::scaling;
+use ffmpeg_next as ff;
+use lvpipe_schemas::QuarantineReason;
+
+use super::{
+    Frame, Hints, Sampled, SeekMode, ShortVideos, VideoSettings, normalize_rotation, rotate,
+};
+
+type Reject = (QuarantineReason, String);
+
+/// A keyframe of the container's index.
+#[derive(Debug, Clone, Copy)]
+struct Keyframe {
+    /// Decode timestamp, as the index has it; seeking goes by it.
+    dts: i64,
+    /// Presentation timestamp, once a seek has decoded it.
+    pts: Option<i64>,
+}
+
+/// Where the sampler left the frame that answers a target.
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    Held,
+    Pending,
+}
+
+fn stamp(frame: &ff::frame::Video) -> Option<i64> {
+    frame.timestamp().or(frame.pts())
+}
+
+pub(super) fn init() {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        // Registration is a no-op on FFmpeg >= 4; the log level keeps FFmpeg
+        // from printing over the progress bar: problems come back as
+        // quarantine details instead.
+        let _ = ff::init();
+        ff::util::log::set_level(ff::util::log::Level::Fatal);
+    });
+}
+
+/// Samples `path` by `settings`. Bad files come back as a quarantine reason
+/// and a detail that says what was found.
+pub fn sample(path: &Path, settings: &VideoSettings, hints: Hints) -> Result<Sampled, Reject> {
+    init();
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err((
+                QuarantineReason::MissingMedia,
+                format!("{} not found", path.display()),
+            ));
+        }
+        Err(e) => return Err((QuarantineReason::CorruptMedia, e.to_string())),
+        Ok(m) if m.len() == 0 => {
+            return Err((QuarantineReason::CorruptMedia, "zero-byte file".into()));
+        }
+        Ok(_) => {}
+    }
+    let input = ff::format::input(&path).map_err(|e| {
+        (
+            QuarantineReason::CorruptMedia,
+            format!("FFmpeg cannot open it: {e} (truncated or not a video)"),
+        )
+    })?;
+    Sampler::open(input, settings, hints)?.run(settings)
+}
+
+struct Sampler {
+    input: ff::format::context::Input,
+    decoder: ff::decoder::Video,
+    stream: usize,
+    time_base: f64,
+    /// Timestamp of the first frame, in stream units.
+    start: i64,
+    /// Keyframes from the container's index, by decode time.
+    keyframes: Vec<Keyframe>,
+    duration: f64,
+    fps: f64,
+    codec: String,
+    rotation: u32,
+    scaler: Option<(Pixel, u32, u32, scaling::Context)>,
+    /// The last decoded frame at or before the current target.
+    held: Option<ff::frame::Video>,
+    /// A decoded frame past the current target, kept for the next one.
+    pending: Option<ff::frame::Video>,
+    /// Timestamp of the newest decoded frame; `None` before the first.
+    position: Option<i64>,
+    eof: bool,
+    decoded: u64,
+}
+
+impl Sampler {
+    fn open(
+        input: ff::format::context::Input,
+        settings: &VideoSettings,
+        hints: Hints,
+    ) -> Result<Self, Reject> {
+        let Some(stream) = input.streams().best(ff::media::Type::Video) else {
+            let found: Vec<String> = input
+                .streams()
+                .map(|s| format!("{:?}", s.parameters().medium()).to_lowercase())
+                .collect();
+            return Err((
+                QuarantineReason::NoVideoStream,
+                format!("no video stream (streams: [{}])", found.join(", ")),
+            ));
+        };
+        let params = stream.parameters();
+        let codec = params.id().name().to_string();
+        let decoder = ff::codec::context::Context::from_parameters(params)
+            .and_then(|c| c.decoder().video())
+            .map_err(|e| {
+                (
+                    QuarantineReason::UnsupportedCodec,
+                    format!("no decoder for codec `{codec}` in this FFmpeg: {e}"),
+                )
+            })?;
+        let (w, h) = (decoder.width(), decoder.height());
+        if w == 0 || h == 0 {
+            return Err((
+                QuarantineReason::CorruptMedia,
+                format!("video stream of size {w}x{h}"),
+            ));
+        }
+        if u64::from(w) * u64::from(h) > settings.max_pixels {
+            return Err((
+                QuarantineReason::MediaTooLarge,
+                format!(
+                    "{w}x{h} = {} pixels, over the limit of {}",
+                    u64::from(w) * u64::from(h),
+                    settings.max_pixels
+                ),
+            ));
+        }
+        let tb = stream.time_base();
+        let time_base = f64::from(tb.numerator()) / f64::from(tb.denominator().max(1));
+        let rate = |r: ff::Rational| {
+            (r.denominator() != 0 && r.numerator() > 0)
+                .then(|| f64::from(r.numerator()) / f64::from(r.denominator()))
+        };
+        let fps = rate(stream.avg_frame_rate())
+            .or_else(|| rate(stream.rate()))
+            .or(hints.fps)
+            .unwrap_or(0.0);
+        let start = match stream.start_time() {
+            ff::ffi::AV_NOPTS_VALUE => 0,
+            t => t,
+        };
+        let duration = if stream.duration() > 0 && stream.duration() != ff::ffi::AV_NOPTS_VALUE {
+            stream.duration() as f64 * time_base
+        } else if input.duration() > 0 {
+            input.duration() as f64 / f64::from(ff::ffi::AV_TIME_BASE)
+        } else if let (Some(n), true) = (hints.frame_count, fps > 0.0) {
+            n as f64 / fps
+        } else {
+            0.0
+        };
+        if !(duration.is_finite() && duration > 0.0) {
+            return Err((
+                QuarantineReason::UnknownDuration,
+                "the container gives no duration and the annotation no `frame_count`/`fps`".into(),
+            ));
+        }
+        let rotation = rotation_of(&stream);
+        let keyframes = index::keyframes(&stream)
+            .into_iter()
+            .map(|dts| Keyframe { dts, pts: None })
+            .collect();
+        let index = stream.index();
+        Ok(Sampler {
+            input,
+            decoder,
+            stream: index,
+            time_base,
+            start,
+            keyframes,
+            duration,
+            fps,
+            codec,
+            rotation,
+            scaler: None,
+            held: None,
+            pending: None,
+            position: None,
+            eof: false,
+            decoded: 0,
+        })
+    }
+
+    fn run(mut self, settings: &VideoSettings) -> Result<Sampled, Reject> {
+        let frame_len = if self.fps > 0.0 { 1.0 / self.fps } else { 0.0 };
+        let last = (self.duration - frame_len).max(0.0);
+        let targets = settings.policy.targets(self.duration, last);
+        let asked = targets.len();
+        let mut frames: Vec<Frame> = Vec::with_capacity(asked);
+        for &t in &targets {
+            let target = self.start + (t / self.time_base).round() as i64;
+            let found = match settings.seek {
+                SeekMode::Exact => self.exact(target)?,
+                SeekMode::Keyframe => self.nearest_keyframe(target)?,
+            };
+            let Some(slot) = found else { break };
+            let frame = match slot {
+                Slot::Held => self.held.take(),
+                Slot::Pending => self.pending.take(),
+            }
+            .expect("the slot exact() named");
+            let ts = stamp(&frame).unwrap_or(target);
+            // A target between two frames of a slow video, or past the end
+            // of a truncated one, lands on a frame already taken.
+            let repeated = frames
+                .last()
+                .is_some_and(|f| f.timestamp_ms == self.millis(ts));
+            let converted = if repeated {
+                None
+            } else {
+                Some(self.to_rgb(&frame, ts))
+            };
+            match slot {
+                Slot::Held => self.held = Some(frame),
+                Slot::Pending => self.pending = Some(frame),
+            }
+            if let Some(converted) = converted {
+                frames.push(converted?);
+            }
+        }
+        if frames.is_empty() || (frames.len() < asked && settings.short == ShortVideos::Quarantine)
+        {
+            let end = frames
+                .last()
+                .map(|f| format!("; the last decodable frame is at {} ms", f.timestamp_ms))
+                .unwrap_or_default();
+            return Err((
+                QuarantineReason::TooFewFrames,
+                format!(
+                    "{} distinct decodable frame(s) of the {asked} that `{}` asks for over {:.3} s{end}",
+                    frames.len(),
+                    settings.policy,
+                    self.duration
+                ),
+            ));
+        }
+        Ok(Sampled {
+            frames,
+            duration_ms: (self.duration * 1000.0).round() as i64,
+            fps: self.fps,
+            codec: self.codec,
+            width: self.decoder.width(),
+            height: self.decoder.height(),
+            rotation: self.rotation,
+            decoded: self.decoded,
+        })
+    }
+
+    fn millis(&self, ts: i64) -> i64 {
+        ((ts - self.start) as f64 * self.time_base * 1000.0).round() as i64
+    }
+
+    /// The keyframe to decode from for `target`: the last one that starts
+    /// at or before it. The index gives decode times (DTS); a keyframe's
+    /// presentation time can be later (B-frames are decoded after the
+    /// keyframe that follows them), so a keyframe known to be shown after
+    /// the target is passed over.
+    fn keyframe_for(&self, target: i64) -> Option<usize> {
+        let mut i = self.keyframes.partition_point(|k| k.dts <= target);
+        while i > 0 {
+            i -= 1;
+            if self.keyframes[i].pts.is_none_or(|p| p <= target) {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    /// Finds the frame shown at `target`: decodes forward, seeking first
+    /// when a keyframe lies between the current position and the target. It
+    /// ends in `held` (the last frame at or before the target) or, when the
+    /// first frame starts after the target, in `pending`.
+    fn exact(&mut self, target: i64) -> Result<Option<Slot>, Reject> {
+        let key = self.keyframe_for(target);
+        let seek = match (key, self.position) {
+            // Decoding from the keyframe is shorter than from here.
+            (Some(k), Some(pos)) => {
+                let kf = &self.keyframes[k];
+                kf.pts.unwrap_or(kf.dts) > pos
+            }
+            (Some(k), None) => k > 0,
+            // No index: seek only for targets far ahead of the position.
+            (None, Some(pos)) => (target - pos) as f64 * self.time_base > 10.0,
+            (None, None) => false,
+        };
+        if seek {
+            match key {
+                Some(k) => self.seek_keyframe(k, Some(target))?,
+                None => self.seek_to(target)?,
+            }
+        }
+        loop {
+            let frame = match self.pending.take() {
+                Some(f) => f,
+                None => match self.next_frame()? {
+                    Some(f) => f,
+                    None => return Ok(self.held.is_some().then_some(Slot::Held)),
+                },
+            };
+            if stamp(&frame).unwrap_or(i64::MIN) <= target {
+                self.held = Some(frame);
+            } else {
+                self.pending = Some(frame);
+                return Ok(Some(if self.held.is_some() {
+                    Slot::Held
+                } else {
+                    Slot::Pending
+                }));
+            }
+        }
+    }
+
+    /// Seeks to keyframe `k` and decodes its first frame into `pending`,
+    /// learning the keyframe's presentation time. When that is after
+    /// `target`, steps back one keyframe (at most once per keyframe: what
+    /// was learned is kept).
+    fn seek_keyframe(&mut self, mut k: usize, target: Option<i64>) -> Result<(), Reject> {
+        loop {
+            self.seek_to(self.keyframes[k].dts)?;
+            let first = self.next_frame()?;
+            let pts = first.as_ref().and_then(stamp);
+            self.keyframes[k].pts = pts.or(Some(self.keyframes[k].dts));
+            self.pending = first;
+            match (pts, target) {
+                (Some(p), Some(t)) if p > t && k > 0 => k -= 1,
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    /// The keyframe nearest `target` (approximate mode); falls back to the
+    /// exact frame when the container has no index.
+    fn nearest_keyframe(&mut self, target: i64) -> Result<Option<Slot>, Reject> {
+        if self.keyframes.is_empty() {
+            return self.exact(target);
+        }
+        let at = |k: &Keyframe| k.pts.unwrap_or(k.dts);
+        let i = self.keyframes.partition_point(|k| at(k) <= target);
+        let key = match (i.checked_sub(1), (i < self.keyframes.len()).then_some(i)) {
+            (Some(b), Some(a))
+                if at(&self.keyframes[a]) - target < target - at(&self.keyframes[b]) =>
+            {
+                a
+            }
+            (Some(b), _) => b,
+            (None, Some(a)) => a,
+            (None, None) => unreachable!("keyframes is not empty"),
+        };
+        self.seek_keyframe(key, None)?;
+        self.held = self.pending.take();
+        Ok(self.held.is_some().then_some(Slot::Held))
+    }
+
+    fn seek_to(&mut self, ts: i64) -> Result<(), Reject> {
+        // `Input::seek` takes AV_TIME_BASE units; round up so that a target
+        // exactly on a keyframe does not land on the one before.
+        let us = ((ts as f64) * self.time_base * f64::from(ff::ffi::AV_TIME_BASE)).ceil() as i64;
+        self.input.seek(us, ..us).map_err(|e| {
+            (
+                QuarantineReason::CorruptMedia,
+                format!("seek to {:.3} s failed: {e}", ts as f64 * self.time_base),
+            )
+        })?;
+        self.decoder.flush();
+        self.pending = None;
+        self.held = None;
+        self.position = None;
+        self.eof = false;
+        Ok(())
+    }
+
+    /// The next decoded frame in presentation order; `None` at the end.
+    /// Corrupt packets are skipped: what decodes around them is kept.
+    fn next_frame(&mut self) -> Result<Option<ff::frame::Video>, Reject> {
+        let mut frame = ff::frame::Video::empty();
+        let mut errors = 0;
+        loop {
+            match self.decoder.receive_frame(&mut frame) {
+                Ok(()) => {
+                    self.decoded += 1;
+                    self.position = stamp(&frame).or(self.position);
+                    return Ok(Some(frame));
+                }
+                Err(ff::Error::Eof) => return Ok(None),
+                Err(ff::Error::Other { errno }) if errno == ff::error::EAGAIN => {}
+                Err(_) => {}
+            }
+            if self.eof {
+                return Ok(None);
+            }
+            let mut packet = ff::Packet::empty();
+            match packet.read(&mut self.input) {
+                Ok(()) => {
+                    errors = 0;
+                    if packet.stream() == self.stream
+                        && let Err(e) = self.decoder.send_packet(&packet)
+                        && !matches!(e, ff::Error::Other { errno } if errno == ff::error::EAGAIN)
+                    {
+                        // Undecodable data: skip the packet.
+                    }
+                }
+                Err(ff::Error::Eof) => {
+                    self.eof = true;
+                    let _ = self.decoder.send_eof();
+                }
+                Err(_) => {
+                    errors += 1;
+                    if errors > 64 {
+                        self.eof = true;
+                        let _ = self.decoder.send_eof();
+                    }
+                }
+            }
+        }
+    }
+
+    fn to_rgb(&mut self, frame: &ff::frame::Video, ts: i64) -> Result<Frame, Reject> {
+        let (fmt, w, h) = (frame.format(), frame.width(), frame.height());
+        let fail = |e: ff::Error| {
+            (
+                QuarantineReason::CorruptMedia,
+                format!("pixel format {fmt:?} ({w}x{h}) to RGB: {e}"),
+            )
+        };
+        if self
+            .scaler
+            .as_ref()
+            .is_none_or(|(f, sw, sh, _)| (*f, *sw, *sh) != (fmt, w, h))
+        {
+            let ctx = scaling::Context::get(
+                fmt,
+                w,
+                h,
+                Pixel::RGB24,
+                w,
+                h,
+                scaling::Flags::BILINEAR
+                    | scaling::Flags::ACCURATE_RND
+                    | scaling::Flags::FULL_CHR_H_INT,
+            )
+            .map_err(fail)?;
+            self.scaler = Some((fmt, w, h, ctx));
+        }
+        let mut rgb = ff::frame::Video::empty();
+        let (.., scaler) = self.scaler.as_mut().expect("set above");
+        scaler.run(frame, &mut rgb).map_err(fail)?;
+        let stride = rgb.stride(0);
+        let data = rgb.data(0);
+        let mut packed = Vec::with_capacity((w * h * 3) as usize);
+        for row in data.chunks(stride).take(h as usize) {
+            packed.extend_from_slice(&row[..(w * 3) as usize]);
+        }
+        let (packed, width, height) = rotate(packed, w, h, self.rotation);
+        let timestamp_ms = self.millis(ts);
+        let index = (timestamp_ms as f64 / 1000.0 * self.fps).round().max(0.0) as u32;
+        Ok(Frame {
+            rgb: packed,
+            width,
+            height,
+            index,
+            timestamp_ms,
+        })
+    }
+}
+
+/// Clockwise degrees to turn the stored frames to display them, from the
+/// stream's display matrix (as FFmpeg's `autorotate` does), or from a legacy
+/// `rotate` tag.
+fn rotation_of(stream: &ff::format::stream::Stream) -> u32 {
+    use ff::codec::packet::side_data::Type;
+    for side in stream.side_data() {
+        if side.kind() == Type::DisplayMatrix && side.data().len() >= 36 {
+            let m: Vec<f64> = side
+                .data()
+                .chunks_exact(4)
+                .take(9)
+                .map(|c| f64::from(i32::from_ne_bytes(c.try_into().expect("4 bytes"))) / 65536.0)
+                .collect();
+            // av_display_rotation_get: counterclockwise degrees.
+            let sx = m[0].hypot(m[3]);
+            let sy = m[1].hypot(m[4]);
+            if sx == 0.0 || sy == 0.0 {
+                return 0;
+            }
+            let ccw = -(m[1] / sy).atan2(m[0] / sx).to_degrees();
+            return normalize_rotation(-ccw);
+        }
+    }
+    stream
+        .metadata()
+        .get("rotate")
+        .and_then(|r| r.parse::<f64>().ok())
+        .map(normalize_rotation)
+        .unwrap_or(0)
+}
+
+/// The container's seek index, read through FFmpeg's C API (ffmpeg-next does
+/// not wrap it).
+#[allow(unsafe_code)]
+mod index {
+    use super::ff;
+
+    /// Keyframe timestamps of `stream` (decode times), ascending; empty when the container
+    /// keeps no index (the sampler then decodes forward).
+    pub fn keyframes(stream: &ff::format::stream::Stream) -> Vec<i64> {
+        let mut out = Vec::new();
+        // SAFETY: `stream` borrows a live AVStream of an open input; the
+        // index entries are owned by it and read before it can change.
+        unsafe {
+            let st = stream.as_ptr() as *mut ff::ffi::AVStream;
+            let n = ff::ffi::avformat_index_get_entries_count(st);
+            for i in 0..n {
+                let e = ff::ffi::avformat_index_get_entry(st, i);
+                if !e.is_null() && ((*e).flags() & ff::ffi::AVINDEX_KEYFRAME as i32) != 0 {
+                    out.push((*e).timestamp);
+                }
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+}
