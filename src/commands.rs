@@ -98,11 +98,21 @@ fn mix(args: MixArgs) -> Result<ExitCode> {
 }
 
 fn stream(args: StreamArgs) -> Result<ExitCode> {
+    let started = Instant::now();
     let mix = Mix::open(&args.mix)?;
+    let opened = started.elapsed();
     let loader = Loader::new(mix, args.rank, args.world_size)?;
     let mut text = String::new();
+    let (mut first, mut batches, mut tokens) = (None, 0u64, 0u64);
     for batch in loader.stream(args.from_step, args.steps, 2) {
         let batch = batch?;
+        first.get_or_insert_with(|| started.elapsed());
+        batches += 1;
+        tokens += batch
+            .packs
+            .iter()
+            .map(|p| p.input_ids.len() as u64)
+            .sum::<u64>();
         if args.json {
             let packs: Vec<_> = batch
                 .packs
@@ -124,6 +134,13 @@ fn stream(args: StreamArgs) -> Result<ExitCode> {
         }
     }
     out(&text)?;
+    let secs = started.elapsed().as_secs_f64();
+    log(&format!(
+        "{batches} batches, {tokens} tokens in {secs:.3} s ({:.1} M tokens/s); mix opened in {:.1} ms, first batch after {:.1} ms",
+        tokens as f64 / secs / 1e6,
+        opened.as_secs_f64() * 1e3,
+        first.unwrap_or_default().as_secs_f64() * 1e3,
+    ));
     Ok(ExitCode::SUCCESS)
 }
 

@@ -17,13 +17,10 @@ use arrow::datatypes::{UInt8Type, UInt32Type, UInt64Type};
 use arrow::ipc::convert::fb_to_schema;
 use arrow::ipc::reader::{FileDecoder, read_footer_length};
 use arrow::ipc::root_as_footer;
-use rand::SeedableRng;
-use rand::rngs::SmallRng;
-use rand::seq::SliceRandom;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::mix::{MixMeta, read_ipc};
+use crate::mix::MixMeta;
 use crate::{Error, Result};
 
 /// Where a loader is: a few integers that go into checkpoints.
@@ -68,11 +65,61 @@ pub struct Batch {
 /// A memory-mapped mix.
 pub struct Mix {
     pub meta: MixMeta,
-    batches: Vec<RecordBatch>,
-    /// Row offset of each IPC batch, for row -> (batch, row) lookups.
-    batch_starts: Vec<u64>,
-    first_row: Vec<u64>,
-    num_samples: Vec<u32>,
+    samples: MappedIpc,
+    packs: MappedIpc,
+    permutation: Permutation,
+}
+
+/// A seeded bijection of [0, n) per epoch: a four-round Feistel network
+/// over the next even power of two, cycle-walked back into range. Any
+/// position maps to its pack in O(1) without building the order.
+struct Permutation {
+    n: u64,
+    half_bits: u32,
+    key: u64,
+}
+
+impl Permutation {
+    fn new(n: u64, key: u64) -> Self {
+        let bits = (64 - n.saturating_sub(1).leading_zeros()).max(2);
+        Permutation {
+            n,
+            half_bits: bits.div_ceil(2),
+            key,
+        }
+    }
+
+    fn apply(&self, epoch: u64, position: u64) -> u64 {
+        debug_assert!(position < self.n);
+        let mask = (1u64 << self.half_bits) - 1;
+        let round_keys: [u64; 4] = std::array::from_fn(|i| {
+            splitmix(
+                self.key
+                    ^ splitmix(
+                        epoch.wrapping_add(0x9E37_79B9_7F4A_7C15_u64.wrapping_mul(i as u64 + 1)),
+                    ),
+            )
+        });
+        let mut x = position;
+        loop {
+            let (mut l, mut r) = (x >> self.half_bits, x & mask);
+            for k in round_keys {
+                (l, r) = (r, l ^ (splitmix(r ^ k) & mask));
+            }
+            x = (l << self.half_bits) | r;
+            // The domain is under 4n: a few steps at most on average.
+            if x < self.n {
+                return x;
+            }
+        }
+    }
+}
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 impl Mix {
@@ -87,19 +134,17 @@ impl Mix {
                 }
             })?;
         let samples_path = dir.join("samples.arrow");
-        let batches = mmap_ipc(&samples_path)?;
+        let samples = MappedIpc::open(&samples_path)?;
         // `pack` reads columns by position; a file of another layout (an
         // older lvpipe) is refused here instead of being misread there.
         let expected = crate::mix::samples_schema();
-        if let Some(b) = batches
-            .iter()
-            .find(|b| b.schema().fields() != expected.fields())
-        {
+        if samples.schema.fields() != expected.fields() {
             return Err(Error::Shards {
                 path: samples_path,
                 message: format!(
                     "columns {:?} are not the layout this lvpipe writes; rerun `lvpipe mix`",
-                    b.schema()
+                    samples
+                        .schema
                         .fields()
                         .iter()
                         .map(|f| f.name().as_str())
@@ -107,37 +152,26 @@ impl Mix {
                 ),
             });
         }
-        let mut batch_starts = Vec::with_capacity(batches.len());
-        let mut total = 0u64;
-        for b in &batches {
-            batch_starts.push(total);
-            total += b.num_rows() as u64;
+        let packs = MappedIpc::open(&dir.join("packs.arrow"))?;
+        for name in ["pack_id", "first_row", "num_samples"] {
+            if packs.schema.index_of(name).is_err() {
+                return Err(Error::Shards {
+                    path: packs.path.clone(),
+                    message: format!("no `{name}` column; rerun `lvpipe mix`"),
+                });
+            }
         }
-        let mut first_row = Vec::new();
-        let mut num_samples = Vec::new();
-        for b in read_ipc(&dir.join("packs.arrow"))? {
-            let first = b
-                .column_by_name("first_row")
-                .expect("packs schema")
-                .as_primitive::<UInt64Type>();
-            let count = b
-                .column_by_name("num_samples")
-                .expect("packs schema")
-                .as_primitive::<UInt32Type>();
-            first_row.extend(first.values().iter().copied());
-            num_samples.extend(count.values().iter().copied());
-        }
+        let key = meta.seed;
         Ok(Arc::new(Mix {
             meta,
-            batches,
-            batch_starts,
-            first_row,
-            num_samples,
+            samples,
+            permutation: Permutation::new(packs.rows, key),
+            packs,
         }))
     }
 
     pub fn num_packs(&self) -> usize {
-        self.first_row.len()
+        self.packs.rows as usize
     }
 
     /// Full global batches per epoch (a last partial batch is left out).
@@ -145,21 +179,54 @@ impl Mix {
         self.num_packs() as u64 / u64::from(self.meta.global_batch.max(1))
     }
 
-    /// The pack order of an epoch.
+    /// The pack at `position` of epoch `epoch`'s order: O(1), nothing is
+    /// materialized, so the first batch of a mix of a million packs comes as
+    /// fast as of a thousand.
+    pub fn pack_at(&self, epoch: u64, position: u64) -> u32 {
+        self.permutation.apply(epoch, position) as u32
+    }
+
+    /// The whole pack order of an epoch (O(packs); for inspection and tests).
     pub fn epoch_order(&self, epoch: u64) -> Vec<u32> {
-        let mut order: Vec<u32> = (0..self.num_packs() as u32).collect();
-        let mut rng =
-            SmallRng::seed_from_u64(self.meta.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        order.shuffle(&mut rng);
-        order
+        (0..self.num_packs() as u64)
+            .map(|i| self.pack_at(epoch, i))
+            .collect()
+    }
+
+    /// Where pack `pack_id`'s samples are: (first row, count).
+    fn pack_rows(&self, pack_id: u32) -> Result<(u64, u32)> {
+        let (batch, r) = self.packs.row(u64::from(pack_id))?;
+        let column = |name: &str| batch.column_by_name(name).expect("checked at open");
+        let id = column("pack_id").as_primitive::<UInt32Type>().value(r);
+        if id != pack_id {
+            return Err(Error::Shards {
+                path: self.packs.path.clone(),
+                message: format!("row {pack_id} holds pack {id}: packs must be in pack_id order"),
+            });
+        }
+        Ok((
+            column("first_row").as_primitive::<UInt64Type>().value(r),
+            column("num_samples").as_primitive::<UInt32Type>().value(r),
+        ))
     }
 
     /// Assembles one pack from the mapped rows, media decoded.
     pub fn pack(&self, pack_id: u32) -> Result<PackData> {
-        let first = self.first_row[pack_id as usize];
+        let (mut data, media) = self.assemble(pack_id)?;
+        for m in &media {
+            data.pixels
+                .extend(m.decode(self.meta.image_size, &data.sample_ids)?);
+        }
+        Ok(data)
+    }
+
+    /// One pack's tokens, copied from the mapped rows, and its media still
+    /// encoded (decoded by the caller, in parallel across a batch).
+    fn assemble(&self, pack_id: u32) -> Result<(PackData, Vec<EncodedMedia>)> {
+        let (first, count) = self.pack_rows(pack_id)?;
         let mut data = PackData {
             pack_id,
-            sample_ids: Vec::new(),
+            sample_ids: Vec::with_capacity(count as usize),
             input_ids: Vec::new(),
             loss_mask: Vec::new(),
             position_ids: Vec::new(),
@@ -168,11 +235,9 @@ impl Mix {
             num_media: 0,
             pixels: Vec::new(),
         };
-        let size = self.meta.image_size;
-        for row in first..first + u64::from(self.num_samples[pack_id as usize]) {
-            let b = self.batch_starts.partition_point(|&s| s <= row) - 1;
-            let batch = &self.batches[b];
-            let r = (row - self.batch_starts[b]) as usize;
+        let mut media = Vec::new();
+        for row in first..first + u64::from(count) {
+            let (batch, r) = self.samples.row(row)?;
             let ids = batch.column(6).as_list::<i32>().value(r);
             let ids = ids.as_primitive::<UInt32Type>().values();
             let mask = batch.column(7).as_list::<i32>().value(r);
@@ -188,17 +253,35 @@ impl Mix {
             }
             data.position_ids.extend(0..ids.len() as u32);
             data.boundaries.push(data.input_ids.len() as u32);
-            let media = batch.column(8).as_list::<i32>().value(r);
-            for bytes in media.as_binary::<i32>().iter().flatten() {
-                data.pixels.extend(decode_pixels(
-                    bytes,
-                    size,
-                    &data.sample_ids[data.sample_ids.len() - 1],
-                )?);
-                data.num_media += 1;
+            let items = batch.column(8).as_list::<i32>().value(r);
+            for index in 0..items.len() {
+                media.push(EncodedMedia {
+                    items: items.clone(),
+                    index,
+                    sample: data.sample_ids.len() - 1,
+                });
             }
+            data.num_media += items.len() as u32;
         }
-        Ok(data)
+        Ok((data, media))
+    }
+}
+
+/// An image or frame of a pack, still JPEG, in the mapped file.
+struct EncodedMedia {
+    items: arrow::array::ArrayRef,
+    index: usize,
+    /// Which sample of the pack it belongs to (for error messages).
+    sample: usize,
+}
+
+impl EncodedMedia {
+    fn decode(&self, size: u32, sample_ids: &[String]) -> Result<Vec<f32>> {
+        decode_pixels(
+            self.items.as_binary::<i32>().value(self.index),
+            size,
+            &sample_ids[self.sample],
+        )
     }
 }
 
@@ -223,37 +306,112 @@ fn decode_pixels(bytes: &[u8], size: u32, sample_id: &str) -> Result<Vec<f32>> {
     Ok(out)
 }
 
-/// Decodes an IPC file's batches over a memory map, without copying buffers.
-fn mmap_ipc(path: &Path) -> Result<Vec<RecordBatch>> {
-    let file = fs_err::File::open(path)?;
-    // SAFETY: the file is opened read-only and mixes are written once, by
-    // rename; a process that rewrites a mix under a running loader would
-    // break this, as it would any memory-mapped reader.
-    #[allow(unsafe_code)]
-    let map = unsafe { memmap2::Mmap::map(file.file())? };
-    let buffer = Buffer::from(bytes::Bytes::from_owner(map));
-    let bad = |m: String| Error::Shards {
-        path: path.to_path_buf(),
-        message: m,
-    };
-    if buffer.len() < 10 {
-        return Err(bad("not an Arrow IPC file".into()));
-    }
-    let trailer = buffer.len() - 10;
-    let footer_len = read_footer_length(buffer[trailer..].try_into().expect("10 bytes"))?;
-    let footer =
-        root_as_footer(&buffer[trailer - footer_len..trailer]).map_err(|e| bad(e.to_string()))?;
-    let schema = fb_to_schema(footer.schema().ok_or_else(|| bad("no schema".into()))?);
-    let decoder = FileDecoder::new(Arc::new(schema), footer.version());
-    let mut batches = Vec::new();
-    for block in footer.recordBatches().iter().flatten() {
-        let len = block.bodyLength() as usize + block.metaDataLength() as usize;
-        let data = buffer.slice_with_length(block.offset() as usize, len);
-        if let Some(batch) = decoder.read_record_batch(block, &data)? {
-            batches.push(batch);
+/// An Arrow IPC file over a memory map. Opening reads the footer and each
+/// batch's message header (its row count), not the data: a batch is decoded,
+/// without copying its buffers, the first time one of its rows is read. The
+/// first batch of a mix of a million samples is as quick as of a thousand.
+struct MappedIpc {
+    path: std::path::PathBuf,
+    buffer: Buffer,
+    schema: arrow::datatypes::SchemaRef,
+    decoder: FileDecoder,
+    blocks: Vec<arrow::ipc::Block>,
+    /// Row offset of each batch, for row -> (batch, row) lookups.
+    starts: Vec<u64>,
+    rows: u64,
+    batches: Vec<std::sync::OnceLock<RecordBatch>>,
+}
+
+impl MappedIpc {
+    fn open(path: &Path) -> Result<Self> {
+        let file = fs_err::File::open(path)?;
+        // SAFETY: the file is opened read-only and mixes are written once, by
+        // rename; a process that rewrites a mix under a running loader would
+        // break this, as it would any memory-mapped reader.
+        #[allow(unsafe_code)]
+        let map = unsafe { memmap2::Mmap::map(file.file())? };
+        let buffer = Buffer::from(bytes::Bytes::from_owner(map));
+        let bad = |m: String| Error::Shards {
+            path: path.to_path_buf(),
+            message: m,
+        };
+        if buffer.len() < 10 {
+            return Err(bad("not an Arrow IPC file".into()));
         }
+        let trailer = buffer.len() - 10;
+        let footer_len = read_footer_length(buffer[trailer..].try_into().expect("10 bytes"))?;
+        let footer = root_as_footer(&buffer[trailer - footer_len..trailer])
+            .map_err(|e| bad(e.to_string()))?;
+        let schema = Arc::new(fb_to_schema(
+            footer.schema().ok_or_else(|| bad("no schema".into()))?,
+        ));
+        let decoder = FileDecoder::new(schema.clone(), footer.version());
+        let blocks: Vec<arrow::ipc::Block> =
+            footer.recordBatches().iter().flatten().copied().collect();
+        let mut starts = Vec::with_capacity(blocks.len());
+        let mut total = 0u64;
+        for block in &blocks {
+            starts.push(total);
+            total += message_rows(&buffer, block).ok_or_else(|| {
+                bad(format!(
+                    "batch at byte {} has no record batch header",
+                    block.offset()
+                ))
+            })?;
+        }
+        Ok(MappedIpc {
+            path: path.to_path_buf(),
+            batches: blocks.iter().map(|_| std::sync::OnceLock::new()).collect(),
+            buffer,
+            schema,
+            decoder,
+            blocks,
+            starts,
+            rows: total,
+        })
     }
-    Ok(batches)
+
+    /// The batch holding global row `row`, and the row within it.
+    fn row(&self, row: u64) -> Result<(&RecordBatch, usize)> {
+        if row >= self.rows {
+            return Err(Error::Shards {
+                path: self.path.clone(),
+                message: format!("row {row} of {}", self.rows),
+            });
+        }
+        let b = self.starts.partition_point(|&s| s <= row) - 1;
+        let r = (row - self.starts[b]) as usize;
+        if let Some(batch) = self.batches[b].get() {
+            return Ok((batch, r));
+        }
+        let block = &self.blocks[b];
+        let len = block.bodyLength() as usize + block.metaDataLength() as usize;
+        let data = self.buffer.slice_with_length(block.offset() as usize, len);
+        let batch = self
+            .decoder
+            .read_record_batch(block, &data)?
+            .ok_or_else(|| Error::Shards {
+                path: self.path.clone(),
+                message: format!("batch {b} is empty"),
+            })?;
+        Ok((self.batches[b].get_or_init(|| batch), r))
+    }
+}
+
+/// Rows of the record batch message at `block`, read from its header.
+fn message_rows(buffer: &Buffer, block: &arrow::ipc::Block) -> Option<u64> {
+    let start = block.offset() as usize;
+    let meta = buffer.get(start..start + block.metaDataLength() as usize)?;
+    // Encapsulated messages start with 0xFFFFFFFF and the flatbuffer's size
+    // (older writers omit the marker).
+    let (size_at, body) = if meta.get(..4)? == [0xFF; 4] {
+        (4, 8)
+    } else {
+        (0, 4)
+    };
+    let size = i32::from_le_bytes(meta.get(size_at..size_at + 4)?.try_into().ok()?) as usize;
+    let message = arrow::ipc::root_as_message(meta.get(body..body + size)?).ok()?;
+    Some(message.header_as_record_batch()?.length() as u64)
 }
 
 /// Batches for one rank of a data-parallel job.
@@ -293,20 +451,42 @@ impl Loader {
     pub fn batch(&self, step: u64) -> Result<Batch> {
         let spe = self.mix.steps_per_epoch();
         let (epoch, local) = (step / spe, step % spe);
-        let order = self.mix.epoch_order(epoch);
-        self.batch_in(&order, step, epoch, local)
-    }
-
-    fn batch_in(&self, order: &[u32], step: u64, epoch: u64, local: u64) -> Result<Batch> {
         let g = u64::from(self.mix.meta.global_batch);
         let per_rank = g / u64::from(self.world_size);
-        let start = (local * g + u64::from(self.rank) * per_rank) as usize;
+        let start = local * g + u64::from(self.rank) * per_rank;
         // Packs are assembled (and their media decoded) in parallel; on the
         // stream's worker thread this overlaps with the consumer's step.
-        let packs = order[start..start + per_rank as usize]
+        // Tokens are copied in parallel when the batch is big enough to pay
+        // for waking the pool (a single core does not saturate memory
+        // bandwidth), pack by pack otherwise; the media of the whole batch
+        // then decode in parallel.
+        let assemble = |i: u64| self.mix.assemble(self.mix.pack_at(epoch, i));
+        let parts = if per_rank * u64::from(self.mix.meta.context) >= 1 << 16 {
+            (start..start + per_rank)
+                .into_par_iter()
+                .map(assemble)
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            (start..start + per_rank)
+                .map(assemble)
+                .collect::<Result<Vec<_>>>()?
+        };
+        let jobs: Vec<(usize, &EncodedMedia)> = parts
+            .iter()
+            .enumerate()
+            .flat_map(|(p, (_, media))| media.iter().map(move |m| (p, m)))
+            .collect();
+        let size = self.mix.meta.image_size;
+        let pixels = jobs
             .par_iter()
-            .map(|&p| self.mix.pack(p))
+            .map(|(p, m)| m.decode(size, &parts[*p].0.sample_ids))
             .collect::<Result<Vec<_>>>()?;
+        let owners: Vec<usize> = jobs.iter().map(|(p, _)| *p).collect();
+        drop(jobs);
+        let mut packs: Vec<PackData> = parts.into_iter().map(|(data, _)| data).collect();
+        for (p, px) in owners.into_iter().zip(pixels) {
+            packs[p].pixels.extend(px);
+        }
         Ok(Batch {
             step,
             epoch,
@@ -325,15 +505,8 @@ impl Loader {
     ) -> crossbeam_channel::Receiver<Result<Batch>> {
         let (tx, rx) = crossbeam_channel::bounded(prefetch.max(1));
         std::thread::spawn(move || {
-            let spe = self.mix.steps_per_epoch();
-            let mut cached: Option<(u64, Vec<u32>)> = None;
             for step in from_step..from_step.saturating_add(steps) {
-                let (epoch, local) = (step / spe, step % spe);
-                if cached.as_ref().is_none_or(|(e, _)| *e != epoch) {
-                    cached = Some((epoch, self.mix.epoch_order(epoch)));
-                }
-                let order = &cached.as_ref().expect("set above").1;
-                let batch = self.batch_in(order, step, epoch, local);
+                let batch = self.batch(step);
                 let failed = batch.is_err();
                 if tx.send(batch).is_err() || failed {
                     return;
@@ -341,5 +514,29 @@ impl Loader {
             }
         });
         rx
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permutations_are_bijections_that_change_per_epoch() {
+        for n in [1u64, 2, 3, 7, 1000, 1025, 4096] {
+            let p = Permutation::new(n, 42);
+            let mut seen: Vec<u64> = (0..n).map(|i| p.apply(0, i)).collect();
+            let first = seen.clone();
+            seen.sort_unstable();
+            assert_eq!(seen, (0..n).collect::<Vec<_>>(), "n = {n}");
+            if n >= 7 {
+                let other: Vec<u64> = (0..n).map(|i| p.apply(1, i)).collect();
+                assert_ne!(first, other, "epochs 0 and 1 of n = {n}");
+                let seeded: Vec<u64> = (0..n)
+                    .map(|i| Permutation::new(n, 43).apply(0, i))
+                    .collect();
+                assert_ne!(first, seeded, "seeds 42 and 43 of n = {n}");
+            }
+        }
     }
 }

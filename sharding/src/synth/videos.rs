@@ -174,7 +174,8 @@ pub(super) fn write(out: &Path, sizes: &VideoSizes, rng: &mut SmallRng) -> Resul
         let frames = (0..total).map(|f| {
             let mut img = image::RgbImage::from_pixel(lw, lh, image::Rgb([40, 40, 40]));
             // A small grey dot wanders so that no two seconds look alike.
-            let phase = f as f32 / total as f32 * std::f32::consts::TAU * 3.0;
+            // Each video's dot starts elsewhere: no two videos are the same.
+            let phase = f as f32 / total as f32 * std::f32::consts::TAU * 3.0 + i as f32 * 0.9;
             let (dx, dy) = (
                 lw as f32 * (0.5 + 0.4 * phase.cos()),
                 lh as f32 * (0.5 + 0.4 * phase.sin()),

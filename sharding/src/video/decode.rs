@@ -89,6 +89,14 @@ struct Sampler {
     held: Option<ff::frame::Video>,
     /// A decoded frame past the current target, kept for the next one.
     pending: Option<ff::frame::Video>,
+    /// Decode time of the first packet read after the last seek: the
+    /// keyframe the demuxer landed on.
+    landed: Option<i64>,
+    /// The target being decoded towards (exact mode), and the latest
+    /// presentation time at or before it among the packets sent since the
+    /// last seek: together they tell which frames need no decoding.
+    goal: Option<i64>,
+    max_sent: Option<i64>,
     /// Timestamp of the newest decoded frame; `None` before the first.
     position: Option<i64>,
     eof: bool,
@@ -188,6 +196,9 @@ impl Sampler {
             held: None,
             pending: None,
             position: None,
+            landed: None,
+            goal: None,
+            max_sent: None,
             eof: false,
             decoded: 0,
         })
@@ -220,7 +231,7 @@ impl Sampler {
             let converted = if repeated {
                 None
             } else {
-                Some(self.to_rgb(&frame, ts))
+                Some(self.convert(&frame, ts))
             };
             match slot {
                 Slot::Held => self.held = Some(frame),
@@ -295,11 +306,9 @@ impl Sampler {
             (None, Some(pos)) => (target - pos) as f64 * self.time_base > 10.0,
             (None, None) => false,
         };
+        self.goal = Some(target);
         if seek {
-            match key {
-                Some(k) => self.seek_keyframe(k, Some(target))?,
-                None => self.seek_to(target)?,
-            }
+            self.seek_before(target)?;
         }
         loop {
             let frame = match self.pending.take() {
@@ -322,19 +331,35 @@ impl Sampler {
         }
     }
 
-    /// Seeks to keyframe `k` and decodes its first frame into `pending`,
-    /// learning the keyframe's presentation time. When that is after
-    /// `target`, steps back one keyframe (at most once per keyframe: what
-    /// was learned is kept).
-    fn seek_keyframe(&mut self, mut k: usize, target: Option<i64>) -> Result<(), Reject> {
+    /// Seeks to the keyframe shown at or before `target` and decodes its
+    /// first frame into `pending`. Demuxers seek by presentation time, but
+    /// only approximately (MP4 shifts the target by the stream's B-frame
+    /// delay, and a keyframe can be shown later than that): when the frame
+    /// comes out after the target, step back one keyframe. What is learned
+    /// about keyframes' presentation times is kept for later decisions.
+    fn seek_before(&mut self, target: i64) -> Result<(), Reject> {
+        let mut ts = target;
+        let mut previous_landing = None;
         loop {
-            self.seek_to(self.keyframes[k].dts)?;
+            self.seek_to(ts)?;
             let first = self.next_frame()?;
             let pts = first.as_ref().and_then(stamp);
-            self.keyframes[k].pts = pts.or(Some(self.keyframes[k].dts));
+            let landed = self.landed;
             self.pending = first;
-            match (pts, target) {
-                (Some(p), Some(t)) if p > t && k > 0 => k -= 1,
+            if let (Some(p), Some(d)) = (pts, landed)
+                && let Some(k) = self.keyframes.iter_mut().find(|k| k.dts == d)
+            {
+                k.pts = Some(p);
+            }
+            match (pts, landed) {
+                (Some(p), Some(d))
+                    if p > target
+                        && previous_landing.is_none_or(|prev| d < prev)
+                        && self.keyframes.first().is_some_and(|k| k.dts < d) =>
+                {
+                    previous_landing = Some(d);
+                    ts = d - 1;
+                }
                 _ => return Ok(()),
             }
         }
@@ -346,19 +371,22 @@ impl Sampler {
         if self.keyframes.is_empty() {
             return self.exact(target);
         }
-        let at = |k: &Keyframe| k.pts.unwrap_or(k.dts);
-        let i = self.keyframes.partition_point(|k| at(k) <= target);
-        let key = match (i.checked_sub(1), (i < self.keyframes.len()).then_some(i)) {
-            (Some(b), Some(a))
-                if at(&self.keyframes[a]) - target < target - at(&self.keyframes[b]) =>
-            {
-                a
+        self.seek_before(target)?;
+        let before = self.pending.as_ref().and_then(stamp);
+        if let (Some(p), Some(d)) = (before, self.landed) {
+            // The next keyframe, shown about as much after its decode time
+            // as this one.
+            let next = self.keyframes.iter().find(|k| k.dts > d).copied();
+            if let Some(next) = next {
+                let at = next.pts.unwrap_or(next.dts + (p - d));
+                if at - target < target - p {
+                    self.seek_to(at)?;
+                    if let Some(f) = self.next_frame()? {
+                        self.pending = Some(f);
+                    }
+                }
             }
-            (Some(b), _) => b,
-            (None, Some(a)) => a,
-            (None, None) => unreachable!("keyframes is not empty"),
-        };
-        self.seek_keyframe(key, None)?;
+        }
         self.held = self.pending.take();
         Ok(self.held.is_some().then_some(Slot::Held))
     }
@@ -374,6 +402,8 @@ impl Sampler {
             )
         })?;
         self.decoder.flush();
+        self.landed = None;
+        self.max_sent = None;
         self.pending = None;
         self.held = None;
         self.position = None;
@@ -404,11 +434,11 @@ impl Sampler {
             match packet.read(&mut self.input) {
                 Ok(()) => {
                     errors = 0;
-                    if packet.stream() == self.stream
-                        && let Err(e) = self.decoder.send_packet(&packet)
-                        && !matches!(e, ff::Error::Other { errno } if errno == ff::error::EAGAIN)
-                    {
-                        // Undecodable data: skip the packet.
+                    if packet.stream() == self.stream {
+                        if self.landed.is_none() {
+                            self.landed = packet.dts();
+                        }
+                        self.send(&packet);
                     }
                 }
                 Err(ff::Error::Eof) => {
@@ -426,7 +456,32 @@ impl Sampler {
         }
     }
 
-    fn to_rgb(&mut self, frame: &ff::frame::Video, ts: i64) -> Result<Frame, Reject> {
+    /// Sends a packet to the decoder. A frame that cannot be the answer
+    /// (a frame shown later but still at or before the target was already
+    /// sent) is not decoded when nothing refers to it: skipping
+    /// non-reference B-frames halves the work of decoding up to a target,
+    /// and the reference frames that are kept decode exactly as before.
+    fn send(&mut self, packet: &ff::Packet) {
+        let pts = packet.pts();
+        let skip = match (self.goal, pts, self.max_sent) {
+            (Some(goal), Some(p), Some(max)) => p < max && max <= goal,
+            _ => false,
+        };
+        self.decoder.skip_frame(if skip {
+            ff::Discard::NonReference
+        } else {
+            ff::Discard::Default
+        });
+        // Undecodable data is skipped: what decodes around it is kept.
+        let _ = self.decoder.send_packet(packet);
+        if let (Some(goal), Some(p)) = (self.goal, pts)
+            && p <= goal
+        {
+            self.max_sent = Some(self.max_sent.map_or(p, |m| m.max(p)));
+        }
+    }
+
+    fn convert(&mut self, frame: &ff::frame::Video, ts: i64) -> Result<Frame, Reject> {
         let (fmt, w, h) = (frame.format(), frame.width(), frame.height());
         let fail = |e: ff::Error| {
             (
@@ -523,7 +578,7 @@ mod index {
             let n = ff::ffi::avformat_index_get_entries_count(st);
             for i in 0..n {
                 let e = ff::ffi::avformat_index_get_entry(st, i);
-                if !e.is_null() && ((*e).flags() & ff::ffi::AVINDEX_KEYFRAME as i32) != 0 {
+                if !e.is_null() && ((*e).flags() & ff::ffi::AVINDEX_KEYFRAME) != 0 {
                     out.push((*e).timestamp);
                 }
             }
