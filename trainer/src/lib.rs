@@ -10,6 +10,8 @@
 //! assert_eq!(lvpipe_trainer::tokens_per_media(27 * 27), 196);
 //! ```
 
+pub mod model;
+
 /// Tokens the `mlp_downsample` projector makes of `patches` vision patches:
 /// 2x2 neighbours are concatenated (odd grids padded to even), so a
 /// `sqrt(P) x sqrt(P)` grid becomes `ceil(sqrt(P)/2)^2` tokens.

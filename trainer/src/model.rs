@@ -1,0 +1,794 @@
+//! The VILA-shaped model: a SigLIP-like vision tower, VILA's `mlp_downsample`
+//! projector and a Qwen2-like decoder, built from plain tensor ops so that
+//! every layer has gradients on every backend.
+//!
+//! Parameters live in a [`VarMap`] under Hugging Face names
+//! (`vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight`,
+//! `mm_projector.layers.1.weight`, `llm.model.layers.0.mlp.gate_proj.weight`,
+//! ...) so that a checkpoint is a plain safetensors file and real SigLIP and
+//! Qwen2 weights can be mapped in later.
+//!
+//! A packed row holds several samples: position ids restart at each sample
+//! and attention is causal within a sample only (a block-diagonal mask).
+//! Each `<image>` placeholder is replaced by the projector's tokens for its
+//! image, so the sequence the decoder sees is longer than the token ids.
+
+use candle_core::{D, DType, Device, IndexOp, Result, Tensor};
+use candle_nn::{Init, VarBuilder, VarMap};
+use lvpipe_pipeline::recipe::ModelConfig;
+
+/// Sizes of the model, from a recipe's `[model]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub downsample: usize,
+    pub vision_hidden: usize,
+    pub vision_layers: usize,
+    pub vision_heads: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub vocab: usize,
+    pub rope_base: f64,
+    pub eps: f64,
+    /// The `<image>` token id: placeholders to replace with media tokens.
+    pub image_token: u32,
+}
+
+impl Config {
+    pub fn from_recipe(m: &ModelConfig, image_token: u32) -> Self {
+        Config {
+            image_size: m.image_size as usize,
+            patch_size: m.patch_size as usize,
+            downsample: m.projector_downsample.max(1) as usize,
+            vision_hidden: m.vision_hidden_size as usize,
+            vision_layers: m.vision_layers as usize,
+            vision_heads: m.vision_heads as usize,
+            hidden: m.hidden_size as usize,
+            intermediate: m.intermediate_size as usize,
+            layers: m.num_layers as usize,
+            heads: m.num_heads as usize,
+            kv_heads: m.num_kv_heads as usize,
+            vocab: m.vocab_size as usize,
+            rope_base: m.rope_base,
+            eps: 1e-6,
+            image_token,
+        }
+    }
+
+    fn grid(&self) -> usize {
+        self.image_size / self.patch_size
+    }
+
+    /// LLM tokens per image: ceil(grid / downsample)^2.
+    pub fn tokens_per_media(&self) -> usize {
+        self.grid().div_ceil(self.downsample).pow(2)
+    }
+}
+
+struct Linear {
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+impl Linear {
+    fn new(vb: &VarBuilder, inp: usize, out: usize, bias: bool) -> Result<Self> {
+        let bound = 1.0 / (inp as f64).sqrt();
+        let w = vb.get_with_hints(
+            (out, inp),
+            "weight",
+            Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        )?;
+        let b = if bias {
+            Some(vb.get_with_hints(out, "bias", Init::Const(0.0))?)
+        } else {
+            None
+        };
+        Ok(Linear { w, b })
+    }
+
+    /// `x` is [.., inp].
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.broadcast_matmul(&self.w.t()?)?;
+        match &self.b {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+struct LayerNorm {
+    w: Tensor,
+    b: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn new(vb: &VarBuilder, size: usize, eps: f64) -> Result<Self> {
+        Ok(LayerNorm {
+            w: vb.get_with_hints(size, "weight", Init::Const(1.0))?,
+            b: vb.get_with_hints(size, "bias", Init::Const(0.0))?,
+            eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centred = x.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        normed.broadcast_mul(&self.w)?.broadcast_add(&self.b)
+    }
+}
+
+struct RmsNorm {
+    w: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(vb: &VarBuilder, size: usize, eps: f64) -> Result<Self> {
+        Ok(RmsNorm {
+            w: vb.get_with_hints(size, "weight", Init::Const(1.0))?,
+            eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+        x.broadcast_div(&(ms + self.eps)?.sqrt()?)?
+            .broadcast_mul(&self.w)
+    }
+}
+
+/// Softmax over the last dimension from differentiable ops.
+fn softmax(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?;
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// Pre-norm ViT block (SigLIP's encoder layer).
+struct VisionBlock {
+    ln1: LayerNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    ln2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    heads: usize,
+}
+
+impl VisionBlock {
+    fn new(vb: &VarBuilder, c: &Config) -> Result<Self> {
+        let d = c.vision_hidden;
+        let a = vb.pp("self_attn");
+        Ok(VisionBlock {
+            ln1: LayerNorm::new(&vb.pp("layer_norm1"), d, c.eps)?,
+            q: Linear::new(&a.pp("q_proj"), d, d, true)?,
+            k: Linear::new(&a.pp("k_proj"), d, d, true)?,
+            v: Linear::new(&a.pp("v_proj"), d, d, true)?,
+            o: Linear::new(&a.pp("out_proj"), d, d, true)?,
+            ln2: LayerNorm::new(&vb.pp("layer_norm2"), d, c.eps)?,
+            fc1: Linear::new(&vb.pp("mlp").pp("fc1"), d, 4 * d, true)?,
+            fc2: Linear::new(&vb.pp("mlp").pp("fc2"), 4 * d, d, true)?,
+            heads: c.vision_heads,
+        })
+    }
+
+    /// `x` is [N, P, D].
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, p, d) = x.dims3()?;
+        let dh = d / self.heads;
+        let h = self.ln1.forward(x)?;
+        let split = |t: Tensor| -> Result<Tensor> {
+            t.reshape((n, p, self.heads, dh))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = split(self.q.forward(&h)?)?;
+        let k = split(self.k.forward(&h)?)?;
+        let v = split(self.v.forward(&h)?)?;
+        let att = softmax(&(q.matmul(&k.t()?)? / (dh as f64).sqrt())?)?;
+        let y = att
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((n, p, d))?;
+        let x = (x + self.o.forward(&y)?)?;
+        let h = self.fc1.forward(&self.ln2.forward(&x)?)?.gelu()?;
+        x + self.fc2.forward(&h)?
+    }
+}
+
+/// Qwen2 decoder layer: RMSNorm, grouped-query attention with RoPE, SwiGLU.
+struct DecoderLayer {
+    ln1: RmsNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    ln2: RmsNorm,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    heads: usize,
+    kv_heads: usize,
+}
+
+impl DecoderLayer {
+    fn new(vb: &VarBuilder, c: &Config) -> Result<Self> {
+        let (h, dh) = (c.hidden, c.hidden / c.heads);
+        let a = vb.pp("self_attn");
+        let m = vb.pp("mlp");
+        Ok(DecoderLayer {
+            ln1: RmsNorm::new(&vb.pp("input_layernorm"), h, c.eps)?,
+            q: Linear::new(&a.pp("q_proj"), h, c.heads * dh, true)?,
+            k: Linear::new(&a.pp("k_proj"), h, c.kv_heads * dh, true)?,
+            v: Linear::new(&a.pp("v_proj"), h, c.kv_heads * dh, true)?,
+            o: Linear::new(&a.pp("o_proj"), c.heads * dh, h, false)?,
+            ln2: RmsNorm::new(&vb.pp("post_attention_layernorm"), h, c.eps)?,
+            gate: Linear::new(&m.pp("gate_proj"), h, c.intermediate, false)?,
+            up: Linear::new(&m.pp("up_proj"), h, c.intermediate, false)?,
+            down: Linear::new(&m.pp("down_proj"), c.intermediate, h, false)?,
+            heads: c.heads,
+            kv_heads: c.kv_heads,
+        })
+    }
+
+    /// `x` is [T, H]; `cos`/`sin` are [T, dh/2]; `mask` is [T, T] additive.
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (t, hidden) = x.dims2()?;
+        let dh = hidden / self.heads;
+        let h = self.ln1.forward(x)?;
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            y.reshape((t, n, dh))?.transpose(0, 1)?.contiguous()
+        };
+        let q = rope(&heads(self.q.forward(&h)?, self.heads)?, cos, sin)?;
+        let k = rope(&heads(self.k.forward(&h)?, self.kv_heads)?, cos, sin)?;
+        let v = heads(self.v.forward(&h)?, self.kv_heads)?;
+        // Grouped-query attention: each KV head serves heads / kv_heads queries.
+        let group = self.heads / self.kv_heads;
+        let repeat = |y: Tensor| -> Result<Tensor> {
+            if group == 1 {
+                return Ok(y);
+            }
+            y.unsqueeze(1)?
+                .broadcast_as((self.kv_heads, group, t, dh))?
+                .contiguous()?
+                .reshape((self.heads, t, dh))
+        };
+        let (k, v) = (repeat(k)?, repeat(v)?);
+        let scores = (q.matmul(&k.t()?)? / (dh as f64).sqrt())?.broadcast_add(mask)?;
+        let y = softmax(&scores)?
+            .matmul(&v)?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((t, hidden))?;
+        let x = (x + self.o.forward(&y)?)?;
+        let h = self.ln2.forward(&x)?;
+        let mlp = self
+            .down
+            .forward(&(self.gate.forward(&h)?.silu()? * self.up.forward(&h)?)?)?;
+        x + mlp
+    }
+}
+
+/// Rotary embedding (the Hugging Face "rotate half" layout) of `x` [n, T, dh].
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let a = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
+    let b = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
+    Tensor::cat(&[a, b], D::Minus1)
+}
+
+/// One packed row as the model takes it.
+#[derive(Debug, Clone)]
+pub struct Row<'a> {
+    pub input_ids: &'a [u32],
+    pub loss_mask: &'a [u8],
+    /// Sample boundaries as cumulative offsets into `input_ids` (0 first).
+    pub boundaries: &'a [u32],
+    /// `[num_media, 3, S, S]` normalized pixels, one image per placeholder.
+    pub pixels: &'a [f32],
+}
+
+/// The expanded sequence of a row: media placeholders widened to the
+/// projector's tokens.
+struct Expanded {
+    /// Per expanded position: the text token id, or `None` for a media token.
+    tokens: Vec<Option<u32>>,
+    /// Loss weight of predicting each expanded position's token.
+    mask: Vec<f32>,
+    positions: Vec<u32>,
+    /// Expanded boundaries.
+    boundaries: Vec<usize>,
+}
+
+impl Expanded {
+    fn new(row: &Row, image_token: u32, per_media: usize) -> Self {
+        let mut e = Expanded {
+            tokens: Vec::new(),
+            mask: Vec::new(),
+            positions: Vec::new(),
+            boundaries: vec![0],
+        };
+        for w in row.boundaries.windows(2) {
+            let start = e.tokens.len();
+            for i in w[0] as usize..w[1] as usize {
+                let id = row.input_ids[i];
+                if id == image_token {
+                    for _ in 0..per_media {
+                        e.tokens.push(None);
+                        e.mask.push(0.0);
+                    }
+                } else {
+                    e.tokens.push(Some(id));
+                    e.mask.push(f32::from(row.loss_mask[i]));
+                }
+            }
+            e.positions.extend(0..(e.tokens.len() - start) as u32);
+            e.boundaries.push(e.tokens.len());
+        }
+        e
+    }
+}
+
+/// The whole model.
+pub struct Model {
+    pub config: Config,
+    patch_embedding: Tensor,
+    patch_bias: Tensor,
+    position_embedding: Tensor,
+    vision_blocks: Vec<VisionBlock>,
+    post_layernorm: LayerNorm,
+    proj_norm: LayerNorm,
+    proj_fc1: Linear,
+    proj_fc2: Linear,
+    embed: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope_base: f64,
+}
+
+impl Model {
+    /// Creates the parameters in `vars` (randomly initialized where absent)
+    /// and the model over them.
+    pub fn new(config: Config, vars: &VarMap, device: &Device) -> Result<Self> {
+        let vb = VarBuilder::from_varmap(vars, DType::F32, device);
+        let c = &config;
+        let vm = vb.pp("vision_tower").pp("vision_model");
+        let emb = vm.pp("embeddings");
+        let p = c.patch_size;
+        let fan_in = 3 * p * p;
+        let bound = 1.0 / (fan_in as f64).sqrt();
+        let patch_embedding = emb.pp("patch_embedding").get_with_hints(
+            (c.vision_hidden, 3, p, p),
+            "weight",
+            Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        )?;
+        let patch_bias =
+            emb.pp("patch_embedding")
+                .get_with_hints(c.vision_hidden, "bias", Init::Const(0.0))?;
+        let position_embedding = emb.pp("position_embedding").get_with_hints(
+            (c.grid() * c.grid(), c.vision_hidden),
+            "weight",
+            Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
+        )?;
+        let vision_blocks = (0..c.vision_layers)
+            .map(|i| VisionBlock::new(&vm.pp("encoder").pp("layers").pp(i), c))
+            .collect::<Result<Vec<_>>>()?;
+        let post_layernorm = LayerNorm::new(&vm.pp("post_layernorm"), c.vision_hidden, c.eps)?;
+        let d4 = c.vision_hidden * c.downsample * c.downsample;
+        let pj = vb.pp("mm_projector").pp("layers");
+        let proj_norm = LayerNorm::new(&pj.pp(1), d4, c.eps)?;
+        let proj_fc1 = Linear::new(&pj.pp(2), d4, c.hidden, true)?;
+        let proj_fc2 = Linear::new(&pj.pp(4), c.hidden, c.hidden, true)?;
+        let lm = vb.pp("llm");
+        let embed = lm.pp("model").pp("embed_tokens").get_with_hints(
+            (c.vocab, c.hidden),
+            "weight",
+            Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
+        )?;
+        let layers = (0..c.layers)
+            .map(|i| DecoderLayer::new(&lm.pp("model").pp("layers").pp(i), c))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::new(&lm.pp("model").pp("norm"), c.hidden, c.eps)?;
+        let lm_head = Linear::new(&lm.pp("lm_head"), c.hidden, c.vocab, false)?;
+        Ok(Model {
+            rope_base: c.rope_base,
+            config,
+            patch_embedding,
+            patch_bias,
+            position_embedding,
+            vision_blocks,
+            post_layernorm,
+            proj_norm,
+            proj_fc1,
+            proj_fc2,
+            embed,
+            layers,
+            norm,
+            lm_head,
+        })
+    }
+
+    /// Changes the RoPE base (stage 4 raises it for longer contexts).
+    pub fn set_rope_base(&mut self, base: f64) {
+        self.rope_base = base;
+    }
+
+    /// Vision tower: `[N, 3, S, S]` pixels to `[N, P, Dv]` patch features.
+    pub fn encode_images(&self, pixels: &Tensor) -> Result<Tensor> {
+        let c = &self.config;
+        let (n, _, s, _) = pixels.dims4()?;
+        let (p, g) = (c.patch_size, s / c.patch_size);
+        // A stride-p convolution as a matmul over flattened patches.
+        let patches = pixels
+            .reshape((n, 3, g, p, g, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((n, g * g, 3 * p * p))?;
+        let w = self.patch_embedding.reshape((c.vision_hidden, 3 * p * p))?;
+        let mut x = patches
+            .broadcast_matmul(&w.t()?)?
+            .broadcast_add(&self.patch_bias)?
+            .broadcast_add(&self.position_embedding)?;
+        for block in &self.vision_blocks {
+            x = block.forward(&x)?;
+        }
+        self.post_layernorm.forward(&x)
+    }
+
+    /// Projector (`mlp_downsample`): `[N, P, Dv]` to `[N, tokens_per_media, H]`:
+    /// 2x2 neighbours concatenated (odd grids padded), LayerNorm, Linear,
+    /// GELU, Linear.
+    pub fn project(&self, features: &Tensor) -> Result<Tensor> {
+        let c = &self.config;
+        let (n, _, d) = features.dims3()?;
+        let (g, k) = (c.grid(), c.downsample);
+        let mut x = features.reshape((n, g, g, d))?;
+        let padded = g.div_ceil(k) * k;
+        if padded != g {
+            x = x.pad_with_zeros(1, 0, padded - g)?;
+            x = x.pad_with_zeros(2, 0, padded - g)?;
+        }
+        let m = padded / k;
+        let x = x
+            .reshape((n, m, k, m, k, d))?
+            .permute((0, 1, 3, 2, 4, 5))?
+            .contiguous()?
+            .reshape((n, m * m, k * k * d))?;
+        let h = self
+            .proj_fc1
+            .forward(&self.proj_norm.forward(&x)?)?
+            .gelu()?;
+        self.proj_fc2.forward(&h)
+    }
+
+    /// Per-token losses of one packed row: (sum of masked cross-entropy,
+    /// number of masked tokens), and the per-sample sums for tests.
+    pub fn row_loss(&self, row: &Row, device: &Device) -> Result<(Tensor, f32, Vec<Tensor>)> {
+        let c = &self.config;
+        let per_media = c.tokens_per_media();
+        let e = Expanded::new(row, c.image_token, per_media);
+        let n_media = row
+            .input_ids
+            .iter()
+            .filter(|&&t| t == c.image_token)
+            .count();
+        let media = if n_media > 0 {
+            let s = c.image_size;
+            let px = Tensor::from_slice(
+                &row.pixels[..n_media * 3 * s * s],
+                (n_media, 3, s, s),
+                device,
+            )?;
+            Some(self.project(&self.encode_images(&px)?)?)
+        } else {
+            None
+        };
+        // Embeddings: runs of text tokens gathered at once, media spliced in.
+        let mut parts = Vec::new();
+        let (mut i, mut m) = (0, 0);
+        while i < e.tokens.len() {
+            if e.tokens[i].is_none() {
+                let media = media.as_ref().expect("placeholders imply media");
+                parts.push(media.i(m)?);
+                m += 1;
+                i += per_media;
+                continue;
+            }
+            let start = i;
+            while i < e.tokens.len() && e.tokens[i].is_some() {
+                i += 1;
+            }
+            let ids: Vec<u32> = e.tokens[start..i]
+                .iter()
+                .map(|t| t.expect("text"))
+                .collect();
+            parts.push(
+                self.embed
+                    .index_select(&Tensor::new(ids.as_slice(), device)?, 0)?,
+            );
+        }
+        let mut x = Tensor::cat(&parts, 0)?;
+        let t = e.tokens.len();
+        let (cos, sin) = rope_tables(&e.positions, c.hidden / c.heads, self.rope_base, device)?;
+        let mask = block_causal_mask(&e.boundaries, device)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &cos, &sin, &mask)?;
+        }
+        let logits = self.lm_head.forward(&self.norm.forward(&x)?)?;
+        // Position j predicts token j + 1 within its sample.
+        let mut targets = vec![0u32; t];
+        let mut weights = vec![0f32; t];
+        for w in e.boundaries.windows(2) {
+            for j in w[0]..w[1] - 1 {
+                if let Some(next) = e.tokens[j + 1] {
+                    targets[j] = next;
+                    weights[j] = e.mask[j + 1];
+                }
+            }
+        }
+        let logp = log_softmax(&logits)?;
+        let picked = logp
+            .gather(&Tensor::new(targets.as_slice(), device)?.unsqueeze(1)?, 1)?
+            .squeeze(1)?;
+        let weights_t = Tensor::new(weights.as_slice(), device)?;
+        let nll = (picked.neg()? * &weights_t)?;
+        let per_sample = e
+            .boundaries
+            .windows(2)
+            .map(|w| nll.narrow(0, w[0], w[1] - w[0])?.sum_all())
+            .collect::<Result<Vec<_>>>()?;
+        Ok((nll.sum_all()?, weights.iter().sum(), per_sample))
+    }
+}
+
+fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?;
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&lse)
+}
+
+/// cos and sin tables [T, dh/2] for the given positions.
+fn rope_tables(
+    positions: &[u32],
+    dh: usize,
+    base: f64,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let half = dh / 2;
+    let mut cos = Vec::with_capacity(positions.len() * half);
+    let mut sin = Vec::with_capacity(positions.len() * half);
+    for &p in positions {
+        for i in 0..half {
+            let freq = 1.0 / base.powf(2.0 * i as f64 / dh as f64);
+            let a = f64::from(p) * freq;
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+    let shape = (positions.len(), half);
+    Ok((
+        Tensor::from_vec(cos, shape, device)?,
+        Tensor::from_vec(sin, shape, device)?,
+    ))
+}
+
+/// Additive [T, T] mask: 0 where key <= query within the same sample,
+/// a large negative number elsewhere.
+fn block_causal_mask(boundaries: &[usize], device: &Device) -> Result<Tensor> {
+    let t = *boundaries.last().unwrap_or(&0);
+    let mut mask = vec![-1e9f32; t * t];
+    for w in boundaries.windows(2) {
+        for q in w[0]..w[1] {
+            for k in w[0]..=q {
+                mask[q * t + k] = 0.0;
+            }
+        }
+    }
+    Tensor::from_vec(mask, (t, t), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn tiny() -> Config {
+        Config {
+            image_size: 12,
+            patch_size: 4,
+            downsample: 2,
+            vision_hidden: 8,
+            vision_layers: 1,
+            vision_heads: 2,
+            hidden: 16,
+            intermediate: 24,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            vocab: 40,
+            rope_base: 10000.0,
+            eps: 1e-6,
+            image_token: 39,
+        }
+    }
+
+    #[test]
+    fn projector_token_count_is_ceil_half_grid_squared() {
+        let device = Device::Cpu;
+        // A 3x3 grid (odd) pads to 4x4 and becomes 2x2 = 4 tokens.
+        let config = tiny();
+        assert_eq!(config.tokens_per_media(), 4);
+        let vars = VarMap::new();
+        let model = Model::new(config.clone(), &vars, &device).unwrap();
+        let px = Tensor::zeros((2, 3, 12, 12), DType::F32, &device).unwrap();
+        let out = model.project(&model.encode_images(&px).unwrap()).unwrap();
+        assert_eq!(out.dims(), &[2, 4, 16]);
+        assert_eq!(
+            config.tokens_per_media(),
+            crate::tokens_per_media((config.grid() * config.grid()) as u32) as usize
+        );
+    }
+
+    fn sample(rng: &mut u64, len: usize, media: bool) -> (Vec<u32>, Vec<u8>) {
+        let mut next = || {
+            *rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (*rng >> 33) as u32
+        };
+        let mut ids: Vec<u32> = (0..len).map(|_| next() % 38).collect();
+        if media {
+            ids[1] = 39;
+        }
+        let mask = (0..len).map(|i| u8::from(i > len / 2)).collect();
+        (ids, mask)
+    }
+
+    #[test]
+    fn a_packed_row_gives_the_same_per_sample_losses_as_samples_alone() {
+        let device = Device::Cpu;
+        let vars = VarMap::new();
+        let model = Model::new(tiny(), &vars, &device).unwrap();
+        let mut rng = 7;
+        let samples = [
+            sample(&mut rng, 9, true),
+            sample(&mut rng, 6, false),
+            sample(&mut rng, 11, true),
+        ];
+        let pixel_len = 3 * 12 * 12;
+        let pixels: Vec<f32> = (0..2 * pixel_len)
+            .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+            .collect();
+        // Alone.
+        let mut alone = Vec::new();
+        let mut media_at = 0;
+        for (ids, mask) in &samples {
+            let n = ids.iter().filter(|&&t| t == 39).count();
+            let row = Row {
+                input_ids: ids,
+                loss_mask: mask,
+                boundaries: &[0, ids.len() as u32],
+                pixels: &pixels[media_at * pixel_len..(media_at + n) * pixel_len],
+            };
+            media_at += n;
+            let (_, _, per) = model.row_loss(&row, &device).unwrap();
+            alone.push(per[0].to_scalar::<f32>().unwrap());
+        }
+        // Packed.
+        let mut ids = Vec::new();
+        let mut mask = Vec::new();
+        let mut bounds = vec![0u32];
+        for (i, m) in &samples {
+            ids.extend_from_slice(i);
+            mask.extend_from_slice(m);
+            bounds.push(ids.len() as u32);
+        }
+        let row = Row {
+            input_ids: &ids,
+            loss_mask: &mask,
+            boundaries: &bounds,
+            pixels: &pixels,
+        };
+        let (total, count, per) = model.row_loss(&row, &device).unwrap();
+        for (a, p) in alone.iter().zip(&per) {
+            let p = p.to_scalar::<f32>().unwrap();
+            assert!(
+                (a - p).abs() < 1e-4 * a.abs().max(1.0),
+                "alone {a} vs packed {p}"
+            );
+        }
+        assert!((total.to_scalar::<f32>().unwrap() - alone.iter().sum::<f32>()).abs() < 1e-3);
+        assert!(count > 0.0);
+    }
+
+    /// Central finite differences of the loss against autograd, for a few
+    /// coordinates of every parameter tensor.
+    #[test]
+    fn gradients_match_finite_differences_in_every_layer() {
+        let device = Device::Cpu;
+        let vars = VarMap::new();
+        let mut config = tiny();
+        config.layers = 1;
+        let model = Model::new(config, &vars, &device).unwrap();
+        let mut rng = 3;
+        let (ids, mask) = sample(&mut rng, 10, true);
+        let pixels: Vec<f32> = (0..3 * 12 * 12)
+            .map(|i| ((i * 13 % 29) as f32 / 14.0) - 1.0)
+            .collect();
+        let row = Row {
+            input_ids: &ids,
+            loss_mask: &mask,
+            boundaries: &[0, 4, 10],
+            pixels: &pixels,
+        };
+        let loss = |m: &Model| -> f64 {
+            let (sum, n, _) = m.row_loss(&row, &device).unwrap();
+            f64::from(sum.to_scalar::<f32>().unwrap() / n)
+        };
+        let (sum, n, _) = model.row_loss(&row, &device).unwrap();
+        let grads = (sum / f64::from(n)).unwrap().backward().unwrap();
+        let data = vars.data().lock().unwrap();
+        let mut names: Vec<&String> = data.keys().collect();
+        names.sort();
+        let mut checked = 0;
+        for name in names {
+            let var = &data[name];
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("no gradient for {name}"));
+            let flat_g: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
+            let values: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            // The largest-gradient coordinate: the one finite differences resolve best.
+            let (idx, &analytic) = flat_g
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+                .unwrap();
+            let eps = 1e-2f32;
+            let set = |v: f32| {
+                let mut changed = values.clone();
+                changed[idx] = v;
+                var.set(&Tensor::from_vec(changed, var.shape(), &device).unwrap())
+                    .unwrap();
+            };
+            set(values[idx] + eps);
+            let up = loss(&model);
+            set(values[idx] - eps);
+            let down = loss(&model);
+            set(values[idx]);
+            let numeric = (up - down) / (2.0 * f64::from(eps));
+            let err = (numeric - f64::from(analytic)).abs();
+            assert!(
+                err <= 2e-2 * numeric.abs().max(f64::from(analytic.abs())) + 2e-3,
+                "{name}[{idx}]: autograd {analytic}, finite differences {numeric}"
+            );
+            checked += 1;
+        }
+        assert!(checked > 30, "{checked} tensors");
+    }
+}
