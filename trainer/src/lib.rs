@@ -11,6 +11,7 @@
 //! ```
 
 pub mod model;
+pub mod train;
 
 /// Tokens the `mlp_downsample` projector makes of `patches` vision patches:
 /// 2x2 neighbours are concatenated (odd grids padded to even), so a

@@ -614,7 +614,7 @@ fn block_causal_mask(boundaries: &[usize], device: &Device) -> Result<Tensor> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn tiny() -> Config {
@@ -654,6 +654,31 @@ mod tests {
         );
     }
 
+    /// Deterministic parameter values (VarMap initializes from the thread
+    /// RNG): norms near 1, everything else small.
+    pub(crate) fn seed_vars(vars: &VarMap, seed: u64) {
+        let data = vars.data().lock().unwrap();
+        let mut names: Vec<&String> = data.keys().collect();
+        names.sort();
+        let mut state = seed;
+        for name in names {
+            let var = &data[name];
+            let n = var.as_tensor().elem_count();
+            let norm = name.contains("norm") && name.ends_with("weight");
+            let values: Vec<f32> = (0..n)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let u = ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+                    if norm { 1.0 + 0.1 * u } else { 0.2 * u }
+                })
+                .collect();
+            var.set(&Tensor::from_vec(values, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+
     fn sample(rng: &mut u64, len: usize, media: bool) -> (Vec<u32>, Vec<u8>) {
         let mut next = || {
             *rng = rng
@@ -674,6 +699,7 @@ mod tests {
         let device = Device::Cpu;
         let vars = VarMap::new();
         let model = Model::new(tiny(), &vars, &device).unwrap();
+        seed_vars(&vars, 5);
         let mut rng = 7;
         let samples = [
             sample(&mut rng, 9, true),
@@ -735,6 +761,7 @@ mod tests {
         let mut config = tiny();
         config.layers = 1;
         let model = Model::new(config, &vars, &device).unwrap();
+        seed_vars(&vars, 11);
         let mut rng = 3;
         let (ids, mask) = sample(&mut rng, 10, true);
         let pixels: Vec<f32> = (0..3 * 12 * 12)
@@ -769,7 +796,7 @@ mod tests {
                 .enumerate()
                 .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
                 .unwrap();
-            let eps = 1e-2f32;
+            let eps = 1e-3f32;
             let set = |v: f32| {
                 let mut changed = values.clone();
                 changed[idx] = v;
