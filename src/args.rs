@@ -28,6 +28,8 @@ pub enum Command {
     Mix(MixArgs),
     /// Print the batches the loader gives one rank (to inspect a mix).
     Stream(StreamArgs),
+    /// Train one curriculum stage over its mix (CPU), writing safetensors checkpoints and metrics.
+    Train(TrainArgs),
     /// Run the whole chain on the synthetic corpus and write a report.
     Demo(DemoArgs),
 }
@@ -81,6 +83,37 @@ pub struct StreamArgs {
     /// One JSON object per batch instead of a summary line.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Recipe file (TOML; see recipes/README.md).
+    #[arg(long)]
+    pub recipe: PathBuf,
+    /// Stage to train, 1-based.
+    #[arg(long)]
+    pub stage: usize,
+    /// The stage's mix folder (OUT/stage-N of `lvpipe mix`).
+    #[arg(long)]
+    pub mix: PathBuf,
+    /// The shards' tokenizer.json (checked against the mix's fingerprint;
+    /// gives the `<image>` token id).
+    #[arg(long)]
+    pub tokenizer: PathBuf,
+    /// Run folder for model.safetensors, optimizer.safetensors,
+    /// trainer_state.json and metrics.jsonl.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The previous stage's run folder (its model.safetensors is the start).
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// Steps to run (default: the stage's `steps`, or `epochs` x steps per
+    /// epoch); the learning-rate schedule spans them.
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Clip the global gradient norm to this (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f64,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -16,7 +16,7 @@ use lvpipe_sharding::{
 
 use crate::args::{
     AspectArg, BuildArgs, Cli, Command, DemoArgs, FormatArg, FrameSeekArg, MixArgs, PlanArgs,
-    ScaleArg, ShortVideosArg, SqlArgs, StreamArgs, SynthArgs,
+    ScaleArg, ShortVideosArg, SqlArgs, StreamArgs, SynthArgs, TrainArgs,
 };
 use crate::progress::BuildProgress;
 
@@ -28,6 +28,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Plan(args) => plan(args),
         Command::Mix(args) => mix(args),
         Command::Stream(args) => stream(args),
+        Command::Train(args) => train(args),
         Command::Demo(args) => demo(args),
     }
 }
@@ -140,6 +141,51 @@ fn stream(args: StreamArgs) -> Result<ExitCode> {
         tokens as f64 / secs / 1e6,
         opened.as_secs_f64() * 1e3,
         first.unwrap_or_default().as_secs_f64() * 1e3,
+    ));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn train(args: TrainArgs) -> Result<ExitCode> {
+    let recipe = Recipe::load(&args.recipe)?;
+    let mix = Mix::open(&args.mix)?;
+    let tokenizer = lvpipe_sharding::ChatTokenizer::load(&args.tokenizer)?;
+    if tokenizer.fingerprint() != mix.meta.tokenizer_fingerprint {
+        anyhow::bail!(
+            "{} is not the tokenizer the mix's shards were built with",
+            args.tokenizer.display()
+        );
+    }
+    let run = lvpipe_trainer::run::StageRun {
+        recipe: &recipe,
+        stage: args.stage,
+        mix,
+        image_token: tokenizer.special().image,
+        out: args.out.clone(),
+        init: args.init.as_ref().map(|d| d.join("model.safetensors")),
+        steps: args.steps,
+        clip: args.clip,
+    };
+    let bar = crate::progress::steps_bar();
+    let summary = lvpipe_trainer::run::run_stage(&run, &mut |record, total| {
+        bar.set_length(total);
+        bar.set_position(record.step);
+        bar.set_message(format!("loss {:.4} lr {:.2e}", record.loss, record.lr));
+    })?;
+    bar.finish_and_clear();
+    let losses = if summary.steps == 0 {
+        "no steps".to_string()
+    } else {
+        format!("loss {:.4} -> {:.4}", summary.first_loss, summary.last_loss)
+    };
+    log(&format!(
+        "stage {}: {} steps, {losses}, {} tokens in {:.1} s ({:.0} tokens/s), {} trainable parameters; checkpoint in {}",
+        args.stage,
+        summary.steps,
+        summary.tokens,
+        summary.seconds,
+        summary.tokens as f64 / summary.seconds.max(1e-9),
+        summary.trainable_params,
+        args.out.display()
     ));
     Ok(ExitCode::SUCCESS)
 }

@@ -84,3 +84,15 @@ impl BuildProgress {
         self.bar.finish_and_clear();
     }
 }
+
+/// A bar over training steps, with the loss and learning rate as its message.
+pub fn steps_bar() -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} step {pos}/{len} {msg}",
+        )
+        .expect("valid template"),
+    );
+    bar
+}

@@ -11,6 +11,7 @@
 //! ```
 
 pub mod model;
+pub mod run;
 pub mod train;
 
 /// Tokens the `mlp_downsample` projector makes of `patches` vision patches:
