@@ -492,15 +492,10 @@ fn sample_row(
             for frame in sampled.frames {
                 let image = encode_rgb(frame.rgb, frame.width, frame.height, &settings.image)
                     .map_err(at)?;
-                media.push(MediaItem {
-                    bytes: image.bytes,
-                    width: image.width,
-                    height: image.height,
-                    orig_width: image.orig_width,
-                    orig_height: image.orig_height,
-                    frame_index: Some(frame.index),
-                    timestamp_ms: Some(frame.timestamp_ms),
-                });
+                media.push(MediaItem::new(
+                    image,
+                    Some((frame.index, frame.timestamp_ms)),
+                ));
             }
             // VILA expands a video into one `<image>` and a newline per
             // frame; the stored messages keep the annotation's text.
@@ -548,15 +543,7 @@ fn sample_row(
         hasher.update(&bytes);
         let image = process_image(&bytes, &settings.image)
             .map_err(|(reason, detail)| fail(reason, format!("{label}: {detail}")))?;
-        media.push(MediaItem {
-            bytes: image.bytes,
-            width: image.width,
-            height: image.height,
-            orig_width: image.orig_width,
-            orig_height: image.orig_height,
-            frame_index: None,
-            timestamp_ms: None,
-        });
+        media.push(MediaItem::new(image, None));
     }
     let is_document = turns.iter().all(|t| t.role == "text");
     let encoded = if is_document {

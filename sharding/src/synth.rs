@@ -366,6 +366,28 @@ fn draw_shape(img: &mut RgbImage, shape: &str, cx: f32, cy: f32, r: f32, colour:
     }
 }
 
+/// A conversation of questions and answers (`"Red."`), the media
+/// placeholder (`<image>` or `<video>`) before the first question.
+fn qa_turns(placeholder: &str, qas: &[(&str, String, String)]) -> Vec<LlavaTurn> {
+    let mut turns = Vec::with_capacity(qas.len() * 2);
+    for (i, (_, question, answer)) in qas.iter().enumerate() {
+        let value = if i == 0 {
+            format!("{placeholder}\n{question}")
+        } else {
+            question.clone()
+        };
+        turns.push(LlavaTurn {
+            from: "human",
+            value,
+        });
+        turns.push(LlavaTurn {
+            from: "gpt",
+            value: format!("{}.", capitalize(answer)),
+        });
+    }
+    turns
+}
+
 fn capitalize(s: &str) -> String {
     let mut c = s.chars();
     c.next()
@@ -568,21 +590,8 @@ pub fn synthesize(settings: &SynthSettings) -> Result<SynthSummary> {
             qas.swap(k, rng.random_range(0..=k));
         }
         qas.truncate(rng.random_range(2..=3));
-        let mut conversations = Vec::new();
-        for (turn, (attribute, question, answer)) in qas.into_iter().enumerate() {
-            let value = if turn == 0 {
-                format!("<image>\n{question}")
-            } else {
-                question.clone()
-            };
-            conversations.push(LlavaTurn {
-                from: "human",
-                value,
-            });
-            conversations.push(LlavaTurn {
-                from: "gpt",
-                value: format!("{}.", capitalize(&answer)),
-            });
+        let conversations = qa_turns(SpecialTokens::IMAGE, &qas);
+        for (attribute, question, answer) in qas {
             corpus.push(format!("{question} {}.", capitalize(&answer)));
             answers.vqa.push(VqaItem {
                 id: id.clone(),

@@ -77,6 +77,21 @@ pub(crate) struct MediaItem {
     pub timestamp_ms: Option<i64>,
 }
 
+impl MediaItem {
+    /// A stored image, or a video frame with its (index, timestamp ms).
+    pub fn new(image: crate::media::ProcessedImage, frame: Option<(u32, i64)>) -> Self {
+        MediaItem {
+            bytes: image.bytes,
+            width: image.width,
+            height: image.height,
+            orig_width: image.orig_width,
+            orig_height: image.orig_height,
+            frame_index: frame.map(|f| f.0),
+            timestamp_ms: frame.map(|f| f.1),
+        }
+    }
+}
+
 /// An input that did not become a sample.
 #[derive(Debug, Clone)]
 pub(crate) struct QuarantineRow {

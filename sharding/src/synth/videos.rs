@@ -10,7 +10,9 @@ use serde::Serialize;
 
 use super::{
     COLOURS, LlavaTurn, SHAPES, VideoNeedle, VideoQaItem, VideoSizes, capitalize, draw_shape,
+    qa_turns,
 };
+use crate::chat::SpecialTokens;
 use crate::video::encode::{self, Codec, Spec};
 use crate::{Error, Result};
 
@@ -120,21 +122,8 @@ pub(super) fn write(out: &Path, sizes: &VideoSizes, rng: &mut SmallRng) -> Resul
             qas.swap(k, rng.random_range(0..=k));
         }
         qas.truncate(2);
-        let mut conversations = Vec::new();
-        for (turn, (attribute, question, answer)) in qas.into_iter().enumerate() {
-            let value = if turn == 0 {
-                format!("<video>\n{question}")
-            } else {
-                question.clone()
-            };
-            conversations.push(LlavaTurn {
-                from: "human",
-                value,
-            });
-            conversations.push(LlavaTurn {
-                from: "gpt",
-                value: format!("{}.", capitalize(&answer)),
-            });
+        let conversations = qa_turns(SpecialTokens::VIDEO, &qas);
+        for (attribute, question, answer) in qas {
             w.corpus
                 .push(format!("{question} {}.", capitalize(&answer)));
             w.qa.push(VideoQaItem {
