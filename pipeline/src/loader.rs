@@ -186,13 +186,6 @@ impl Mix {
         self.permutation.apply(epoch, position) as u32
     }
 
-    /// The whole pack order of an epoch (O(packs); for inspection and tests).
-    pub fn epoch_order(&self, epoch: u64) -> Vec<u32> {
-        (0..self.num_packs() as u64)
-            .map(|i| self.pack_at(epoch, i))
-            .collect()
-    }
-
     /// Where pack `pack_id`'s samples are: (first row, count).
     fn pack_rows(&self, pack_id: u32) -> Result<(u64, u32)> {
         let (batch, r) = self.packs.row(u64::from(pack_id))?;

@@ -1,9 +1,9 @@
 //! The VILA-shaped model and the curriculum trainer (candle).
 //!
 //! This crate sits at the end of the data flow (shards -> mixes -> loader ->
-//! trainer). The model, optimizer, stages and checkpoints land with the
-//! trainer issue; what is here now is the model arithmetic that planning
-//! needs before any weights exist.
+//! trainer): [`model`] is the network, [`train`] the optimizer, schedule and
+//! step, [`run`] one stage over its mix with checkpoints. The projector's
+//! token arithmetic below is what planning needs before any weights exist.
 //!
 //! ```
 //! // SigLIP at 384 px with 14 px patches: 27 x 27 patches -> 196 tokens per image.

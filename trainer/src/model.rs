@@ -583,9 +583,11 @@ fn rope_tables(
     let half = dh / 2;
     let mut cos = Vec::with_capacity(positions.len() * half);
     let mut sin = Vec::with_capacity(positions.len() * half);
+    let freqs: Vec<f64> = (0..half)
+        .map(|i| 1.0 / base.powf(2.0 * i as f64 / dh as f64))
+        .collect();
     for &p in positions {
-        for i in 0..half {
-            let freq = 1.0 / base.powf(2.0 * i as f64 / dh as f64);
+        for &freq in &freqs {
             let a = f64::from(p) * freq;
             cos.push(a.cos() as f32);
             sin.push(a.sin() as f32);
