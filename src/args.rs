@@ -88,32 +88,66 @@ pub struct StreamArgs {
 #[derive(Debug, Args)]
 pub struct TrainArgs {
     /// Recipe file (TOML; see recipes/README.md).
-    #[arg(long)]
-    pub recipe: PathBuf,
-    /// Stage to train, 1-based.
-    #[arg(long)]
-    pub stage: usize,
+    #[arg(long, required_unless_present = "resume")]
+    pub recipe: Option<PathBuf>,
+    /// Stage to train, 1-based (with --mix).
+    #[arg(long, conflicts_with = "stages", required_unless_present_any = ["stages", "resume"])]
+    pub stage: Option<usize>,
     /// The stage's mix folder (OUT/stage-N of `lvpipe mix`).
+    #[arg(long, requires = "stage")]
+    pub mix: Option<PathBuf>,
+    /// Stages to run in a chain, like `1-5` or `3`: each is mixed from
+    /// --shards into OUT/mixes/stage-N and trained into OUT/stage-N from the
+    /// stage its recipe `init` names. Finished stages are skipped and a
+    /// stage with checkpoints resumes, so rerunning the command continues.
+    #[arg(long, requires = "shards", value_parser = parse_stages)]
+    pub stages: Option<(usize, usize)>,
+    /// Shard folder to mix each stage from (with --stages).
     #[arg(long)]
-    pub mix: PathBuf,
+    pub shards: Option<PathBuf>,
     /// The shards' tokenizer.json (checked against the mix's fingerprint;
-    /// gives the `<image>` token id).
-    #[arg(long)]
-    pub tokenizer: PathBuf,
-    /// Run folder for model.safetensors, optimizer.safetensors,
-    /// trainer_state.json and metrics.jsonl.
-    #[arg(long)]
-    pub out: PathBuf,
-    /// The previous stage's run folder (its model.safetensors is the start).
-    #[arg(long)]
+    /// gives the `<image>` token id; copied into the run folder).
+    #[arg(long, required_unless_present = "resume")]
+    pub tokenizer: Option<PathBuf>,
+    /// Run folder (one stage), or folder of stage-N run folders (--stages).
+    #[arg(long, required_unless_present = "resume")]
+    pub out: Option<PathBuf>,
+    /// The previous stage's run folder (its model.safetensors is the start;
+    /// default: none, fresh seeded weights).
+    #[arg(long, conflicts_with = "stages")]
     pub init: Option<PathBuf>,
-    /// Steps to run (default: the stage's `steps`, or `epochs` x steps per
-    /// epoch); the learning-rate schedule spans them.
+    /// Steps to run per stage (default: the stage's `steps`, or `epochs` x
+    /// steps per epoch); the learning-rate schedule spans them.
     #[arg(long)]
     pub steps: Option<u64>,
     /// Clip the global gradient norm to this (0: no clipping).
     #[arg(long, default_value_t = 1.0)]
     pub clip: f64,
+    /// Write a checkpoint every N steps (0: only at the end of the stage).
+    #[arg(long, default_value_t = 50)]
+    pub save_every: u64,
+    /// Continue the run in this folder from its newest checkpoint, with the
+    /// settings it was started with (its run.json): same batches, and on
+    /// CPU the same losses, as if it had not stopped.
+    #[arg(long, conflicts_with_all = ["recipe", "stage", "stages", "mix", "out", "init"])]
+    pub resume: Option<PathBuf>,
+    /// Abort the process right after this step, as a kill would (crash tests).
+    #[arg(long, hide = true)]
+    pub abort_after: Option<u64>,
+}
+
+/// `3` or `1-5`.
+fn parse_stages(text: &str) -> Result<(usize, usize), String> {
+    let bad = || format!("`{text}`: expected a stage like 3 or a range like 1-5");
+    let (a, b) = match text.split_once('-') {
+        Some((a, b)) => (a.trim(), b.trim()),
+        None => (text.trim(), text.trim()),
+    };
+    let (a, b): (usize, usize) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+    if a == 0 || b < a {
+        return Err(bad());
+    }
+    Ok((a, b))
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -256,11 +290,16 @@ pub enum FormatArg {
 #[derive(Debug, Args)]
 pub struct SqlArgs {
     /// Shard folder written by build-shards (tables: samples, quarantine, manifest).
-    #[arg(long)]
-    pub shards: PathBuf,
+    #[arg(long, required_unless_present_any = ["mixes", "runs"])]
+    pub shards: Option<PathBuf>,
     /// Folder of mixes written by `lvpipe mix` (adds tables mix_report and packs).
     #[arg(long)]
     pub mixes: Option<PathBuf>,
+    /// A training run folder, or a folder of them (`lvpipe train --stages`):
+    /// adds tables metrics (per step), source_tokens (per step and source)
+    /// and lineage (the samples of every step).
+    #[arg(long)]
+    pub runs: Option<PathBuf>,
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     pub format: FormatArg,
@@ -318,6 +357,15 @@ mod tests {
         assert_eq!(parse_size("1GB").unwrap(), 1_000_000_000);
         assert_eq!(parse_size("4096").unwrap(), 4096);
         assert!(parse_size("12 parsecs").is_err());
+    }
+
+    #[test]
+    fn stage_ranges_parse() {
+        assert_eq!(parse_stages("1-5").unwrap(), (1, 5));
+        assert_eq!(parse_stages("3").unwrap(), (3, 3));
+        assert!(parse_stages("0-2").is_err());
+        assert!(parse_stages("4-2").is_err());
+        assert!(parse_stages("a").is_err());
     }
 
     #[test]

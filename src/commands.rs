@@ -16,7 +16,7 @@ use lvpipe_sharding::{
 
 use crate::args::{
     AspectArg, BuildArgs, Cli, Command, DemoArgs, FormatArg, FrameSeekArg, MixArgs, PlanArgs,
-    ScaleArg, ShortVideosArg, SqlArgs, StreamArgs, SynthArgs, TrainArgs,
+    ScaleArg, ShortVideosArg, SqlArgs, StreamArgs, SynthArgs,
 };
 use crate::progress::BuildProgress;
 
@@ -28,7 +28,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Plan(args) => plan(args),
         Command::Mix(args) => mix(args),
         Command::Stream(args) => stream(args),
-        Command::Train(args) => train(args),
+        Command::Train(args) => crate::training::train(args),
         Command::Demo(args) => demo(args),
     }
 }
@@ -145,51 +145,6 @@ fn stream(args: StreamArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn train(args: TrainArgs) -> Result<ExitCode> {
-    let recipe = Recipe::load(&args.recipe)?;
-    let mix = Mix::open(&args.mix)?;
-    let tokenizer = lvpipe_sharding::ChatTokenizer::load(&args.tokenizer)?;
-    if tokenizer.fingerprint() != mix.meta.tokenizer_fingerprint {
-        anyhow::bail!(
-            "{} is not the tokenizer the mix's shards were built with",
-            args.tokenizer.display()
-        );
-    }
-    let run = lvpipe_trainer::run::StageRun {
-        recipe: &recipe,
-        stage: args.stage,
-        mix,
-        image_token: tokenizer.special().image,
-        out: args.out.clone(),
-        init: args.init.as_ref().map(|d| d.join("model.safetensors")),
-        steps: args.steps,
-        clip: args.clip,
-    };
-    let bar = crate::progress::steps_bar();
-    let summary = lvpipe_trainer::run::run_stage(&run, &mut |record, total| {
-        bar.set_length(total);
-        bar.set_position(record.step);
-        bar.set_message(format!("loss {:.4} lr {:.2e}", record.loss, record.lr));
-    })?;
-    bar.finish_and_clear();
-    let losses = if summary.steps == 0 {
-        "no steps".to_string()
-    } else {
-        format!("loss {:.4} -> {:.4}", summary.first_loss, summary.last_loss)
-    };
-    log(&format!(
-        "stage {}: {} steps, {losses}, {} tokens in {:.1} s ({:.0} tokens/s), {} trainable parameters; checkpoint in {}",
-        args.stage,
-        summary.steps,
-        summary.tokens,
-        summary.seconds,
-        summary.tokens as f64 / summary.seconds.max(1e-9),
-        summary.trainable_params,
-        args.out.display()
-    ));
-    Ok(ExitCode::SUCCESS)
-}
-
 /// 1 when a check failed (a strict build met a bad record), 2 otherwise.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
     match err.downcast_ref::<lvpipe_sharding::Error>() {
@@ -207,7 +162,7 @@ fn out(text: &str) -> Result<()> {
 }
 
 #[allow(clippy::print_stderr)]
-fn log(text: &str) {
+pub fn log(text: &str) {
     eprintln!("{text}");
 }
 
@@ -357,7 +312,7 @@ fn summary_text(s: &BuildSummary, out_dir: &Path) -> String {
     text
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().build()?)
 }
 
@@ -368,9 +323,15 @@ fn sql(args: SqlArgs) -> Result<ExitCode> {
         FormatArg::Json => OutputFormat::Json,
     };
     let text = runtime()?.block_on(async {
-        let catalog = Catalog::open(&args.shards).await?;
+        let catalog = match &args.shards {
+            Some(shards) => Catalog::open(shards).await?,
+            None => Catalog::empty(),
+        };
         if let Some(mixes) = &args.mixes {
             catalog.register_mixes(mixes)?;
+        }
+        if let Some(runs) = &args.runs {
+            catalog.register_runs(runs)?;
         }
         let batches = catalog.query(&args.query).await?;
         render(&batches, format)

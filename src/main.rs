@@ -8,6 +8,7 @@
 mod args;
 mod commands;
 mod progress;
+mod training;
 
 use std::process::ExitCode;
 

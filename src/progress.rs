@@ -90,7 +90,7 @@ pub fn steps_bar() -> ProgressBar {
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {wide_bar} step {pos}/{len} {msg}",
+            "{spinner} {prefix} [{elapsed_precise}] {wide_bar} step {pos}/{len} {msg}",
         )
         .expect("valid template"),
     );

@@ -20,7 +20,8 @@ use crate::{Error, Result};
 /// The tables of one shard folder, ready for read-only SQL.
 pub struct Catalog {
     ctx: SessionContext,
-    manifest: Manifest,
+    /// `None` for a session over run records only ([`Catalog::empty`]).
+    manifest: Option<Manifest>,
 }
 
 impl Catalog {
@@ -68,11 +69,17 @@ impl Catalog {
             "manifest",
             Arc::new(MemTable::try_new(batch.schema(), vec![vec![batch]])?),
         )?;
-        Ok(Catalog { ctx, manifest })
+        Ok(Catalog {
+            ctx,
+            manifest: Some(manifest),
+        })
     }
 
-    pub fn manifest(&self) -> &Manifest {
-        &self.manifest
+    /// The shard build's manifest (an error for a session without shards).
+    pub fn manifest(&self) -> Result<&Manifest> {
+        self.manifest.as_ref().ok_or_else(|| {
+            Error::Recipe("this session has no shards: open a shard folder first".into())
+        })
     }
 
     /// The underlying session, for callers that register more tables.
@@ -104,6 +111,48 @@ impl Catalog {
                 .register_table(table, Arc::new(MemTable::try_new(schema, vec![batches])?))?;
         }
         Ok(())
+    }
+
+    /// Registers the records of training runs under `runs` (a run folder,
+    /// or a folder of them): `metrics` (one row per step), `source_tokens`
+    /// (per step and source) and `lineage` (the samples of every step).
+    pub fn register_runs(&self, runs: &Path) -> Result<()> {
+        let dirs = crate::lineage::run_dirs(runs)?;
+        if dirs.is_empty() {
+            return Err(Error::Shards {
+                path: runs.to_path_buf(),
+                message: "no run folders with a metrics.jsonl: run `lvpipe train` first".into(),
+            });
+        }
+        let (metrics, sources) = crate::lineage::metrics_tables(&dirs)?;
+        for (name, batch) in [("metrics", metrics), ("source_tokens", sources)] {
+            self.ctx.register_table(
+                name,
+                Arc::new(MemTable::try_new(batch.schema(), vec![vec![batch]])?),
+            )?;
+        }
+        let lineage: Vec<PathBuf> = dirs
+            .iter()
+            .map(|d| d.join("lineage.parquet"))
+            .filter(|p| p.exists())
+            .collect();
+        register(
+            &self.ctx,
+            "lineage",
+            lineage
+                .iter()
+                .map(std::path::absolute)
+                .collect::<std::io::Result<_>>()?,
+            crate::lineage::lineage_schema(),
+        )
+    }
+
+    /// A session with no shard tables, for `sql --runs` alone.
+    pub fn empty() -> Self {
+        Catalog {
+            ctx: SessionContext::new(),
+            manifest: None,
+        }
     }
 
     /// Runs one read-only statement and collects its result.

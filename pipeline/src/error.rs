@@ -21,6 +21,8 @@ pub enum Error {
     #[error(transparent)]
     Arrow(#[from] arrow::error::ArrowError),
     #[error(transparent)]
+    Parquet(#[from] parquet::errors::ParquetError),
+    #[error(transparent)]
     Schema(#[from] lvpipe_schemas::Error),
 }
 

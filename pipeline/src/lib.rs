@@ -17,6 +17,7 @@
 
 mod catalog;
 mod error;
+pub mod lineage;
 pub mod loader;
 pub mod mix;
 mod plan;

@@ -36,6 +36,8 @@ pub struct LoaderState {
 pub struct PackData {
     pub pack_id: u32,
     pub sample_ids: Vec<String>,
+    /// The mix source each sample came from (the recipe's source names).
+    pub sources: Vec<String>,
     pub input_ids: Vec<u32>,
     /// 1 where the loss applies; the first token of every sample is 0, so no
     /// sample learns from the one before it.
@@ -203,6 +205,23 @@ impl Mix {
         ))
     }
 
+    /// Who is in pack `pack_id`, without copying tokens or media:
+    /// (sample id, source, chunk, token ids) per sample.
+    pub fn pack_members(&self, pack_id: u32) -> Result<Vec<(String, String, u32, u32)>> {
+        let (first, count) = self.pack_rows(pack_id)?;
+        (first..first + u64::from(count))
+            .map(|row| {
+                let (batch, r) = self.samples.row(row)?;
+                Ok((
+                    batch.column(1).as_string::<i32>().value(r).to_string(),
+                    batch.column(2).as_string::<i32>().value(r).to_string(),
+                    batch.column(3).as_primitive::<UInt32Type>().value(r),
+                    batch.column(6).as_list::<i32>().value(r).len() as u32,
+                ))
+            })
+            .collect()
+    }
+
     /// Assembles one pack from the mapped rows, media decoded.
     pub fn pack(&self, pack_id: u32) -> Result<PackData> {
         let (mut data, media) = self.assemble(pack_id)?;
@@ -220,6 +239,7 @@ impl Mix {
         let mut data = PackData {
             pack_id,
             sample_ids: Vec::with_capacity(count as usize),
+            sources: Vec::with_capacity(count as usize),
             input_ids: Vec::new(),
             loss_mask: Vec::new(),
             position_ids: Vec::new(),
@@ -237,6 +257,8 @@ impl Mix {
             let mask = mask.as_primitive::<UInt8Type>().values();
             data.sample_ids
                 .push(batch.column(1).as_string::<i32>().value(r).to_string());
+            data.sources
+                .push(batch.column(2).as_string::<i32>().value(r).to_string());
             data.expanded_tokens += batch.column(5).as_primitive::<UInt32Type>().value(r);
             let start = data.input_ids.len();
             data.input_ids.extend_from_slice(ids);
@@ -439,14 +461,15 @@ impl Loader {
         &self.mix
     }
 
+    pub fn rank(&self) -> u32 {
+        self.rank
+    }
+
     /// This rank's batch at global step `step` (O(packs) for the epoch order,
     /// nothing for the steps before it).
     pub fn batch(&self, step: u64) -> Result<Batch> {
-        let spe = self.mix.steps_per_epoch();
-        let (epoch, local) = (step / spe, step % spe);
-        let g = u64::from(self.mix.meta.global_batch);
-        let per_rank = g / u64::from(self.world_size);
-        let start = local * g + u64::from(self.rank) * per_rank;
+        let (epoch, positions) = self.positions(step);
+        let per_rank = positions.end - positions.start;
         // Packs are assembled (and their media decoded) in parallel; on the
         // stream's worker thread this overlaps with the consumer's step.
         // Tokens are copied in parallel when the batch is big enough to pay
@@ -455,14 +478,12 @@ impl Loader {
         // then decode in parallel.
         let assemble = |i: u64| self.mix.assemble(self.mix.pack_at(epoch, i));
         let parts = if per_rank * u64::from(self.mix.meta.context) >= 1 << 16 {
-            (start..start + per_rank)
+            positions
                 .into_par_iter()
                 .map(assemble)
                 .collect::<Result<Vec<_>>>()?
         } else {
-            (start..start + per_rank)
-                .map(assemble)
-                .collect::<Result<Vec<_>>>()?
+            positions.map(assemble).collect::<Result<Vec<_>>>()?
         };
         let jobs: Vec<(usize, &EncodedMedia)> = parts
             .iter()
@@ -486,6 +507,27 @@ impl Loader {
             rank: self.rank,
             packs,
         })
+    }
+
+    /// The epoch of global step `step` and this rank's positions in that
+    /// epoch's pack order.
+    fn positions(&self, step: u64) -> (u64, std::ops::Range<u64>) {
+        let spe = self.mix.steps_per_epoch();
+        let (epoch, local) = (step / spe, step % spe);
+        let g = u64::from(self.mix.meta.global_batch);
+        let per_rank = g / u64::from(self.world_size);
+        let start = local * g + u64::from(self.rank) * per_rank;
+        (epoch, start..start + per_rank)
+    }
+
+    /// The packs of this rank's batch at `step`, without assembling them
+    /// (lineage, replay): (epoch, pack ids).
+    pub fn pack_ids(&self, step: u64) -> (u64, Vec<u32>) {
+        let (epoch, positions) = self.positions(step);
+        (
+            epoch,
+            positions.map(|i| self.mix.pack_at(epoch, i)).collect(),
+        )
     }
 
     /// Batches from `from_step` on, assembled on a worker thread with at

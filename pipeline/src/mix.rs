@@ -327,7 +327,7 @@ pub async fn build_mix(
         &dir.join("mix_report.arrow"),
         &[report_batch(stage_number, &selection.reports)?],
     )?;
-    let manifest = catalog.manifest();
+    let manifest = catalog.manifest()?;
     let meta = MixMeta {
         stage: stage_number,
         name: stage.name.clone(),

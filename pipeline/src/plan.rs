@@ -33,7 +33,7 @@ pub struct StagePlan {
 /// line each, empty when the recipe is fine) and, per stage, what it will see.
 pub async fn plan(recipe: &Recipe, catalog: &Catalog) -> Result<(Vec<String>, Vec<StagePlan>)> {
     let mut problems = recipe.check();
-    let manifest = catalog.manifest();
+    let manifest = catalog.manifest()?;
     if manifest.chat_template != recipe.model.chat_template {
         problems.push(format!(
             "model: chat template `{}` but the shards were tokenized with `{}`: rebuild them or fix the recipe",

@@ -110,8 +110,10 @@ pub struct Stage {
     pub trainable: Vec<String>,
     /// Context length in tokens, media expanded.
     pub context: u32,
-    /// Overrides the model's RoPE base for this stage (stage 4 raises it).
-    pub rope_base: Option<f64>,
+    /// Overrides the model's RoPE base for this stage (stage 4 raises it):
+    /// one base, or several raised progressively over equal parts of the
+    /// stage's steps (`rope_base = [40000.0, 160000.0]`).
+    pub rope_base: Option<RopeBase>,
     /// Frame sampling policy of video samples (`uniform:N`, `fps:F,max:N`).
     pub frames: Option<String>,
     pub lr: f64,
@@ -131,8 +133,56 @@ pub struct Stage {
     pub weight_by: WeightBy,
     #[serde(default)]
     pub long_samples: LongSamples,
+    /// Packs per forward and backward pass on one rank: gradients of the
+    /// rank's share of `global_batch` accumulate over micro-batches of this
+    /// size before one optimizer step (default: the whole share at once).
+    pub micro_batch: Option<u32>,
+    /// Rank of the LoRA adapters of `llm_lora` (default 8).
+    pub lora_r: Option<u32>,
+    /// LoRA scaling numerator: updates are scaled by `lora_alpha / lora_r`
+    /// (default 2 x rank).
+    pub lora_alpha: Option<f64>,
     #[serde(rename = "source")]
     pub sources: Vec<StageSource>,
+}
+
+/// A stage's RoPE base: one value, or a progression.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RopeBase {
+    One(f64),
+    Progressive(Vec<f64>),
+}
+
+impl Stage {
+    /// The RoPE base at optimizer step `step` (0-based) of `steps`: the
+    /// model's `default` when the stage sets none; with a progression, part
+    /// k of k equal parts of the steps uses the k-th base.
+    pub fn rope_base_at(&self, default: f64, step: u64, steps: u64) -> f64 {
+        match &self.rope_base {
+            None => default,
+            Some(RopeBase::One(b)) => *b,
+            Some(RopeBase::Progressive(bases)) if bases.is_empty() => default,
+            Some(RopeBase::Progressive(bases)) => {
+                let k = u128::from(step) * bases.len() as u128 / u128::from(steps.max(1));
+                bases[(k as usize).min(bases.len() - 1)]
+            }
+        }
+    }
+
+    /// The RoPE base the stage ends with (what the next stage inherits).
+    pub fn final_rope_base(&self, default: f64) -> f64 {
+        match &self.rope_base {
+            None => default,
+            Some(RopeBase::One(b)) => *b,
+            Some(RopeBase::Progressive(bases)) => bases.last().copied().unwrap_or(default),
+        }
+    }
+
+    pub fn lora(&self) -> (usize, f64) {
+        let r = self.lora_r.unwrap_or(8).max(1);
+        (r as usize, self.lora_alpha.unwrap_or(2.0 * r as f64))
+    }
 }
 
 fn one() -> u32 {
@@ -269,6 +319,34 @@ impl Recipe {
                     "{at}: sequence_parallel {sp} and num_kv_heads {} neither divides the other (KV heads cannot be split or replicated)",
                     m.num_kv_heads
                 ));
+            }
+            if let Some(mb) = stage.micro_batch {
+                if mb == 0 || stage.global_batch % mb != 0 {
+                    problems.push(format!(
+                        "{at}: micro_batch {mb} must divide global_batch {}",
+                        stage.global_batch
+                    ));
+                }
+            }
+            if (stage.lora_r.is_some() || stage.lora_alpha.is_some())
+                && !stage.trainable.iter().any(|m| m == "llm_lora")
+            {
+                problems.push(format!(
+                    "{at}: lora_r/lora_alpha without `llm_lora` in trainable"
+                ));
+            }
+            match &stage.rope_base {
+                Some(RopeBase::One(b)) if !(*b > 0.0) => {
+                    problems.push(format!("{at}: rope_base {b} must be positive"))
+                }
+                Some(RopeBase::Progressive(bases))
+                    if bases.is_empty() || bases.iter().any(|b| !(*b > 0.0)) =>
+                {
+                    problems.push(format!(
+                        "{at}: rope_base list {bases:?} must be non-empty and positive"
+                    ))
+                }
+                _ => {}
             }
             if let Some(policy) = &stage.frames {
                 match frame_count(policy) {

@@ -122,3 +122,11 @@ pub fn folder_bytes(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     out.sort();
     out
 }
+
+/// Runs `lvpipe ARGS`, fails the test unless it succeeds, returns its stderr.
+pub fn lvpipe_ok_stderr(cwd: &Path, args: &[&str]) -> String {
+    let out = lvpipe(cwd, args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "lvpipe {args:?} failed:\n{err}");
+    err
+}

@@ -65,7 +65,7 @@ fn main() {
     let mut times = Vec::new();
     for step in 0..12 {
         let start = Instant::now();
-        train_step(&model, &mut opt, &rows, 1e-4, 1.0, &device).unwrap();
+        train_step(&model, &mut opt, &rows, rows.len(), 1e-4, 1.0, &device).unwrap();
         if step >= 2 {
             times.push(start.elapsed().as_secs_f64());
         }

@@ -18,7 +18,7 @@ use candle_nn::{Init, VarBuilder, VarMap};
 use lvpipe_pipeline::recipe::ModelConfig;
 
 /// Sizes of the model, from a recipe's `[model]`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Config {
     pub image_size: usize,
     pub patch_size: usize,
@@ -72,6 +72,17 @@ impl Config {
 struct Linear {
     w: Tensor,
     b: Option<Tensor>,
+    /// Low-rank adapter (`llm_lora`): `y += scale * x A^T B^T`.
+    lora: Option<Lora>,
+}
+
+struct Lora {
+    /// `[r, in]`, `lora_A.weight` in PEFT's names.
+    a: Tensor,
+    /// `[out, r]`, `lora_B.weight`; zero at the start, so the adapted model
+    /// starts as the base model.
+    b: Tensor,
+    scale: f64,
 }
 
 impl Linear {
@@ -90,12 +101,16 @@ impl Linear {
         } else {
             None
         };
-        Ok(Linear { w, b })
+        Ok(Linear { w, b, lora: None })
     }
 
     /// `x` is [.., inp].
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.broadcast_matmul(&self.w.t()?)?;
+        let mut y = x.broadcast_matmul(&self.w.t()?)?;
+        if let Some(l) = &self.lora {
+            let low = x.broadcast_matmul(&l.a.t()?)?.broadcast_matmul(&l.b.t()?)?;
+            y = (y + (low * l.scale)?)?;
+        }
         match &self.b {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
@@ -242,6 +257,15 @@ impl DecoderLayer {
             heads: c.heads,
             kv_heads: c.kv_heads,
         })
+    }
+
+    fn attention_mut(&mut self) -> [(&'static str, &mut Linear); 4] {
+        [
+            ("q_proj", &mut self.q),
+            ("k_proj", &mut self.k),
+            ("v_proj", &mut self.v),
+            ("o_proj", &mut self.o),
+        ]
     }
 
     /// `x` is [T, H]; `cos`/`sin` are [T, dh/2]; `mask` is [T, T] additive.
@@ -433,6 +457,69 @@ impl Model {
         })
     }
 
+    /// Adds rank-`r` LoRA adapters to the q, k, v and o projections of every
+    /// decoder layer, as `...q_proj.lora_A.weight` / `lora_B.weight` in
+    /// `vars` (kept if already there, as when resuming). Updates are scaled
+    /// by `alpha / r`.
+    pub fn attach_lora(&mut self, vars: &VarMap, r: usize, alpha: f64, seed: u64) -> Result<()> {
+        let device = self.embed.device().clone();
+        let vb = VarBuilder::from_varmap(vars, DType::F32, &device);
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let a = vb.pp(format!("llm.model.layers.{i}.self_attn"));
+            for (name, lin) in layer.attention_mut() {
+                let (out, inp) = lin.w.dims2()?;
+                let p = a.pp(name);
+                let fresh = !vars
+                    .data()
+                    .lock()
+                    .expect("var map lock")
+                    .contains_key(&format!(
+                        "llm.model.layers.{i}.self_attn.{name}.lora_A.weight"
+                    ));
+                let la = p
+                    .pp("lora_A")
+                    .get_with_hints((r, inp), "weight", Init::Const(0.0))?;
+                let lb = p
+                    .pp("lora_B")
+                    .get_with_hints((out, r), "weight", Init::Const(0.0))?;
+                lin.lora = Some(Lora {
+                    a: la,
+                    b: lb,
+                    scale: alpha / r as f64,
+                });
+                if fresh {
+                    // A as PEFT initializes it (Kaiming-uniform), B zero.
+                    let name = format!("llm.model.layers.{i}.self_attn.{name}.lora_A.weight");
+                    reinit_one(vars, &name, seed)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Folds the adapters into the base weights (`W += scale * B A`) and
+    /// removes them from `vars`: what is saved afterwards has the base
+    /// model's names only.
+    pub fn merge_lora(&mut self, vars: &VarMap) -> Result<()> {
+        let mut data = vars.data().lock().expect("var map lock");
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            for (name, lin) in layer.attention_mut() {
+                let Some(l) = lin.lora.take() else {
+                    continue;
+                };
+                let base = format!("llm.model.layers.{i}.self_attn.{name}");
+                let var = data
+                    .get(&format!("{base}.weight"))
+                    .expect("the base weight exists");
+                let merged = (var.as_tensor() + (l.b.matmul(&l.a)? * l.scale)?)?;
+                var.set(&merged)?;
+                data.remove(&format!("{base}.lora_A.weight"));
+                data.remove(&format!("{base}.lora_B.weight"));
+            }
+        }
+        Ok(())
+    }
+
     /// Changes the RoPE base (stage 4 raises it for longer contexts).
     pub fn set_rope_base(&mut self, base: f64) {
         self.rope_base = base;
@@ -484,6 +571,19 @@ impl Model {
             .forward(&self.proj_norm.forward(&x)?)?
             .gelu()?;
         self.proj_fc2.forward(&h)
+    }
+
+    /// How many tokens of `row` carry loss (what [`Model::row_loss`] counts),
+    /// without running the model.
+    pub fn loss_tokens(&self, row: &Row) -> f32 {
+        let c = &self.config;
+        let e = Expanded::new(row, c.image_token, c.tokens_per_media());
+        e.boundaries
+            .windows(2)
+            .flat_map(|w| w[0] + 1..w[1])
+            .filter(|&j| e.tokens[j].is_some())
+            .map(|j| e.mask[j])
+            .sum()
     }
 
     /// Per-token losses of one packed row: (sum of masked cross-entropy,
@@ -564,6 +664,66 @@ impl Model {
             .collect::<Result<Vec<_>>>()?;
         Ok((nll.sum_all()?, weights.iter().sum(), per_sample))
     }
+}
+
+/// Re-initializes every parameter of `vars` from `seed`, with the
+/// distributions [`Model::new`] uses (candle draws those from the thread
+/// RNG): a fresh model is then the same on every run, so a stage started
+/// from `base` is reproducible.
+pub fn init_seeded(vars: &VarMap, seed: u64) -> Result<()> {
+    let mut names: Vec<String> = vars
+        .data()
+        .lock()
+        .expect("var map lock")
+        .keys()
+        .cloned()
+        .collect();
+    names.sort();
+    for name in names {
+        reinit_one(vars, &name, seed)?;
+    }
+    Ok(())
+}
+
+/// Draws parameter `name` afresh from a generator keyed by the seed and the
+/// name (so adding parameters does not shift the others).
+fn reinit_one(vars: &VarMap, name: &str, seed: u64) -> Result<()> {
+    let data = vars.data().lock().expect("var map lock");
+    let var = &data[name];
+    let dims = var.dims().to_vec();
+    let n: usize = dims.iter().product();
+    let mut state = seed
+        ^ name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+    let mut uniform = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    let values: Vec<f32> = if name.ends_with(".bias") || name.contains("lora_B") {
+        vec![0.0; n]
+    } else if name.contains("norm") || name == "mm_projector.layers.1.weight" {
+        // Norm gains (the projector's LayerNorm is `layers.1`).
+        vec![1.0; n]
+    } else if name.contains("embed_tokens") || name.contains("position_embedding") {
+        (0..n)
+            .map(|_| {
+                let (u1, u2) = (uniform(), uniform());
+                (0.02 * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+            })
+            .collect()
+    } else {
+        let fan_in: usize = dims[1..].iter().product();
+        let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
+        (0..n)
+            .map(|_| ((uniform() * 2.0 - 1.0) * bound) as f32)
+            .collect()
+    };
+    var.set(&Tensor::from_vec(values, dims, var.device())?)
 }
 
 fn log_softmax(x: &Tensor) -> Result<Tensor> {

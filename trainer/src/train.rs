@@ -12,19 +12,15 @@ use crate::model::{Model, Row};
 
 /// Which parameters a stage trains, by the recipe's module names.
 ///
-/// `llm_lora` trains the attention projections (q, k, v, o) in full for now:
-/// low-rank adapters merged at the end of the stage are not implemented yet.
+/// `llm_lora` trains the low-rank adapters of the attention projections
+/// (q, k, v, o; [`Model::attach_lora`]), not the projections themselves;
+/// the adapters are merged into them at the end of the stage.
 pub fn is_trainable(name: &str, modules: &[String]) -> bool {
     modules.iter().any(|m| match m.as_str() {
         "vision" => name.starts_with("vision_tower."),
         "projector" => name.starts_with("mm_projector."),
         "llm" => name.starts_with("llm."),
-        "llm_lora" => {
-            name.starts_with("llm.")
-                && ["q_proj", "k_proj", "v_proj", "o_proj"]
-                    .iter()
-                    .any(|p| name.contains(p))
-        }
+        "llm_lora" => name.starts_with("llm.") && name.contains(".lora_"),
         "embed" => name.starts_with("llm.model.embed_tokens.") || name.starts_with("llm.lm_head."),
         "norm" => name.starts_with("llm.") && name.contains("norm"),
         _ => false,
@@ -94,31 +90,34 @@ impl AdamW {
         self.vars.iter().map(|(n, _)| n.as_str())
     }
 
-    /// Global L2 norm of the trainable gradients.
-    pub fn grad_norm(&self, grads: &candle_core::backprop::GradStore) -> CandleResult<f64> {
+    /// The trainable parameters' gradients out of a backward pass, in
+    /// [`AdamW::names`] order (`None`: the loss does not depend on it).
+    pub fn collect(&self, grads: &candle_core::backprop::GradStore) -> Vec<Option<Tensor>> {
+        self.vars
+            .iter()
+            .map(|(_, var)| grads.get(var.as_tensor()).cloned())
+            .collect()
+    }
+
+    /// Global L2 norm of gradients given in [`AdamW::names`] order.
+    pub fn grad_norm(&self, grads: &[Option<Tensor>]) -> CandleResult<f64> {
         let mut sq = 0f64;
-        for (_, var) in &self.vars {
-            if let Some(g) = grads.get(var.as_tensor()) {
-                sq += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
-            }
+        for g in grads.iter().flatten() {
+            sq += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
         }
         Ok(sq.sqrt())
     }
 
-    /// One update with gradients scaled by `scale` (clipping).
-    pub fn update(
-        &mut self,
-        grads: &candle_core::backprop::GradStore,
-        lr: f64,
-        scale: f64,
-    ) -> CandleResult<()> {
+    /// One update with gradients (in [`AdamW::names`] order) scaled by
+    /// `scale` (clipping).
+    pub fn update(&mut self, grads: &[Option<Tensor>], lr: f64, scale: f64) -> CandleResult<()> {
         self.step += 1;
         let t = self.step as i32;
         let (b1, b2) = (self.beta1, self.beta2);
         let c1 = 1.0 - b1.powi(t);
         let c2 = 1.0 - b2.powi(t);
-        for (name, var) in &self.vars {
-            let Some(g) = grads.get(var.as_tensor()) else {
+        for ((name, var), g) in self.vars.iter().zip(grads) {
+            let Some(g) = g else {
                 continue;
             };
             let g = (g * scale)?;
@@ -133,6 +132,38 @@ impl AdamW {
         }
         Ok(())
     }
+
+    /// Drops the parameters (and moments) that are no longer in `vars`, as
+    /// LoRA adapters after merging.
+    pub fn forget_missing(&mut self, vars: &VarMap) {
+        let data = vars.data().lock().expect("var map lock");
+        self.vars.retain(|(name, _)| data.contains_key(name));
+        self.m.retain(|name, _| data.contains_key(name));
+        self.v.retain(|name, _| data.contains_key(name));
+    }
+
+    /// Restores moments saved by a checkpoint (`NAME.exp_avg`,
+    /// `NAME.exp_avg_sq`) and the step count.
+    pub fn restore(&mut self, moments: &HashMap<String, Tensor>, step: u64) -> Result<(), String> {
+        for (name, _) in &self.vars {
+            for (suffix, map) in [("exp_avg", &mut self.m), ("exp_avg_sq", &mut self.v)] {
+                let key = format!("{name}.{suffix}");
+                let t = moments
+                    .get(&key)
+                    .ok_or_else(|| format!("the optimizer state has no `{key}`"))?;
+                if t.dims() != map[name].dims() {
+                    return Err(format!(
+                        "`{key}` has shape {:?}, the parameter {:?}",
+                        t.dims(),
+                        map[name].dims()
+                    ));
+                }
+                map.insert(name.clone(), t.clone());
+            }
+        }
+        self.step = step;
+        Ok(())
+    }
 }
 
 /// What one optimizer step did.
@@ -144,53 +175,74 @@ pub struct StepRecord {
     pub grad_norm: f64,
     pub tokens: u64,
     pub loss_tokens: f64,
+    /// Forward and backward passes the gradients accumulated over.
+    pub micro_batches: usize,
 }
 
-/// Forward and backward over `rows` (one global batch), then an update:
-/// the loss is the mean over every masked token of the batch.
+/// Forward and backward over `rows` (one global batch) in micro-batches of
+/// `micro_batch` rows, gradients summed, then one update: the loss is the
+/// mean over every masked token of the whole batch, whatever the split.
 pub fn train_step(
     model: &Model,
     opt: &mut AdamW,
     rows: &[(Row, &[String])],
+    micro_batch: usize,
     lr: f64,
     clip: f64,
     device: &Device,
 ) -> Result<StepRecord, String> {
     let fail = |e: candle_core::Error| e.to_string();
-    let mut sums = Vec::with_capacity(rows.len());
-    let mut count = 0f32;
-    let mut tokens = 0u64;
-    for (row, _) in rows {
-        let (sum, n, _) = model.row_loss(row, device).map_err(fail)?;
-        sums.push(sum);
-        count += n;
-        tokens += row.input_ids.len() as u64;
-    }
-    let total = Tensor::stack(&sums, 0)
-        .and_then(|t| t.sum_all())
-        .map_err(fail)?;
-    let loss_t = (total / f64::from(count.max(1.0))).map_err(fail)?;
-    let loss = f64::from(loss_t.to_scalar::<f32>().map_err(fail)?);
-    let samples = || -> String {
+    let count: f32 = rows.iter().map(|(row, _)| model.loss_tokens(row)).sum();
+    let tokens: u64 = rows.iter().map(|(row, _)| row.input_ids.len() as u64).sum();
+    let samples = |rows: &[(Row, &[String])]| -> String {
         rows.iter()
             .flat_map(|(_, ids)| ids.iter().cloned())
             .collect::<Vec<_>>()
             .join(", ")
     };
-    if !loss.is_finite() {
-        return Err(format!(
-            "step {}: loss is {loss}; samples: {}",
-            opt.step,
-            samples()
-        ));
+    let mut acc: Option<Vec<Option<Tensor>>> = None;
+    let mut loss = 0f64;
+    let mut passes = 0;
+    for chunk in rows.chunks(micro_batch.max(1)) {
+        let mut sums = Vec::with_capacity(chunk.len());
+        for (row, _) in chunk {
+            sums.push(model.row_loss(row, device).map_err(fail)?.0);
+        }
+        let part = Tensor::stack(&sums, 0)
+            .and_then(|t| t.sum_all())
+            .and_then(|t| t / f64::from(count.max(1.0)))
+            .map_err(fail)?;
+        let value = f64::from(part.to_scalar::<f32>().map_err(fail)?);
+        if !value.is_finite() {
+            return Err(format!(
+                "step {}: loss is {value}; samples: {}",
+                opt.step + 1,
+                samples(chunk)
+            ));
+        }
+        loss += value;
+        passes += 1;
+        let grads = opt.collect(&part.backward().map_err(fail)?);
+        acc = Some(match acc {
+            None => grads,
+            Some(sum) => sum
+                .into_iter()
+                .zip(grads)
+                .map(|(a, g)| match (a, g) {
+                    (Some(a), Some(g)) => (a + g).map(Some),
+                    (a, g) => Ok(a.or(g)),
+                })
+                .collect::<CandleResult<_>>()
+                .map_err(fail)?,
+        });
     }
-    let grads = loss_t.backward().map_err(fail)?;
+    let grads = acc.unwrap_or_default();
     let norm = opt.grad_norm(&grads).map_err(fail)?;
     if !norm.is_finite() {
         return Err(format!(
             "step {}: gradient norm is {norm}; samples: {}",
-            opt.step,
-            samples()
+            opt.step + 1,
+            samples(rows)
         ));
     }
     let scale = if clip > 0.0 && norm > clip {
@@ -206,6 +258,7 @@ pub fn train_step(
         grad_norm: norm,
         tokens,
         loss_tokens: f64::from(count),
+        micro_batches: passes,
     })
 }
 
@@ -282,6 +335,7 @@ mod tests {
                 &model,
                 &mut opt,
                 &[(row.clone(), &names)],
+                1,
                 1e-2,
                 1.0,
                 &device,
