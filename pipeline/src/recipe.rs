@@ -450,6 +450,26 @@ pub fn frame_count(policy: &str) -> std::result::Result<Option<u32>, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_rope_progression_splits_the_steps_evenly() {
+        let mut stage: Stage = toml::from_str(
+            "name = 's'\ninit = 'base'\ntrainable = ['llm']\ncontext = 8\nlr = 1.0\n\
+             schedule = 'constant'\nglobal_batch = 1\nsteps = 9\nseed = 0\n\
+             rope_base = [1.0, 2.0, 3.0]\nsource = []",
+        )
+        .unwrap();
+        let at: Vec<f64> = (0..9).map(|s| stage.rope_base_at(7.0, s, 9)).collect();
+        assert_eq!(at, [1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 3.0, 3.0, 3.0]);
+        assert_eq!(stage.final_rope_base(7.0), 3.0);
+        stage.rope_base = Some(RopeBase::One(5.0));
+        assert_eq!(
+            (stage.rope_base_at(7.0, 4, 9), stage.final_rope_base(7.0)),
+            (5.0, 5.0)
+        );
+        stage.rope_base = None;
+        assert_eq!(stage.final_rope_base(7.0), 7.0);
+    }
+
     use super::*;
 
     #[test]

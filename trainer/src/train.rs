@@ -362,6 +362,10 @@ mod tests {
     fn module_names_select_the_hf_parameter_groups() {
         let m = |s: &str| vec![s.to_string()];
         assert!(is_trainable(
+            "llm.model.layers.0.self_attn.q_proj.lora_A.weight",
+            &m("llm_lora")
+        ));
+        assert!(!is_trainable(
             "llm.model.layers.0.self_attn.q_proj.weight",
             &m("llm_lora")
         ));
@@ -375,5 +379,151 @@ mod tests {
             &m("norm")
         ));
         assert!(is_trainable("llm.lm_head.weight", &m("embed")));
+    }
+
+    fn snapshot(vars: &VarMap) -> HashMap<String, Vec<f32>> {
+        vars.data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(n, v)| {
+                (
+                    n.clone(),
+                    v.as_tensor().flatten_all().unwrap().to_vec1().unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn accumulated_micro_batches_make_the_same_update_as_one_batch() {
+        let device = Device::Cpu;
+        let rows_data: Vec<(Vec<u32>, Vec<u8>)> = (0..4u32)
+            .map(|r| {
+                let ids: Vec<u32> = (0..7 + r).map(|i| (i * 5 + r * 3) % 18 + 1).collect();
+                let mask = (0..ids.len())
+                    .map(|i| u8::from(i > 1 + r as usize))
+                    .collect();
+                (ids, mask)
+            })
+            .collect();
+        let names = vec!["s".to_string()];
+        let run = |micro: usize| {
+            let vars = VarMap::new();
+            let model = Model::new(config(), &vars, &device).unwrap();
+            crate::model::tests::seed_vars(&vars, 3);
+            let mut opt = AdamW::new(&vars, &["llm".to_string()]).unwrap();
+            let bounds: Vec<[u32; 2]> = rows_data
+                .iter()
+                .map(|(ids, _)| [0, ids.len() as u32])
+                .collect();
+            let rows: Vec<(Row, &[String])> = rows_data
+                .iter()
+                .zip(&bounds)
+                .map(|((ids, mask), b)| {
+                    (
+                        Row {
+                            input_ids: ids,
+                            loss_mask: mask,
+                            boundaries: b,
+                            pixels: &[],
+                        },
+                        names.as_slice(),
+                    )
+                })
+                .collect();
+            let rec = train_step(&model, &mut opt, &rows, micro, 1e-2, 0.0, &device).unwrap();
+            (rec, snapshot(&vars))
+        };
+        let (whole, after_whole) = run(4);
+        let (split, after_split) = run(1);
+        assert_eq!((whole.micro_batches, split.micro_batches), (1, 4));
+        assert!(
+            (whole.loss - split.loss).abs() < 1e-5,
+            "{} vs {}",
+            whole.loss,
+            split.loss
+        );
+        assert!((whole.grad_norm - split.grad_norm).abs() < 1e-4 * whole.grad_norm);
+        for (name, a) in &after_whole {
+            let b = &after_split[name];
+            let worst = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-5, "{name}: differs by {worst}");
+        }
+    }
+
+    #[test]
+    fn lora_trains_adapters_only_and_merging_keeps_the_function() {
+        let device = Device::Cpu;
+        let vars = VarMap::new();
+        let mut model = Model::new(config(), &vars, &device).unwrap();
+        crate::model::tests::seed_vars(&vars, 9);
+        model.attach_lora(&vars, 2, 4.0, 1).unwrap();
+        let before = snapshot(&vars);
+        let modules = vec!["llm_lora".to_string()];
+        let mut opt = AdamW::new(&vars, &modules).unwrap();
+        assert_eq!(opt.names().count(), 4 * 2, "A and B of q, k, v, o");
+        assert!(opt.names().all(|n| n.contains(".lora_")));
+        let ids: Vec<u32> = vec![2, 3, 4, 5, 6, 7, 8, 9, 10, 11];
+        let mask = vec![1u8; 10];
+        let row = Row {
+            input_ids: &ids,
+            loss_mask: &mask,
+            boundaries: &[0, 10],
+            pixels: &[],
+        };
+        let names = vec!["s".to_string()];
+        let mut losses = vec![];
+        for _ in 0..20 {
+            let rec = train_step(
+                &model,
+                &mut opt,
+                &[(row.clone(), &names)],
+                1,
+                2e-2,
+                0.0,
+                &device,
+            )
+            .unwrap();
+            losses.push(rec.loss);
+        }
+        assert!(losses[19] < losses[0] - 0.05, "{losses:?}");
+        let trained = snapshot(&vars);
+        for (name, values) in &before {
+            if !name.contains(".lora_") {
+                assert_eq!(
+                    &trained[name], values,
+                    "{name} is not an adapter but changed"
+                );
+            }
+        }
+        let unmerged = model
+            .row_loss(&row, &device)
+            .unwrap()
+            .0
+            .to_scalar::<f32>()
+            .unwrap();
+        model.merge_lora(&vars).unwrap();
+        let merged_vars = snapshot(&vars);
+        assert!(merged_vars.keys().all(|n| !n.contains(".lora_")));
+        let q = "llm.model.layers.0.self_attn.q_proj.weight";
+        assert_ne!(
+            merged_vars[q], before[q],
+            "merging changes the base weights"
+        );
+        let merged = model
+            .row_loss(&row, &device)
+            .unwrap()
+            .0
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            (merged - unmerged).abs() < 1e-4 * unmerged.abs(),
+            "{merged} vs {unmerged}"
+        );
     }
 }
