@@ -28,8 +28,10 @@ pub enum Command {
     Mix(MixArgs),
     /// Print the batches the loader gives one rank (to inspect a mix).
     Stream(StreamArgs),
-    /// Train one curriculum stage over its mix (CPU), writing safetensors checkpoints and metrics.
+    /// Train a curriculum stage (or a chain of them, or resume one) on CPU, writing safetensors checkpoints, metrics, lineage and plots.
     Train(TrainArgs),
+    /// Evaluate a trained stage on the synthetic corpus's held-out set (VQA, text and video needles, perplexity).
+    Eval(EvalArgs),
     /// Run the whole chain on the synthetic corpus and write a report.
     Demo(DemoArgs),
 }
@@ -305,6 +307,41 @@ pub struct SqlArgs {
     pub format: FormatArg,
     /// The query (SELECT, WITH, EXPLAIN, SHOW, DESCRIBE; writes are refused).
     pub query: String,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// A stage's run folder (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    pub run: PathBuf,
+    /// The synthetic corpus `lvpipe synth` wrote (answers.json and eval/).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Suites, comma-separated: vqa, niah_text, niah_video, ppl; `niah` is
+    /// both needle suites, `all` every suite.
+    #[arg(long, default_value = "all")]
+    pub suite: String,
+    /// Folder for eval.json and the heatmaps.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// At most this many questions (and video needles) per suite (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub limit: usize,
+    /// Document lengths of the text needles, in tokens.
+    #[arg(long, value_delimiter = ',', default_value = "256,512,1024,2048")]
+    pub niah_lengths: Vec<usize>,
+    /// Depths of the text needles, 0 to 1.
+    #[arg(long, value_delimiter = ',', default_value = "0,0.25,0.5,0.75,1")]
+    pub niah_depths: Vec<f64>,
+    /// Needles per (length, depth) cell.
+    #[arg(long, default_value_t = 4)]
+    pub niah_trials: usize,
+    /// Frame policies of the video needles, `;`-separated (a heatmap column each).
+    #[arg(long, value_delimiter = ';', default_value = "fps:2,max:64;uniform:16")]
+    pub video_frames: Vec<String>,
+    /// Frame policy of the questions about short clips.
+    #[arg(long, default_value = "uniform:8")]
+    pub clip_frames: String,
 }
 
 #[derive(Debug, Args)]

@@ -29,6 +29,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Mix(args) => mix(args),
         Command::Stream(args) => stream(args),
         Command::Train(args) => crate::training::train(args),
+        Command::Eval(args) => eval(args),
         Command::Demo(args) => demo(args),
     }
 }
@@ -142,6 +143,24 @@ fn stream(args: StreamArgs) -> Result<ExitCode> {
         opened.as_secs_f64() * 1e3,
         first.unwrap_or_default().as_secs_f64() * 1e3,
     ));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn eval(args: crate::args::EvalArgs) -> Result<ExitCode> {
+    let settings = crate::eval::EvalSettings {
+        run: args.run,
+        data: args.data,
+        suites: crate::eval::parse_suites(&args.suite)?,
+        out: args.out,
+        limit: args.limit,
+        niah_lengths: args.niah_lengths,
+        niah_depths: args.niah_depths,
+        niah_trials: args.niah_trials,
+        video_frames: args.video_frames,
+        clip_frames: args.clip_frames,
+    };
+    let report = crate::eval::evaluate(&settings, &mut |suite| log(&format!("eval: {suite}")))?;
+    out(&crate::eval::summary(&report))?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -7,6 +7,8 @@
 
 mod args;
 mod commands;
+mod eval;
+mod plot;
 mod progress;
 mod training;
 

@@ -164,7 +164,74 @@ pub fn chain(c: &Chain) -> Result<Vec<(usize, Summary)>> {
         let summary = train_stage(&spec, &dir, true, c.abort_after)?;
         done.push((number, summary));
     }
+    let plots = plot_runs(c.out)?;
+    if !plots.is_empty() {
+        log(&format!(
+            "plots: {}",
+            plots
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
     Ok(done)
+}
+
+/// `loss.png` and `lr.png` in `runs`: every stage-N folder's curve on one
+/// axis of global steps, stage starts marked.
+pub fn plot_runs(runs: &Path) -> Result<Vec<PathBuf>> {
+    use crate::plot::{Series, line_chart};
+    let dirs = lvpipe_pipeline::lineage::run_dirs(runs)?;
+    let (mut loss, mut lr, mut markers) = (Vec::new(), Vec::new(), Vec::new());
+    let mut offset = 0u64;
+    for dir in dirs.iter().filter(|d| d.as_path() != runs) {
+        let text = fs_err::read_to_string(dir.join("metrics.jsonl"))?;
+        let mut stage = None;
+        let mut last = 0;
+        for line in text.lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            let step = v["step"].as_u64().unwrap_or(0);
+            stage = stage.or(v["stage"].as_u64());
+            let x = (offset + step) as f64;
+            loss.push((x, v["loss"].as_f64().unwrap_or(f64::NAN)));
+            lr.push((x, v["lr"].as_f64().unwrap_or(f64::NAN)));
+            last = last.max(step);
+        }
+        if let Some(stage) = stage {
+            markers.push(((offset + 1) as f64, format!("S{stage}")));
+        }
+        offset += last;
+    }
+    if loss.is_empty() {
+        return Ok(vec![]);
+    }
+    let paths = vec![runs.join("loss.png"), runs.join("lr.png")];
+    line_chart(
+        &paths[0],
+        "Training loss across the curriculum",
+        "global step",
+        "loss",
+        &[Series {
+            label: "loss".into(),
+            points: loss,
+        }],
+        &markers,
+    )?;
+    line_chart(
+        &paths[1],
+        "Learning rate (warmup, then cosine or constant; reset per stage)",
+        "global step",
+        "lr",
+        &[Series {
+            label: "lr".into(),
+            points: lr,
+        }],
+        &markers,
+    )?;
+    Ok(paths)
 }
 
 /// Trains one stage as `spec` says into `out` (continuing from its newest

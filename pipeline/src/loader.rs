@@ -300,9 +300,11 @@ impl EncodedMedia {
     }
 }
 
-/// One image to normalized CHW pixels at `size` x `size`. Shards hold images
-/// that lvpipe itself encoded, so a failure here means a corrupted mix file.
-fn decode_pixels(bytes: &[u8], size: u32, sample_id: &str) -> Result<Vec<f32>> {
+/// One stored image to normalized CHW pixels (`[3, S, S]`, as SigLIP
+/// expects) at `size` x `size`: what the loader feeds the model, and how
+/// evaluation prepares media. Shards hold images that lvpipe itself
+/// encoded, so a failure here means a corrupted mix file.
+pub fn decode_pixels(bytes: &[u8], size: u32, sample_id: &str) -> Result<Vec<f32>> {
     let n = (size * size) as usize;
     let rgb = image::load_from_memory(bytes)
         .map_err(|e| Error::Recipe(format!("mix sample {sample_id}: undecodable image: {e}")))?

@@ -49,6 +49,8 @@ struct Sizes {
     image_side: (u32, u32),
     long_words: (usize, usize),
     vocab: usize,
+    /// Held-out evaluation set: images, short clips, long videos.
+    eval: (usize, usize, usize),
     #[cfg_attr(not(feature = "video"), allow(dead_code))]
     videos: VideoSizes,
 }
@@ -74,6 +76,7 @@ impl Scale {
                 image_side: (48, 96),
                 long_words: (300, 600),
                 vocab: 1024,
+                eval: (8, 2, 2),
                 videos: VideoSizes {
                     clips: 8,
                     clip_side: (64, 48),
@@ -91,6 +94,7 @@ impl Scale {
                 image_side: (160, 320),
                 long_words: (1500, 6000),
                 vocab: 4096,
+                eval: (200, 40, 10),
                 videos: VideoSizes {
                     clips: 240,
                     clip_side: (128, 96),
@@ -146,6 +150,14 @@ pub struct Answers {
     /// The shape that flashes in each long video (`longvideo.json`).
     #[serde(default)]
     pub video_needles: Vec<VideoNeedle>,
+    /// The held-out evaluation set (`eval/`, in no source): every question
+    /// of each image, of each clip, and each long video's needle.
+    #[serde(default)]
+    pub eval_vqa: Vec<VqaItem>,
+    #[serde(default)]
+    pub eval_video_vqa: Vec<VideoQaItem>,
+    #[serde(default)]
+    pub eval_video_needles: Vec<VideoNeedle>,
 }
 
 /// One question about a short clip and its answer.
@@ -287,6 +299,33 @@ impl Scene {
             ),
         ];
         templates.choose(rng).expect("non-empty").clone()
+    }
+
+    /// The four questions about the scene: (attribute, question, answer).
+    fn questions(&self) -> Vec<(&'static str, String, String)> {
+        let shape = SHAPES[self.shape];
+        vec![
+            (
+                "colour",
+                "What color are the shapes?".to_string(),
+                COLOURS[self.colour].0.to_string(),
+            ),
+            (
+                "shape",
+                "Which shape is drawn?".to_string(),
+                shape.to_string(),
+            ),
+            (
+                "count",
+                format!("How many {shape}s are there?"),
+                NUMBERS[self.count as usize].to_string(),
+            ),
+            (
+                "position",
+                "Where are the shapes?".to_string(),
+                POSITIONS[self.position].to_string(),
+            ),
+        ]
     }
 
     fn facts(&self, file: String) -> ImageFacts {
@@ -486,6 +525,27 @@ const NAMES: [&str; 16] = [
     "Kestrel", "Liora", "Maren", "Nilo", "Orla", "Perrin",
 ];
 
+/// The sentence of a planted fact; a recall repeats it, and a needle
+/// question is its prefix up to "is" ([`needle_prompt`]).
+pub fn needle_fact(name: &str, code: &str) -> String {
+    format!("{} {code}.", needle_prompt(name))
+}
+
+/// What a model completes with the code when it has retrieved the fact.
+pub fn needle_prompt(name: &str) -> String {
+    format!("The secret code of {name} is")
+}
+
+/// `n` filler sentences of the long documents, from `seed`: haystacks for
+/// needle and perplexity evaluations.
+pub fn filler_sentences(seed: u64, n: usize) -> Vec<String> {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    (0..n).map(|_| filler_sentence(&mut rng)).collect()
+}
+
+/// Names of the needles (`{name}{index}` in documents).
+pub const NEEDLE_NAMES: [&str; 16] = NAMES;
+
 fn filler_sentence(rng: &mut SmallRng) -> String {
     let s = FILLER_SUBJECTS.choose(rng).expect("non-empty");
     let v = FILLER_VERBS.choose(rng).expect("non-empty");
@@ -511,6 +571,9 @@ pub fn synthesize(settings: &SynthSettings) -> Result<SynthSummary> {
         needles: vec![],
         video_vqa: vec![],
         video_needles: vec![],
+        eval_vqa: vec![],
+        eval_video_vqa: vec![],
+        eval_video_needles: vec![],
     };
     // Every piece of text also feeds the tokenizer trainer.
     let mut corpus: Vec<String> = Vec::new();
@@ -562,29 +625,7 @@ pub fn synthesize(settings: &SynthSettings) -> Result<SynthSummary> {
         let id = format!("sft-{i:05}");
         let image = image_file(&mut rng, &id, &scene, i + 1)?;
         answers.images.push(scene.facts(image.clone()));
-        let facts = scene.facts(image.clone());
-        let mut qas = vec![
-            (
-                "colour",
-                "What color are the shapes?".to_string(),
-                facts.colour.clone(),
-            ),
-            (
-                "shape",
-                "Which shape is drawn?".to_string(),
-                facts.shape.clone(),
-            ),
-            (
-                "count",
-                format!("How many {}s are there?", facts.shape),
-                NUMBERS[facts.count as usize].to_string(),
-            ),
-            (
-                "position",
-                "Where are the shapes?".to_string(),
-                facts.position.clone(),
-            ),
-        ];
+        let mut qas = scene.questions();
         // Two or three of the four questions, in a random order.
         for k in (1..qas.len()).rev() {
             qas.swap(k, rng.random_range(0..=k));
@@ -684,11 +725,20 @@ pub fn synthesize(settings: &SynthSettings) -> Result<SynthSummary> {
             words += s.split_whitespace().count();
             sentences.push(s);
         }
+        // Further facts, each recalled later in the document: retrieval
+        // across the context is what the long-context stages can learn.
+        for k in 0..target_words / 150 {
+            let other = format!("{}{i}x{k}", NAMES.choose(&mut rng).expect("non-empty"));
+            let other_code = rng.random_range(1000..10000u32).to_string();
+            let fact = rng.random_range(0..=sentences.len());
+            sentences.insert(fact, needle_fact(&other, &other_code));
+            let recall = rng.random_range(fact + 1..=sentences.len());
+            sentences.insert(recall, needle_fact(&other, &other_code));
+        }
         let at = ((sentences.len() as f64) * depth).round() as usize;
-        sentences.insert(
-            at.min(sentences.len()),
-            format!("The secret code of {name} is {code}."),
-        );
+        sentences.insert(at.min(sentences.len()), needle_fact(&name, &code));
+        // The planted fact is recalled at the end.
+        sentences.push(needle_fact(&name, &code));
         let text = sentences.join(" ");
         corpus.push(text.clone());
         answers.needles.push(Needle {
@@ -700,9 +750,40 @@ pub fn synthesize(settings: &SynthSettings) -> Result<SynthSummary> {
         longdocs.push(TextRecord { id, text });
     }
 
+    // The held-out evaluation images: every question of each.
+    fs_err::create_dir_all(out.join("eval/images"))?;
+    for i in 0..sizes.eval.0 {
+        let scene = Scene::random(&mut rng);
+        let (lo, hi) = sizes.image_side;
+        let (w, h) = (rng.random_range(lo..=hi), rng.random_range(lo..=hi));
+        let rel = format!("eval/images/eval-{i:05}.png");
+        let path = out.join(&rel);
+        fs_err::write(
+            &path,
+            encode(&scene.render(&mut rng, w, h), ImageFormat::Png)?,
+        )?;
+        files.push(path);
+        for (attribute, question, answer) in scene.questions() {
+            answers.eval_vqa.push(VqaItem {
+                id: format!("eval-{i:05}"),
+                image: rel.clone(),
+                attribute: attribute.to_string(),
+                question,
+                answer,
+            });
+        }
+    }
+
     #[cfg(feature = "video")]
     {
-        let v = videos::write(out, &sizes.videos, &mut rng)?;
+        let v = videos::write(
+            out,
+            "videos",
+            "",
+            (sizes.videos.clips, sizes.videos.long),
+            &sizes.videos,
+            &mut rng,
+        )?;
         for (name, records) in [
             (VIDEO_SOURCES[0].1, &v.clips),
             (VIDEO_SOURCES[1].1, &v.long),
@@ -715,6 +796,17 @@ pub fn synthesize(settings: &SynthSettings) -> Result<SynthSummary> {
         corpus.extend(v.corpus);
         answers.video_vqa = v.qa;
         answers.video_needles = v.needles;
+        let held_out = videos::write(
+            out,
+            "eval/videos",
+            "eval-",
+            (sizes.eval.1, sizes.eval.2),
+            &sizes.videos,
+            &mut rng,
+        )?;
+        files.extend(held_out.files);
+        answers.eval_video_vqa = held_out.qa;
+        answers.eval_video_needles = held_out.needles;
         for ((name, ..), count) in VIDEO_SOURCES.iter().zip([v.clips.len(), v.long.len()]) {
             answers.counts.insert(name.to_string(), count as u64);
             answers

@@ -586,34 +586,37 @@ impl Model {
             .sum()
     }
 
-    /// Per-token losses of one packed row: (sum of masked cross-entropy,
-    /// number of masked tokens), and the per-sample sums for tests.
-    pub fn row_loss(&self, row: &Row, device: &Device) -> Result<(Tensor, f32, Vec<Tensor>)> {
+    /// The projected media tokens of a row's images, `[N, tokens, H]`.
+    fn media(&self, row: &Row, device: &Device) -> Result<Option<Tensor>> {
         let c = &self.config;
-        let per_media = c.tokens_per_media();
-        let e = Expanded::new(row, c.image_token, per_media);
         let n_media = row
             .input_ids
             .iter()
             .filter(|&&t| t == c.image_token)
             .count();
-        let media = if n_media > 0 {
-            let s = c.image_size;
-            let px = Tensor::from_slice(
-                &row.pixels[..n_media * 3 * s * s],
-                (n_media, 3, s, s),
-                device,
-            )?;
-            Some(self.project(&self.encode_images(&px)?)?)
-        } else {
-            None
-        };
+        if n_media == 0 {
+            return Ok(None);
+        }
+        let s = c.image_size;
+        let px = Tensor::from_slice(
+            &row.pixels[..n_media * 3 * s * s],
+            (n_media, 3, s, s),
+            device,
+        )?;
+        Ok(Some(self.project(&self.encode_images(&px)?)?))
+    }
+
+    /// Final hidden states `[T, H]` (normed) of an expanded row whose media
+    /// tokens are `media`.
+    fn hidden(&self, e: &Expanded, media: Option<&Tensor>, device: &Device) -> Result<Tensor> {
+        let c = &self.config;
+        let per_media = c.tokens_per_media();
         // Embeddings: runs of text tokens gathered at once, media spliced in.
         let mut parts = Vec::new();
         let (mut i, mut m) = (0, 0);
         while i < e.tokens.len() {
             if e.tokens[i].is_none() {
-                let media = media.as_ref().expect("placeholders imply media");
+                let media = media.expect("placeholders imply media");
                 parts.push(media.i(m)?);
                 m += 1;
                 i += per_media;
@@ -633,14 +636,26 @@ impl Model {
             );
         }
         let mut x = Tensor::cat(&parts, 0)?;
-        let t = e.tokens.len();
         let (cos, sin) = rope_tables(&e.positions, c.hidden / c.heads, self.rope_base, device)?;
         let mask = block_causal_mask(&e.boundaries, device)?;
         for layer in &self.layers {
             x = layer.forward(&x, &cos, &sin, &mask)?;
         }
-        let logits = self.lm_head.forward(&self.norm.forward(&x)?)?;
-        // Position j predicts token j + 1 within its sample.
+        self.norm.forward(&x)
+    }
+
+    /// Per-position negative log-likelihoods of a row: entry j is the loss
+    /// of predicting expanded position j + 1 within its sample (0 where the
+    /// next position is media or in another sample), and the weights the
+    /// loss mask gives them.
+    fn nll(&self, row: &Row, device: &Device) -> Result<(Tensor, Vec<f32>, Expanded)> {
+        let c = &self.config;
+        let e = Expanded::new(row, c.image_token, c.tokens_per_media());
+        let media = self.media(row, device)?;
+        let logits = self
+            .lm_head
+            .forward(&self.hidden(&e, media.as_ref(), device)?)?;
+        let t = e.tokens.len();
         let mut targets = vec![0u32; t];
         let mut weights = vec![0f32; t];
         for w in e.boundaries.windows(2) {
@@ -655,14 +670,83 @@ impl Model {
         let picked = logp
             .gather(&Tensor::new(targets.as_slice(), device)?.unsqueeze(1)?, 1)?
             .squeeze(1)?;
+        Ok((picked.neg()?, weights, e))
+    }
+
+    /// Per-token losses of one packed row: (sum of masked cross-entropy,
+    /// number of masked tokens), and the per-sample sums for tests.
+    pub fn row_loss(&self, row: &Row, device: &Device) -> Result<(Tensor, f32, Vec<Tensor>)> {
+        let (nll, weights, e) = self.nll(row, device)?;
         let weights_t = Tensor::new(weights.as_slice(), device)?;
-        let nll = (picked.neg()? * &weights_t)?;
+        let nll = (nll * &weights_t)?;
         let per_sample = e
             .boundaries
             .windows(2)
             .map(|w| nll.narrow(0, w[0], w[1] - w[0])?.sum_all())
             .collect::<Result<Vec<_>>>()?;
         Ok((nll.sum_all()?, weights.iter().sum(), per_sample))
+    }
+
+    /// Negative log-likelihood of each text token of a one-sample row given
+    /// the tokens before it: entry k is the loss of token k + 1 (media
+    /// placeholders must not occur; for perplexity of documents).
+    pub fn token_nll(&self, ids: &[u32], device: &Device) -> Result<Vec<f32>> {
+        let mask = vec![1u8; ids.len()];
+        let bounds = [0, ids.len() as u32];
+        let row = Row {
+            input_ids: ids,
+            loss_mask: &mask,
+            boundaries: &bounds,
+            pixels: &[],
+        };
+        let (nll, _, _) = self.nll(&row, device)?;
+        let mut v: Vec<f32> = nll.to_vec1()?;
+        v.pop();
+        Ok(v)
+    }
+
+    /// Greedy decoding: the prompt `ids` (with `<image>` placeholders for
+    /// `pixels`, as a sample), then up to `max_new` tokens, stopping after
+    /// any of `stop`. Returns the new tokens. Media are encoded once.
+    pub fn generate(
+        &self,
+        ids: &[u32],
+        pixels: &[f32],
+        max_new: usize,
+        stop: &[u32],
+        device: &Device,
+    ) -> Result<Vec<u32>> {
+        let c = &self.config;
+        let mut seq = ids.to_vec();
+        let mask = vec![0u8; ids.len() + max_new];
+        let prompt_row = Row {
+            input_ids: ids,
+            loss_mask: &mask[..ids.len()],
+            boundaries: &[0, ids.len() as u32],
+            pixels,
+        };
+        let media = self.media(&prompt_row, device)?;
+        let mut out = Vec::new();
+        for _ in 0..max_new {
+            let bounds = [0, seq.len() as u32];
+            let row = Row {
+                input_ids: &seq,
+                loss_mask: &mask[..seq.len()],
+                boundaries: &bounds,
+                pixels,
+            };
+            let e = Expanded::new(&row, c.image_token, c.tokens_per_media());
+            let h = self.hidden(&e, media.as_ref(), device)?;
+            let last = h.narrow(0, h.dim(0)? - 1, 1)?;
+            let logits = self.lm_head.forward(&last)?.squeeze(0)?;
+            let next = logits.argmax(0)?.to_scalar::<u32>()?;
+            out.push(next);
+            seq.push(next);
+            if stop.contains(&next) {
+                break;
+            }
+        }
+        Ok(out)
     }
 }
 

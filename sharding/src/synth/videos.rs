@@ -42,8 +42,17 @@ const LONG_FPS: u32 = 4;
 /// How long the needle shows, in frames of the long videos (2 s).
 const NEEDLE_FRAMES: u32 = 8;
 
-pub(super) fn write(out: &Path, sizes: &VideoSizes, rng: &mut SmallRng) -> Result<Written> {
-    fs_err::create_dir_all(out.join("videos"))?;
+/// Writes `clips` short clips and `long` long videos into `out/DIR`, ids
+/// prefixed with `prefix` (the held-out evaluation set uses `eval-`).
+pub(super) fn write(
+    out: &Path,
+    dir: &str,
+    prefix: &str,
+    (clips, long): (usize, usize),
+    sizes: &VideoSizes,
+    rng: &mut SmallRng,
+) -> Result<Written> {
+    fs_err::create_dir_all(out.join(dir))?;
     let mut w = Written {
         clips: vec![],
         long: vec![],
@@ -59,8 +68,8 @@ pub(super) fn write(out: &Path, sizes: &VideoSizes, rng: &mut SmallRng) -> Resul
         )))
     };
     let vp9 = Codec::Vp9.available();
-    for i in 0..sizes.clips {
-        let id = format!("clip-{i:05}");
+    for i in 0..clips {
+        let id = format!("{prefix}clip-{i:05}");
         let (colour, shape) = (
             rng.random_range(0..COLOURS.len()),
             rng.random_range(0..SHAPES.len()),
@@ -69,7 +78,7 @@ pub(super) fn write(out: &Path, sizes: &VideoSizes, rng: &mut SmallRng) -> Resul
         let (cw, ch) = sizes.clip_side;
         // Every fourth clip is VP9 in WebM where this FFmpeg can encode it.
         let webm = vp9 && i % 4 == 3;
-        let rel = format!("videos/{id}.{}", if webm { "webm" } else { "mp4" });
+        let rel = format!("{dir}/{id}.{}", if webm { "webm" } else { "mp4" });
         let path = out.join(&rel);
         let mut spec = Spec::new(cw, ch, CLIP_FPS);
         spec.codec = if webm { Codec::Vp9 } else { Codec::H264 };
@@ -144,8 +153,8 @@ pub(super) fn write(out: &Path, sizes: &VideoSizes, rng: &mut SmallRng) -> Resul
     }
 
     let depths = [0.1, 0.3, 0.5, 0.7, 0.9];
-    for i in 0..sizes.long {
-        let id = format!("long-video-{i:05}");
+    for i in 0..long {
+        let id = format!("{prefix}long-video-{i:05}");
         let (lw, lh) = sizes.long_side;
         let total = sizes.long_seconds * LONG_FPS;
         let depth = depths[i % depths.len()];
@@ -155,7 +164,7 @@ pub(super) fn write(out: &Path, sizes: &VideoSizes, rng: &mut SmallRng) -> Resul
             rng.random_range(0..COLOURS.len()),
             rng.random_range(0..SHAPES.len()),
         );
-        let rel = format!("videos/{id}.mp4");
+        let rel = format!("{dir}/{id}.mp4");
         let path = out.join(&rel);
         let mut spec = Spec::new(lw, lh, LONG_FPS);
         // A keyframe every 8 s, as in the benchmark's long videos.
