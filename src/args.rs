@@ -355,6 +355,18 @@ pub struct DemoArgs {
     /// Random seed of the synthetic corpus.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Recipe to run (default: the shipped recipes/tiny.toml).
+    #[arg(long)]
+    pub recipe: Option<PathBuf>,
+    /// Cap every stage at this many steps (default: the recipe's).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Stop after the data side (synth, shards, plan, mixes): no training or evaluation.
+    #[arg(long)]
+    pub no_train: bool,
+    /// At most this many questions per evaluation suite (0: all).
+    #[arg(long, default_value_t = 240)]
+    pub eval_limit: usize,
 }
 
 /// Parses `123`, `64KB`, `256MiB`, `1GB`, `2GiB`.

@@ -403,8 +403,17 @@ fn demo(args: DemoArgs) -> Result<ExitCode> {
         "lvpipe demo: building shards into {}",
         shards.display()
     ));
+    // The recipe first: shards are built at its model's image size.
+    let recipe_path = args.out.join("recipes/tiny.toml");
+    fs_err::create_dir_all(args.out.join("recipes"))?;
+    match &args.recipe {
+        Some(path) => fs_err::copy(path, &recipe_path).map(|_| ())?,
+        None => fs_err::write(&recipe_path, TINY_RECIPE)?,
+    }
+    let recipe = Recipe::load(&recipe_path)?;
     let mut settings = BuildSettings::new(&shards, raw.join("tokenizer.json"))
         .with_sources(Registry::load(&raw.join("registry.toml"))?);
+    settings.image.size = recipe.model.image_size;
     settings.target_shard_bytes = 32 << 20;
     settings.overwrite = true;
     let summary = run_build(&settings)?;
@@ -432,11 +441,7 @@ fn demo(args: DemoArgs) -> Result<ExitCode> {
             "MISMATCH"
         }
     ));
-    // The curriculum's data side: the tiny recipe, planned and mixed per stage.
-    let recipe_path = args.out.join("recipes/tiny.toml");
-    fs_err::create_dir_all(args.out.join("recipes"))?;
-    fs_err::write(&recipe_path, TINY_RECIPE)?;
-    let recipe = Recipe::load(&recipe_path)?;
+    // The curriculum's data side: the recipe, planned and mixed per stage.
     let mixes = args.out.join("mixes");
     let (tables, problems, plan_text) = runtime()?.block_on(async {
         let catalog = Catalog::open(&shards).await?;
@@ -498,6 +503,21 @@ fn demo(args: DemoArgs) -> Result<ExitCode> {
             ));
         }
     }
+    let mut trained = true;
+    if problems.is_empty() && !args.no_train {
+        let (text, ok) = crate::demo::train_and_evaluate(&crate::demo::DemoTraining {
+            out: &args.out,
+            recipe: &recipe_path,
+            stages: recipe.stages.len(),
+            shards: &shards,
+            mixes: &mixes,
+            raw: &raw,
+            steps: args.steps,
+            eval_limit: args.eval_limit,
+        })?;
+        report.push_str(&text);
+        trained = ok;
+    }
     let path = args.out.join("report.md");
     fs_err::write(&path, &report)?;
     out(&report)?;
@@ -506,9 +526,11 @@ fn demo(args: DemoArgs) -> Result<ExitCode> {
         started.elapsed().as_secs_f64(),
         path.display()
     ));
-    Ok(if summary.samples == expected && problems.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(
+        if summary.samples == expected && problems.is_empty() && trained {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        },
+    )
 }

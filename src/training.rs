@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use lvpipe_pipeline::{Catalog, Mix, Recipe, build_mix};
-use lvpipe_trainer::run::{StageRun, Summary, finished, run_stage};
+use lvpipe_trainer::run::{StageRun, Summary, TrainerState, finished, run_stage};
 use serde::{Deserialize, Serialize};
 
 use crate::args::TrainArgs;
@@ -64,6 +64,7 @@ pub fn train(args: TrainArgs) -> Result<std::process::ExitCode> {
             shards,
             tokenizer: &tokenizer,
             out: &out,
+            mixes: None,
             stages: (first, last),
             steps: args.steps,
             clip: args.clip,
@@ -95,6 +96,8 @@ pub struct Chain<'a> {
     pub shards: &'a Path,
     pub tokenizer: &'a Path,
     pub out: &'a Path,
+    /// Where the stage mixes go (default: OUT/mixes).
+    pub mixes: Option<&'a Path>,
     pub stages: (usize, usize),
     pub steps: Option<u64>,
     pub clip: f64,
@@ -112,18 +115,38 @@ pub fn chain(c: &Chain) -> Result<Vec<(usize, Summary)>> {
     }
     let (first, last) = c.stages;
     recipe.stage(last)?;
-    let mixes = c.out.join("mixes");
+    let mixes = c
+        .mixes
+        .map_or_else(|| c.out.join("mixes"), Path::to_path_buf);
     let catalog = runtime()?.block_on(Catalog::open(c.shards))?;
     let mut done = Vec::new();
     for number in first..=last {
         let stage = recipe.stage(number)?;
         let dir = c.out.join(format!("stage-{number}"));
+        log(&format!("stage {number} ({}): mixing", stage.name));
+        let meta = runtime()?.block_on(build_mix(&catalog, &recipe, number, &mixes))?;
+        let fingerprint = format!(
+            "{}/{}",
+            meta.shards_build_fingerprint, meta.tokenizer_fingerprint
+        );
+        let same = |state: &TrainerState| {
+            state.recipe_fingerprint == meta.recipe_fingerprint
+                && state.mix_fingerprint == fingerprint
+        };
         if let Some(state) = finished(&dir) {
+            if same(&state) {
+                log(&format!(
+                    "stage {number} ({}): finished earlier ({} steps), skipped",
+                    stage.name, state.steps
+                ));
+                continue;
+            }
             log(&format!(
-                "stage {number} ({}): finished earlier ({} steps), skipped",
-                stage.name, state.steps
+                "stage {number} ({}): {} was trained on other data or another recipe; training it again",
+                stage.name,
+                dir.display()
             ));
-            continue;
+            fs_err::remove_dir_all(&dir)?;
         }
         let init = if stage.init == "base" {
             None
@@ -149,8 +172,6 @@ pub fn chain(c: &Chain) -> Result<Vec<(usize, Summary)>> {
             }
             Some(absolute(&from)?)
         };
-        log(&format!("stage {number} ({}): mixing", stage.name));
-        runtime()?.block_on(build_mix(&catalog, &recipe, number, &mixes))?;
         let spec = RunSpec {
             recipe: c.recipe.to_path_buf(),
             stage: number,

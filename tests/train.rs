@@ -237,3 +237,62 @@ fn a_killed_chain_resumes_with_the_same_losses_and_its_lineage_is_queryable() {
         "{sources:?}"
     );
 }
+
+#[test]
+fn the_demo_trains_every_stage_evaluates_and_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = small_batch_recipe(dir.path());
+    let out = lvpipe(
+        dir.path(),
+        &[
+            "demo",
+            "--out",
+            "demo",
+            "--scale",
+            "tiny",
+            "--recipe",
+            &recipe,
+            "--steps",
+            "2",
+            "--eval-limit",
+            "4",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let demo = dir.path().join("demo");
+    let report = std::fs::read_to_string(demo.join("report.md")).unwrap();
+    for needle in [
+        "## Training",
+        "## Evaluation",
+        "runs/loss.png",
+        "| 5 long-sft | 2 |",
+    ] {
+        assert!(
+            report.contains(needle),
+            "no `{needle}` in the report:\n{report}"
+        );
+    }
+    for (stage, suites) in [
+        (1, &["vqa"][..]),
+        (3, &["vqa", "niah_text", "ppl"][..]),
+        (5, &["vqa", "niah_text", "niah_video", "ppl"][..]),
+    ] {
+        let path = demo.join(format!("eval/stage-{stage}/eval.json"));
+        let eval: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(eval["stage"], stage);
+        for suite in suites {
+            let acc = eval[suite]["accuracy"].as_f64();
+            assert!(acc.is_some_and(|a| a >= 0.0), "{}: {suite}", path.display());
+        }
+        // 4 image questions at most, and every held-out clip question (4).
+        if let Some(n) = eval["vqa"]["n"].as_u64() {
+            assert!((1..=8).contains(&n), "{n}");
+        }
+    }
+    for png in ["runs/loss.png", "runs/lr.png", "eval/stage-5/niah_text.png"] {
+        let bytes = std::fs::read(demo.join(png)).unwrap();
+        assert_eq!(&bytes[1..4], b"PNG", "{png}");
+    }
+}
