@@ -243,6 +243,15 @@ fn vqa(
         .map(|q| -> Result<_> {
             let pixels = ev.image_pixels(&s.data.join(&q.image))?;
             let got = ev.answer(&ev.prompt(1, &q.question)?, &pixels, 8)?;
+            if std::env::var_os("LVPIPE_EVAL_DEBUG").is_some() {
+                #[allow(clippy::print_stderr)]
+                {
+                    eprintln!(
+                        "{} {:?} -> {got:?} (expected {:?})",
+                        q.image, q.question, q.answer
+                    );
+                }
+            }
             Ok((
                 "image",
                 q.attribute.clone(),

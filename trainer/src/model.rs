@@ -644,47 +644,67 @@ impl Model {
         self.norm.forward(&x)
     }
 
-    /// Per-position negative log-likelihoods of a row: entry j is the loss
-    /// of predicting expanded position j + 1 within its sample (0 where the
-    /// next position is media or in another sample), and the weights the
-    /// loss mask gives them.
-    fn nll(&self, row: &Row, device: &Device) -> Result<(Tensor, Vec<f32>, Expanded)> {
+    /// Negative log-likelihoods of the positions of a row that carry loss:
+    /// position j predicts expanded position j + 1 within its sample, and
+    /// only positions with a non-zero loss weight are scored (the LM head
+    /// and softmax over the vocabulary are the largest cost of a step, and
+    /// in SFT most positions have none). Returns the losses, their weights
+    /// and their positions (ascending), and the expanded row.
+    fn nll(&self, row: &Row, device: &Device) -> Result<(Tensor, Vec<f32>, Vec<usize>, Expanded)> {
         let c = &self.config;
         let e = Expanded::new(row, c.image_token, c.tokens_per_media());
         let media = self.media(row, device)?;
-        let logits = self
-            .lm_head
-            .forward(&self.hidden(&e, media.as_ref(), device)?)?;
-        let t = e.tokens.len();
-        let mut targets = vec![0u32; t];
-        let mut weights = vec![0f32; t];
+        let hidden = self.hidden(&e, media.as_ref(), device)?;
+        let (mut targets, mut weights, mut positions) = (Vec::new(), Vec::new(), Vec::new());
         for w in e.boundaries.windows(2) {
             for j in w[0]..w[1] - 1 {
                 if let Some(next) = e.tokens[j + 1] {
-                    targets[j] = next;
-                    weights[j] = e.mask[j + 1];
+                    if e.mask[j + 1] > 0.0 {
+                        targets.push(next);
+                        weights.push(e.mask[j + 1]);
+                        positions.push(j);
+                    }
                 }
             }
         }
-        let logp = log_softmax(&logits)?;
+        if positions.is_empty() {
+            return Ok((Tensor::zeros(0, DType::F32, device)?, weights, positions, e));
+        }
+        let index: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+        let picked_hidden = hidden.index_select(&Tensor::new(index.as_slice(), device)?, 0)?;
+        let logp = log_softmax(&self.lm_head.forward(&picked_hidden)?)?;
         let picked = logp
             .gather(&Tensor::new(targets.as_slice(), device)?.unsqueeze(1)?, 1)?
             .squeeze(1)?;
-        Ok((picked.neg()?, weights, e))
+        Ok((picked.neg()?, weights, positions, e))
     }
 
     /// Per-token losses of one packed row: (sum of masked cross-entropy,
     /// number of masked tokens), and the per-sample sums for tests.
     pub fn row_loss(&self, row: &Row, device: &Device) -> Result<(Tensor, f32, Vec<Tensor>)> {
-        let (nll, weights, e) = self.nll(row, device)?;
+        let (nll, weights, positions, e) = self.nll(row, device)?;
+        let count = weights.iter().sum();
+        if positions.is_empty() {
+            let zero = Tensor::zeros((), DType::F32, device)?;
+            let per_sample = vec![zero.clone(); e.boundaries.len() - 1];
+            return Ok((zero, count, per_sample));
+        }
         let weights_t = Tensor::new(weights.as_slice(), device)?;
         let nll = (nll * &weights_t)?;
         let per_sample = e
             .boundaries
             .windows(2)
-            .map(|w| nll.narrow(0, w[0], w[1] - w[0])?.sum_all())
+            .map(|w| {
+                let from = positions.partition_point(|&p| p < w[0]);
+                let to = positions.partition_point(|&p| p < w[1]);
+                if to > from {
+                    nll.narrow(0, from, to - from)?.sum_all()
+                } else {
+                    Tensor::zeros((), DType::F32, device)
+                }
+            })
             .collect::<Result<Vec<_>>>()?;
-        Ok((nll.sum_all()?, weights.iter().sum(), per_sample))
+        Ok((nll.sum_all()?, count, per_sample))
     }
 
     /// Negative log-likelihood of each text token of a one-sample row given
@@ -699,10 +719,8 @@ impl Model {
             boundaries: &bounds,
             pixels: &[],
         };
-        let (nll, _, _) = self.nll(&row, device)?;
-        let mut v: Vec<f32> = nll.to_vec1()?;
-        v.pop();
-        Ok(v)
+        let (nll, _, _, _) = self.nll(&row, device)?;
+        nll.to_vec1()
     }
 
     /// Greedy decoding: the prompt `ids` (with `<image>` placeholders for

@@ -526,4 +526,49 @@ mod tests {
             "{merged} vs {unmerged}"
         );
     }
+
+    #[test]
+    fn the_answer_learned_depends_on_the_image() {
+        // Two samples with the same prompt and different images (all -1 vs
+        // all +1 pixels) whose answers differ: only the image path can tell
+        // them apart, so both losses fall only if media reach the decoder.
+        let device = Device::Cpu;
+        let vars = VarMap::new();
+        let model = Model::new(config(), &vars, &device).unwrap();
+        crate::model::tests::seed_vars(&vars, 11);
+        let modules: Vec<String> = ["vision", "projector", "llm"].map(String::from).to_vec();
+        let mut opt = AdamW::new(&vars, &modules).unwrap();
+        let (dark, light) = (vec![-1.0f32; 3 * 64], vec![1.0f32; 3 * 64]);
+        let (a, b) = (vec![1u32, 19, 2, 3, 4], vec![1u32, 19, 2, 3, 5]);
+        let mask = [0u8, 0, 0, 0, 1];
+        fn row<'a>(ids: &'a [u32], mask: &'a [u8], pixels: &'a [f32]) -> Row<'a> {
+            Row {
+                input_ids: ids,
+                loss_mask: mask,
+                boundaries: &[0, 5],
+                pixels,
+            }
+        }
+        let names = vec!["s".to_string()];
+        for _ in 0..60 {
+            let batch = [
+                (row(&a, &mask, &dark), names.as_slice()),
+                (row(&b, &mask, &light), names.as_slice()),
+            ];
+            train_step(&model, &mut opt, &batch, 2, 1e-2, 1.0, &device).unwrap();
+        }
+        let loss = |r: Row| {
+            model
+                .row_loss(&r, &device)
+                .unwrap()
+                .0
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let (la, lb) = (loss(row(&a, &mask, &dark)), loss(row(&b, &mask, &light)));
+        // Without the image, the best is ln 2 = 0.69 for each.
+        assert!(la < 0.2 && lb < 0.2, "{la} {lb}");
+        // Swapping the images swaps the answers.
+        assert!(loss(row(&a, &mask, &light)) > 1.0 && loss(row(&b, &mask, &dark)) > 1.0);
+    }
 }
