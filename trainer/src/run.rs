@@ -354,9 +354,20 @@ pub fn finished(dir: &Path) -> Option<TrainerState> {
 
 /// The newest complete checkpoint of a run folder and its state.
 fn newest_checkpoint(out: &Path) -> Result<Option<(PathBuf, TrainerState)>, Error> {
-    let root = out.join("checkpoints");
-    let Ok(entries) = fs_err::read_dir(&root) else {
+    let Some(dir) = checkpoint_dirs(&out.join("checkpoints")).pop() else {
         return Ok(None);
+    };
+    let path = dir.join("trainer_state.json");
+    let text = fs_err::read_to_string(&path).map_err(err("checkpoint state"))?;
+    let state = serde_json::from_str(&text).map_err(err(path.display()))?;
+    Ok(Some((dir, state)))
+}
+
+/// The complete checkpoints (`step-NNNNNN`) under `root`, oldest first
+/// (none when it does not exist).
+fn checkpoint_dirs(root: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = fs_err::read_dir(root) else {
+        return vec![];
     };
     let mut dirs: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -367,13 +378,7 @@ fn newest_checkpoint(out: &Path) -> Result<Option<(PathBuf, TrainerState)>, Erro
         })
         .collect();
     dirs.sort();
-    let Some(dir) = dirs.pop() else {
-        return Ok(None);
-    };
-    let path = dir.join("trainer_state.json");
-    let text = fs_err::read_to_string(&path).map_err(err("checkpoint state"))?;
-    let state = serde_json::from_str(&text).map_err(err(path.display()))?;
-    Ok(Some((dir, state)))
+    dirs
 }
 
 /// Drops the lines of steps after `step` (a resumed run writes them again).
@@ -410,17 +415,7 @@ fn save_intermediate(
     let dir = root.join(format!("step-{:06}", state.step));
     let _ = fs_err::remove_dir_all(&dir);
     fs_err::rename(&tmp, &dir).map_err(err("committing the checkpoint"))?;
-    let mut old: Vec<PathBuf> = fs_err::read_dir(&root)
-        .map_err(err("checkpoint folder"))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("step-"))
-        })
-        .collect();
-    old.sort();
-    for dir in old.iter().rev().skip(2) {
+    for dir in checkpoint_dirs(&root).iter().rev().skip(2) {
         fs_err::remove_dir_all(dir).map_err(err("removing an old checkpoint"))?;
     }
     Ok(())
