@@ -23,7 +23,27 @@ use clap::Parser;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc's `mi_option_purge_delay`: the bindings do not name it; in the
+/// `mi_option_t` enum of mimalloc 2 and 3 it comes right before
+/// `mi_option_use_numa_nodes`.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t =
+    libmimalloc_sys::mi_option_use_numa_nodes - 1;
+
+/// Freed memory stays with the process instead of going back to the kernel
+/// 10 ms later: training frees and reallocates the same large tensors every
+/// step, and the kernel zeroed every returned page again on the next fault
+/// (a tenth of a training step's time; 23% more tokens/s without it). The
+/// peak is reached in the first step anyway.
+#[allow(unsafe_code)]
+fn keep_freed_memory() {
+    // SAFETY: mi_option_set only stores an integer in mimalloc's option table;
+    // the purge delay is read when memory is purged, so changing it at any
+    // time is sound.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
+}
+
 fn main() -> ExitCode {
+    keep_freed_memory();
     let cli = args::Cli::parse();
     match commands::run(cli) {
         Ok(code) => code,
