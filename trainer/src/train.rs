@@ -301,19 +301,6 @@ mod tests {
         let vars = VarMap::new();
         let model = Model::new(config(), &vars, &device).unwrap();
         crate::model::tests::seed_vars(&vars, 1);
-        let snapshot = |vars: &VarMap| -> HashMap<String, Vec<f32>> {
-            vars.data()
-                .lock()
-                .unwrap()
-                .iter()
-                .map(|(n, v)| {
-                    (
-                        n.clone(),
-                        v.as_tensor().flatten_all().unwrap().to_vec1().unwrap(),
-                    )
-                })
-                .collect()
-        };
         let before = snapshot(&vars);
         // Stage 1 trains the projector only.
         let modules = vec!["projector".to_string()];
@@ -328,21 +315,7 @@ mod tests {
             boundaries: &[0, 10],
             pixels: &pixels,
         };
-        let names = vec!["sample-a".to_string()];
-        let mut losses = Vec::new();
-        for _ in 0..30 {
-            let rec = train_step(
-                &model,
-                &mut opt,
-                &[(row.clone(), &names)],
-                1,
-                1e-2,
-                1.0,
-                &device,
-            )
-            .unwrap();
-            losses.push(rec.loss);
-        }
+        let losses = repeat_step(&model, &mut opt, &row, 30, 1e-2, 1.0);
         // The projector alone can only move what the text after the image
         // sees of it; the loss still has to fall.
         assert!(losses[29] < losses[0] - 0.05, "{losses:?}");
@@ -379,6 +352,26 @@ mod tests {
             &m("norm")
         ));
         assert!(is_trainable("llm.lm_head.weight", &m("embed")));
+    }
+
+    /// `steps` steps on one row; the losses.
+    fn repeat_step(
+        model: &Model,
+        opt: &mut AdamW,
+        row: &Row,
+        steps: usize,
+        lr: f64,
+        clip: f64,
+    ) -> Vec<f64> {
+        let names = vec!["sample".to_string()];
+        (0..steps)
+            .map(|_| {
+                let batch = [(row.clone(), names.as_slice())];
+                train_step(model, opt, &batch, 1, lr, clip, &Device::Cpu)
+                    .unwrap()
+                    .loss
+            })
+            .collect()
     }
 
     fn snapshot(vars: &VarMap) -> HashMap<String, Vec<f32>> {
@@ -476,21 +469,7 @@ mod tests {
             boundaries: &[0, 10],
             pixels: &[],
         };
-        let names = vec!["s".to_string()];
-        let mut losses = vec![];
-        for _ in 0..20 {
-            let rec = train_step(
-                &model,
-                &mut opt,
-                &[(row.clone(), &names)],
-                1,
-                2e-2,
-                0.0,
-                &device,
-            )
-            .unwrap();
-            losses.push(rec.loss);
-        }
+        let losses = repeat_step(&model, &mut opt, &row, 20, 2e-2, 0.0);
         assert!(losses[19] < losses[0] - 0.05, "{losses:?}");
         let trained = snapshot(&vars);
         for (name, values) in &before {
