@@ -234,6 +234,16 @@ pub fn run_stage(
         }
     }
     let start = resumed_from.unwrap_or(0);
+    if resumed_from.is_none() {
+        // A fresh start: checkpoints of an earlier run in this folder must
+        // not be taken for this run's by a later resume.
+        match fs_err::remove_dir_all(run.out.join("checkpoints")) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(Error(format!("removing old checkpoints: {e}")));
+            }
+            _ => {}
+        }
+    }
     let metrics_path = run.out.join("metrics.jsonl");
     keep_metrics_until(&metrics_path, start)?;
     let mut metrics = fs_err::OpenOptions::new()
