@@ -23,6 +23,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use candle_nn::VarMap;
 use lvpipe_pipeline::loader::decode_pixels;
+use lvpipe_pipeline::splitmix;
 use lvpipe_sharding::synth::{Answers, NEEDLE_NAMES, filler_sentences, needle_fact, needle_prompt};
 use lvpipe_sharding::{ChatTokenizer, ImageSettings, Segment, SpecialTokens, process_image};
 use lvpipe_trainer::model::Model;
@@ -280,28 +281,43 @@ fn vqa(
     keys.sort();
     keys.dedup();
     for (modality, attribute) in keys {
-        let cell: Vec<bool> = results
+        let hits = results
             .iter()
             .filter(|(m, a, _)| *m == modality && *a == attribute)
-            .map(|r| r.2)
-            .collect();
-        let correct = cell.iter().filter(|c| **c).count();
-        table.push(json!({
-            "modality": modality,
-            "attribute": attribute,
-            "n": cell.len(),
-            "correct": correct,
-            "accuracy": correct as f64 / cell.len().max(1) as f64,
-            "chance": 1.0 / classes(&attribute),
-        }));
+            .map(|r| r.2);
+        table.push(scored(
+            hits,
+            json!({
+                "modality": modality,
+                "attribute": attribute,
+                "chance": 1.0 / classes(&attribute),
+            }),
+        ));
     }
     let n = results.len().max(1) as f64;
     Ok(json!({
-        "accuracy": results.iter().filter(|r| r.2).count() as f64 / n,
+        "accuracy": accuracy(results.iter().map(|r| r.2)),
         "chance": results.iter().map(|r| 1.0 / classes(&r.1)).sum::<f64>() / n,
         "n": results.len(),
         "table": table,
     }))
+}
+
+/// Share of true answers (0 for none).
+fn accuracy(hits: impl IntoIterator<Item = bool>) -> f64 {
+    let (n, correct) = hits.into_iter().fold((0usize, 0usize), |(n, c), hit| {
+        (n + 1, c + usize::from(hit))
+    });
+    correct as f64 / n.max(1) as f64
+}
+
+/// A table row: `fields` with `n`, `correct` and `accuracy` of the hits.
+fn scored(hits: impl IntoIterator<Item = bool>, mut fields: Value) -> Value {
+    let hits: Vec<bool> = hits.into_iter().collect();
+    fields["n"] = json!(hits.len());
+    fields["correct"] = json!(hits.iter().filter(|h| **h).count());
+    fields["accuracy"] = json!(accuracy(hits));
+    fields
 }
 
 /// A filler document of about `tokens` tokens with `fact` at `depth`,
@@ -334,13 +350,6 @@ fn haystack(
     Ok(ev.tokenizer.encode(&text)?)
 }
 
-fn mix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 fn niah_text(ev: &Evaluator, s: &EvalSettings) -> Result<Value> {
     let mut cells = Vec::new();
     for &length in &s.niah_lengths {
@@ -354,7 +363,7 @@ fn niah_text(ev: &Evaluator, s: &EvalSettings) -> Result<Value> {
         .par_iter()
         .map(|&(length, depth, trial)| -> Result<_> {
             let key =
-                mix64(length as u64 * 1_000_003 + (depth * 1000.0) as u64 * 7919 + trial as u64);
+                splitmix(length as u64 * 1_000_003 + (depth * 1000.0) as u64 * 7919 + trial as u64);
             let name = format!("{}{}", NEEDLE_NAMES[(key % 16) as usize], 9000 + key % 1000);
             let code = (1000 + (key >> 20) % 9000).to_string();
             let ids = haystack(
@@ -378,24 +387,19 @@ fn niah_text(ev: &Evaluator, s: &EvalSettings) -> Result<Value> {
     let mut table = Vec::new();
     for &length in &s.niah_lengths {
         for &depth in &s.niah_depths {
-            let cell: Vec<bool> = results
+            let hits = results
                 .iter()
                 .filter(|r| r.0 == length && r.1 == depth)
-                .map(|r| r.2)
-                .collect();
-            let correct = cell.iter().filter(|c| **c).count();
-            table.push(json!({
-                "length": length, "depth": depth, "n": cell.len(), "correct": correct,
-                "accuracy": correct as f64 / cell.len().max(1) as f64,
-            }));
+                .map(|r| r.2);
+            table.push(scored(hits, json!({"length": length, "depth": depth})));
         }
     }
     let by_length: Vec<Value> = s
         .niah_lengths
         .iter()
         .map(|&l| {
-            let cell: Vec<bool> = results.iter().filter(|r| r.0 == l).map(|r| r.2).collect();
-            json!({"length": l, "accuracy": cell.iter().filter(|c| **c).count() as f64 / cell.len().max(1) as f64})
+            let hits = results.iter().filter(|r| r.0 == l).map(|r| r.2);
+            json!({"length": l, "accuracy": accuracy(hits)})
         })
         .collect();
     heatmap_of(
@@ -406,7 +410,7 @@ fn niah_text(ev: &Evaluator, s: &EvalSettings) -> Result<Value> {
         "length",
     )?;
     Ok(json!({
-        "accuracy": results.iter().filter(|r| r.2).count() as f64 / results.len().max(1) as f64,
+        "accuracy": accuracy(results.iter().map(|r| r.2)),
         "by_length": by_length,
         "table": table,
     }))
@@ -451,12 +455,10 @@ fn niah_video(
                 .iter()
                 .filter(|r| r.0 == depth && &r.1 == policy)
                 .collect();
-            let correct = cell.iter().filter(|c| c.2).count();
-            table.push(json!({
-                "frames": policy, "depth": depth, "n": cell.len(), "correct": correct,
-                "num_frames": cell.first().map(|c| c.3),
-                "accuracy": correct as f64 / cell.len().max(1) as f64,
-            }));
+            table.push(scored(
+                cell.iter().map(|c| c.2),
+                json!({"frames": policy, "depth": depth, "num_frames": cell.first().map(|c| c.3)}),
+            ));
         }
     }
     heatmap_of(
@@ -467,7 +469,7 @@ fn niah_video(
         "frames",
     )?;
     Ok(json!({
-        "accuracy": results.iter().filter(|r| r.2).count() as f64 / results.len().max(1) as f64,
+        "accuracy": accuracy(results.iter().map(|r| r.2)),
         "chance": 1.0 / 18.0,
         "table": table,
     }))
@@ -478,7 +480,7 @@ fn perplexity(ev: &Evaluator, s: &EvalSettings) -> Result<Value> {
     let docs: Vec<Vec<f32>> = (0..4u64)
         .into_par_iter()
         .map(|k| -> Result<_> {
-            let key = mix64(0x5EED_0000 + k);
+            let key = splitmix(0x5EED_0000 + k);
             let name = format!("{}{}", NEEDLE_NAMES[(key % 16) as usize], 8000 + k);
             let ids = haystack(
                 ev,

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use lvpipe_pipeline::{Catalog, Mix, Recipe, build_mix};
+use lvpipe_pipeline::{Catalog, Mix, Recipe, build_mix, current_mix};
 use lvpipe_trainer::run::{StageRun, Summary, TrainerState, finished, run_stage};
 use serde::{Deserialize, Serialize};
 
@@ -123,8 +123,13 @@ pub fn chain(c: &Chain) -> Result<Vec<(usize, Summary)>> {
     for number in first..=last {
         let stage = recipe.stage(number)?;
         let dir = c.out.join(format!("stage-{number}"));
-        log(&format!("stage {number} ({}): mixing", stage.name));
-        let meta = runtime()?.block_on(build_mix(&catalog, &recipe, number, &mixes))?;
+        let meta = match current_mix(&catalog, &recipe, number, &mixes) {
+            Some(meta) => meta,
+            None => {
+                log(&format!("stage {number} ({}): mixing", stage.name));
+                runtime()?.block_on(build_mix(&catalog, &recipe, number, &mixes))?
+            }
+        };
         let fingerprint = format!(
             "{}/{}",
             meta.shards_build_fingerprint, meta.tokenizer_fingerprint

@@ -26,8 +26,8 @@ mod render;
 
 pub use catalog::Catalog;
 pub use error::{Error, Result};
-pub use loader::{Batch, Loader, LoaderState, Mix, PackData};
-pub use mix::{MixMeta, build_mix};
+pub use loader::{Batch, Loader, LoaderState, Mix, PackData, splitmix};
+pub use mix::{MixMeta, build_mix, current_mix};
 pub use plan::{StagePlan, plan};
 pub use recipe::Recipe;
 pub use render::{OutputFormat, render};

@@ -117,7 +117,10 @@ impl Permutation {
     }
 }
 
-fn splitmix(mut z: u64) -> u64 {
+/// SplitMix64's output function of `z + golden ratio`: the seeded hash
+/// every seeded choice of lvpipe derives from (epoch orders, fresh weights,
+/// evaluation needles).
+pub fn splitmix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);

@@ -286,6 +286,28 @@ pub(crate) async fn plan_stage(
     })
 }
 
+/// The mix of `stage_number` already in `out/stage-N/`, when it was made
+/// from this recipe and these shards: a mix is a pure function of them (same
+/// inputs, byte-identical files) and its `mix.json` is written last, so it
+/// need not be built again.
+pub fn current_mix(
+    catalog: &Catalog,
+    recipe: &Recipe,
+    stage_number: usize,
+    out: &Path,
+) -> Option<MixMeta> {
+    let path = out
+        .join(format!("stage-{stage_number}"))
+        .join(MixMeta::FILE_NAME);
+    let meta: MixMeta = serde_json::from_str(&fs_err::read_to_string(path).ok()?).ok()?;
+    let manifest = catalog.manifest().ok()?;
+    (meta.stage == stage_number
+        && meta.recipe_fingerprint == recipe.fingerprint()
+        && meta.shards_build_fingerprint == manifest.build_fingerprint
+        && meta.tokenizer_fingerprint == manifest.tokenizer_fingerprint)
+        .then_some(meta)
+}
+
 /// Builds the mix of `stage_number` into `out/stage-N/`.
 pub async fn build_mix(
     catalog: &Catalog,
@@ -315,6 +337,12 @@ pub async fn build_mix(
     }
     let dir = out.join(format!("stage-{stage_number}"));
     fs_err::create_dir_all(&dir)?;
+    // mix.json is written last and means "complete": an older one goes first,
+    // so an interrupted rebuild never looks finished.
+    match fs_err::remove_file(dir.join(MixMeta::FILE_NAME)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+        _ => {}
+    }
     write_ipc(
         &dir.join("samples.arrow"),
         &samples_batches(&selection, &order, &packs)?,

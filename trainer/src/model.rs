@@ -799,11 +799,8 @@ fn reinit_one(vars: &VarMap, name: &str, seed: u64) -> Result<()> {
             (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
         });
     let mut uniform = move || {
+        let z = lvpipe_pipeline::splitmix(state);
         state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
         ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64
     };
     let values: Vec<f32> = if name.ends_with(".bias") || name.contains("lora_B") {
