@@ -34,6 +34,14 @@ pub enum Command {
     Eval(EvalArgs),
     /// Run the whole chain on the synthetic corpus and write a report.
     Demo(DemoArgs),
+    /// Time training steps of the reference decoder (4 layers, d256, 4 x 512
+    /// tokens) for the PyTorch comparison in docs/benchmarks.md.
+    #[command(hide = true)]
+    BenchStep {
+        /// Timed steps (after 2 warm-up steps).
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -31,6 +31,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Train(args) => crate::training::train(args),
         Command::Eval(args) => eval(args),
         Command::Demo(args) => demo(args),
+        Command::BenchStep { steps } => {
+            let report =
+                lvpipe_trainer::bench::train_step_bench(steps).map_err(anyhow::Error::msg)?;
+            out(&format!("{report}\n"))?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -317,7 +317,9 @@ impl Scene {
             ),
             (
                 "count",
-                format!("How many {shape}s are there?"),
+                // Not "How many circles": a question naming the shape
+                // would answer the shape question in the same conversation.
+                "How many shapes are there?".to_string(),
                 NUMBERS[self.count as usize].to_string(),
             ),
             (
@@ -359,10 +361,12 @@ impl Scene {
         // Shapes sit side by side along the region's longer axis.
         let n = self.count as f32;
         let horizontal = rw >= rh;
+        // Shapes fill most of their cell: at the tiny recipe's 64 px a
+        // third of a quadrant is 10 px, and smaller shapes lose their kind.
         let r = if horizontal {
-            (rw / n).min(rh) * 0.35
+            (rw / n).min(rh) * 0.45
         } else {
-            (rh / n).min(rw) * 0.35
+            (rh / n).min(rw) * 0.45
         };
         let colour = Rgb(COLOURS[self.colour].1);
         for i in 0..self.count {
@@ -380,6 +384,16 @@ impl Scene {
         }
         img
     }
+}
+
+/// Width and height of a scene image: the width within `(lo, hi)`, the
+/// aspect ratio within 4:5 to 5:4. Padding to square shrinks a scene by its
+/// aspect ratio, and the tiny recipe looks at 64 px: wider ranges made the
+/// shapes a few pixels wide and their kind unreadable.
+fn image_dims(rng: &mut SmallRng, (lo, hi): (u32, u32)) -> (u32, u32) {
+    let w = rng.random_range(lo..=hi);
+    let h = (w as f32 * rng.random_range(0.8..1.25)).round() as u32;
+    (w, h.max(1))
 }
 
 /// Fills `shape` of radius `r` centred at (`cx`, `cy`), clipped to the image.
@@ -579,8 +593,7 @@ pub fn synthesize(settings: &SynthSettings) -> Result<SynthSummary> {
     let mut corpus: Vec<String> = Vec::new();
     let mut image_file =
         |rng: &mut SmallRng, name: &str, scene: &Scene, i: usize| -> Result<String> {
-            let (lo, hi) = sizes.image_side;
-            let (w, h) = (rng.random_range(lo..=hi), rng.random_range(lo..=hi));
+            let (w, h) = image_dims(rng, sizes.image_side);
             let (ext, format) = if i % 2 == 0 {
                 ("png", ImageFormat::Png)
             } else {
@@ -653,8 +666,7 @@ pub fn synthesize(settings: &SynthSettings) -> Result<SynthSummary> {
     let mut tar = tar::Builder::new(Vec::new());
     for i in 0..sizes.wds {
         let scene = Scene::random(&mut rng);
-        let (lo, hi) = sizes.image_side;
-        let (w, h) = (rng.random_range(lo..=hi), rng.random_range(lo..=hi));
+        let (w, h) = image_dims(&mut rng, sizes.image_side);
         let jpg = encode(&scene.render(&mut rng, w, h), ImageFormat::Jpeg)?;
         let caption = scene.caption(&mut rng);
         corpus.push(caption.clone());
@@ -754,8 +766,7 @@ pub fn synthesize(settings: &SynthSettings) -> Result<SynthSummary> {
     fs_err::create_dir_all(out.join("eval/images"))?;
     for i in 0..sizes.eval.0 {
         let scene = Scene::random(&mut rng);
-        let (lo, hi) = sizes.image_side;
-        let (w, h) = (rng.random_range(lo..=hi), rng.random_range(lo..=hi));
+        let (w, h) = image_dims(&mut rng, sizes.image_side);
         let rel = format!("eval/images/eval-{i:05}.png");
         let path = out.join(&rel);
         fs_err::write(

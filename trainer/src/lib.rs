@@ -10,7 +10,9 @@
 //! assert_eq!(lvpipe_trainer::tokens_per_media(27 * 27), 196);
 //! ```
 
+pub mod bench;
 pub mod model;
+pub mod ops;
 pub mod run;
 pub mod train;
 

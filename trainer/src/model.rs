@@ -13,9 +13,13 @@
 //! Each `<image>` placeholder is replaced by the projector's tokens for its
 //! image, so the sequence the decoder sees is longer than the token ids.
 
+use std::sync::Arc;
+
 use candle_core::{D, DType, Device, IndexOp, Result, Tensor};
 use candle_nn::{Init, VarBuilder, VarMap};
 use lvpipe_pipeline::recipe::ModelConfig;
+
+use crate::ops;
 
 /// Sizes of the model, from a recipe's `[model]`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -162,13 +166,6 @@ impl RmsNorm {
     }
 }
 
-/// Softmax over the last dimension from differentiable ops.
-fn softmax(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?;
-    let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
-}
-
 /// Pre-norm ViT block (SigLIP's encoder layer).
 struct VisionBlock {
     ln1: LayerNorm,
@@ -212,7 +209,7 @@ impl VisionBlock {
         let q = split(self.q.forward(&h)?)?;
         let k = split(self.k.forward(&h)?)?;
         let v = split(self.v.forward(&h)?)?;
-        let att = softmax(&(q.matmul(&k.t()?)? / (dh as f64).sqrt())?)?;
+        let att = ops::softmax_last_dim(&(q.matmul(&k.t()?)? / (dh as f64).sqrt())?)?;
         let y = att
             .matmul(&v)?
             .transpose(1, 2)?
@@ -268,8 +265,15 @@ impl DecoderLayer {
         ]
     }
 
-    /// `x` is [T, H]; `cos`/`sin` are [T, dh/2]; `mask` is [T, T] additive.
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// `x` is [T, H]; `cos`/`sin` are [T, dh/2]; query `q` attends to keys
+    /// `starts[q] ..= q`.
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        starts: &Arc<Vec<u32>>,
+    ) -> Result<Tensor> {
         let (t, hidden) = x.dims2()?;
         let dh = hidden / self.heads;
         let h = self.ln1.forward(x)?;
@@ -291,8 +295,8 @@ impl DecoderLayer {
                 .reshape((self.heads, t, dh))
         };
         let (k, v) = (repeat(k)?, repeat(v)?);
-        let scores = (q.matmul(&k.t()?)? / (dh as f64).sqrt())?.broadcast_add(mask)?;
-        let y = softmax(&scores)?
+        let scores = (q.matmul(&k.t()?)? / (dh as f64).sqrt())?;
+        let y = ops::block_causal_softmax(&scores, starts)?
             .matmul(&v)?
             .transpose(0, 1)?
             .contiguous()?
@@ -413,7 +417,7 @@ impl Model {
             "weight",
             Init::Randn {
                 mean: 0.0,
-                stdev: 0.02,
+                stdev: 1.0 / (c.vision_hidden as f64).sqrt(),
             },
         )?;
         let vision_blocks = (0..c.vision_layers)
@@ -637,9 +641,9 @@ impl Model {
         }
         let mut x = Tensor::cat(&parts, 0)?;
         let (cos, sin) = rope_tables(&e.positions, c.hidden / c.heads, self.rope_base, device)?;
-        let mask = block_causal_mask(&e.boundaries, device)?;
+        let starts = Arc::new(sample_starts(&e.boundaries));
         for layer in &self.layers {
-            x = layer.forward(&x, &cos, &sin, &mask)?;
+            x = layer.forward(&x, &cos, &sin, &starts)?;
         }
         self.norm.forward(&x)
     }
@@ -672,11 +676,11 @@ impl Model {
         }
         let index: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
         let picked_hidden = hidden.index_select(&Tensor::new(index.as_slice(), device)?, 0)?;
-        let logp = log_softmax(&self.lm_head.forward(&picked_hidden)?)?;
-        let picked = logp
-            .gather(&Tensor::new(targets.as_slice(), device)?.unsqueeze(1)?, 1)?
-            .squeeze(1)?;
-        Ok((picked.neg()?, weights, positions, e))
+        let nll = ops::cross_entropy(
+            &self.lm_head.forward(&picked_hidden)?,
+            &Tensor::new(targets.as_slice(), device)?,
+        )?;
+        Ok((nll, weights, positions, e))
     }
 
     /// Per-token losses of one packed row: (sum of masked cross-entropy,
@@ -809,10 +813,19 @@ fn reinit_one(vars: &VarMap, name: &str, seed: u64) -> Result<()> {
         // Norm gains (the projector's LayerNorm is `layers.1`).
         vec![1.0; n]
     } else if name.contains("embed_tokens") || name.contains("position_embedding") {
+        // Normal: std 0.02 for token embeddings (Qwen2's initializer_range),
+        // 1/sqrt(width) for the vision position embedding (SigLIP's init; at
+        // 0.02 a patch's position was a twentieth of its content and the
+        // position questions stayed at chance).
+        let std = if name.contains("position_embedding") {
+            1.0 / (dims[1] as f64).sqrt()
+        } else {
+            0.02
+        };
         (0..n)
             .map(|_| {
                 let (u1, u2) = (uniform(), uniform());
-                (0.02 * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+                (std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
             })
             .collect()
     } else {
@@ -823,13 +836,6 @@ fn reinit_one(vars: &VarMap, name: &str, seed: u64) -> Result<()> {
             .collect()
     };
     var.set(&Tensor::from_vec(values, dims, var.device())?)
-}
-
-fn log_softmax(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?;
-    let shifted = x.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    shifted.broadcast_sub(&lse)
 }
 
 /// cos and sin tables [T, dh/2] for the given positions.
@@ -859,19 +865,14 @@ fn rope_tables(
     ))
 }
 
-/// Additive [T, T] mask: 0 where key <= query within the same sample,
-/// a large negative number elsewhere.
-fn block_causal_mask(boundaries: &[usize], device: &Device) -> Result<Tensor> {
-    let t = *boundaries.last().unwrap_or(&0);
-    let mut mask = vec![-1e9f32; t * t];
+/// The first position of the sample each position of a packed row belongs
+/// to: query `q` attends to keys `starts[q] ..= q`.
+fn sample_starts(boundaries: &[usize]) -> Vec<u32> {
+    let mut starts = Vec::with_capacity(*boundaries.last().unwrap_or(&0));
     for w in boundaries.windows(2) {
-        for q in w[0]..w[1] {
-            for k in w[0]..=q {
-                mask[q * t + k] = 0.0;
-            }
-        }
+        starts.extend(std::iter::repeat_n(w[0] as u32, w[1] - w[0]));
     }
-    Tensor::from_vec(mask, (t, t), device)
+    starts
 }
 
 #[cfg(test)]
