@@ -215,7 +215,23 @@ fn targets_of<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [u32]>
     }
 }
 
-/// `(max, log sum exp(row - max))` of a row.
+/// The `[N, V]` logits, the `N` targets and `V`.
+fn logits_and_targets<'a>(
+    ls: &'a CpuStorage,
+    ll: &Layout,
+    ts: &'a CpuStorage,
+    tl: &Layout,
+) -> Result<(&'a [f32], &'a [u32], usize)> {
+    let logits = f32_slice(ls, ll, "cross-entropy logits")?;
+    let targets = targets_of(ts, tl)?;
+    let (n, v) = ll.shape().dims2()?;
+    if targets.len() != n {
+        bail!("cross-entropy: {} targets for {n} rows", targets.len())
+    }
+    Ok((logits, targets, v))
+}
+
+/// `log sum exp(row)`, computed from the row's maximum.
 fn logsumexp(row: &[f32]) -> f32 {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f32 = row.iter().map(|&v| (v - max).exp()).sum();
@@ -234,12 +250,8 @@ impl CustomOp2 for CrossEntropy {
         ts: &CpuStorage,
         tl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let logits = f32_slice(ls, ll, "cross-entropy logits")?;
-        let targets = targets_of(ts, tl)?;
-        let (n, v) = ll.shape().dims2()?;
-        if targets.len() != n {
-            bail!("cross-entropy: {} targets for {n} rows", targets.len())
-        }
+        let (logits, targets, v) = logits_and_targets(ls, ll, ts, tl)?;
+        let n = targets.len();
         let nll: Vec<f32> = logits
             .par_chunks(v)
             .zip(targets.par_iter())
@@ -282,10 +294,8 @@ impl CustomOp2 for CrossEntropyGrad {
         ts: &CpuStorage,
         tl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let logits = f32_slice(ls, ll, "cross-entropy logits")?;
-        let targets = targets_of(ts, tl)?;
+        let (logits, targets, v) = logits_and_targets(ls, ll, ts, tl)?;
         let g = self.grad.to_vec1::<f32>()?;
-        let v = ll.dims()[1];
         let mut dl = vec![0.0f32; logits.len()];
         dl.par_chunks_mut(v)
             .zip(logits.par_chunks(v))
