@@ -13,8 +13,8 @@ use candle_nn::VarMap;
 use crate::model::{Config, Model, Row};
 use crate::train::{AdamW, train_step};
 
-/// Best-of and median step time and tokens/s over `steps` steps after 2
-/// warm-up steps, as one JSON object.
+/// Best-of and median step time and tokens/s over `steps` steps (at least
+/// one) after 2 warm-up steps, as one JSON object.
 pub fn train_step_bench(steps: usize) -> Result<serde_json::Value, String> {
     let fail = |e: candle_core::Error| e.to_string();
     let config = Config {
@@ -64,7 +64,7 @@ pub fn train_step_bench(steps: usize) -> Result<serde_json::Value, String> {
         })
         .collect();
     let mut times = Vec::new();
-    for step in 0..steps + 2 {
+    for step in 0..steps.max(1) + 2 {
         let start = Instant::now();
         train_step(&model, &mut opt, &rows, rows.len(), 1e-4, 1.0, &device)?;
         if step >= 2 {

@@ -815,8 +815,7 @@ fn reinit_one(vars: &VarMap, name: &str, seed: u64) -> Result<()> {
     } else if name.contains("embed_tokens") || name.contains("position_embedding") {
         // Normal: std 0.02 for token embeddings (Qwen2's initializer_range),
         // 1/sqrt(width) for the vision position embedding (SigLIP's init; at
-        // 0.02 a patch's position was a twentieth of its content and the
-        // position questions stayed at chance).
+        // 0.02 a patch's position started about a twentieth of its content).
         let std = if name.contains("position_embedding") {
             1.0 / (dims[1] as f64).sqrt()
         } else {

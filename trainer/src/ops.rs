@@ -26,19 +26,12 @@ pub fn block_causal_softmax(scores: &Tensor, starts: &Arc<Vec<u32>>) -> Result<T
             starts: starts.clone(),
         });
     }
-    let t = starts.len();
-    let mut mask = vec![-1e9f32; t * t];
-    for (q, &s) in starts.iter().enumerate() {
-        mask[q * t + s as usize..=q * t + q].fill(0.0);
-    }
-    let mask = Tensor::from_vec(mask, (t, t), scores.device())?;
-    plain_softmax(&scores.broadcast_add(&mask)?)
+    plain_block_causal_softmax(scores, starts)
 }
 
 /// Softmax over the last dimension (the vision tower's full attention).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let t = x.dim(D::Minus1)?;
-    if x.device().is_cpu() && x.rank() >= 2 && x.dim(D::Minus2)? == t {
+    if x.device().is_cpu() {
         return x.contiguous()?.apply_op1(FullSoftmax);
     }
     plain_softmax(x)
@@ -52,6 +45,22 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
             .contiguous()?
             .apply_op2(&targets.contiguous()?, CrossEntropy);
     }
+    plain_cross_entropy(logits, targets)
+}
+
+/// What the fused kernels compute, from plain ops: the path of other
+/// devices, and the tests' reference.
+fn plain_block_causal_softmax(scores: &Tensor, starts: &[u32]) -> Result<Tensor> {
+    let t = starts.len();
+    let mut mask = vec![-1e9f32; t * t];
+    for (q, &s) in starts.iter().enumerate() {
+        mask[q * t + s as usize..=q * t + q].fill(0.0);
+    }
+    let mask = Tensor::from_vec(mask, (t, t), scores.device())?;
+    plain_softmax(&scores.broadcast_add(&mask)?)
+}
+
+fn plain_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let max = logits.max_keepdim(D::Minus1)?;
     let shifted = logits.broadcast_sub(&max)?;
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
@@ -341,17 +350,6 @@ mod tests {
             .unwrap()
     }
 
-    /// The plain-op block-causal softmax, as the model computed it before.
-    fn reference_block_softmax(x: &Tensor, starts: &[u32]) -> Tensor {
-        let t = starts.len();
-        let mut mask = vec![-1e9f32; t * t];
-        for (q, &s) in starts.iter().enumerate() {
-            mask[q * t + s as usize..=q * t + q].fill(0.0);
-        }
-        let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu).unwrap();
-        plain_softmax(&x.broadcast_add(&mask).unwrap()).unwrap()
-    }
-
     #[test]
     fn block_causal_softmax_and_its_gradient_match_the_masked_plain_ops() {
         // Two samples packed in a row of 7: positions 0-3 and 4-6.
@@ -359,7 +357,7 @@ mod tests {
         let x = Var::from_tensor(&random(&[3, 7, 7], 1)).unwrap();
         let w = random(&[3, 7, 7], 2);
         let fused = block_causal_softmax(x.as_tensor(), &starts).unwrap();
-        let plain = reference_block_softmax(x.as_tensor(), &starts);
+        let plain = plain_block_causal_softmax(x.as_tensor(), &starts).unwrap();
         assert!(max_diff(&fused, &plain) < 1e-6);
         // Masked entries are exactly zero: nothing leaks across samples.
         let row4 = fused
@@ -395,25 +393,7 @@ mod tests {
         let targets = Tensor::new(&[3u32, 0, 10, 7], &Device::Cpu).unwrap();
         let w = Tensor::new(&[1.0f32, 0.5, 2.0, 0.0], &Device::Cpu).unwrap();
         let fused = cross_entropy(logits.as_tensor(), &targets).unwrap();
-        let x = logits.as_tensor();
-        let max = x.max_keepdim(1).unwrap();
-        let shifted = x.broadcast_sub(&max).unwrap();
-        let lse = shifted
-            .exp()
-            .unwrap()
-            .sum_keepdim(1)
-            .unwrap()
-            .log()
-            .unwrap();
-        let plain = shifted
-            .broadcast_sub(&lse)
-            .unwrap()
-            .gather(&targets.unsqueeze(1).unwrap(), 1)
-            .unwrap()
-            .squeeze(1)
-            .unwrap()
-            .neg()
-            .unwrap();
+        let plain = plain_cross_entropy(logits.as_tensor(), &targets).unwrap();
         assert!(max_diff(&fused, &plain) < 1e-5);
         let gf = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
         let gp = (plain * &w).unwrap().sum_all().unwrap().backward().unwrap();
