@@ -42,7 +42,23 @@ fn keep_freed_memory() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
 }
 
+/// candle's elementwise kernels run on their own worker threads, which spin
+/// 25,000 times for the next op before sleeping, while the matmuls run on
+/// rayon's threads: on 2 cores the spinning took a fifth of a training step
+/// from the matmuls (`lvpipe bench-step`: 2,053 tokens/s spinning, 2,341
+/// sleeping at once). A value the user set is kept.
+#[allow(unsafe_code)]
+fn quiet_candle_workers() {
+    const SPIN: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
+    if std::env::var_os(SPIN).is_none() {
+        // SAFETY: called first thing in main, before any thread exists that
+        // could read the environment concurrently.
+        unsafe { std::env::set_var(SPIN, "0") }
+    }
+}
+
 fn main() -> ExitCode {
+    quiet_candle_workers();
     keep_freed_memory();
     let cli = args::Cli::parse();
     match commands::run(cli) {

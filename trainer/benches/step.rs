@@ -2,7 +2,9 @@
 //!
 //! `cargo bench -p lvpipe-trainer --bench step` (the same as the release
 //! binary's `lvpipe bench-step`). Prints one JSON line: best-of and median
-//! step time and tokens/s over 10 steps after 2 warm-up steps.
+//! step time and tokens/s over 10 steps after 2 warm-up steps. The binary
+//! sets `CANDLE_BARRIER_POOL_SPIN_LIMIT=0` (src/main.rs says why); set it
+//! here too to compare the two.
 
 fn main() {
     println!(

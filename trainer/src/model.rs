@@ -160,9 +160,7 @@ impl RmsNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-        x.broadcast_div(&(ms + self.eps)?.sqrt()?)?
-            .broadcast_mul(&self.w)
+        ops::rms_norm(x, &self.w, self.eps as f32)
     }
 }
 
@@ -209,7 +207,7 @@ impl VisionBlock {
         let q = split(self.q.forward(&h)?)?;
         let k = split(self.k.forward(&h)?)?;
         let v = split(self.v.forward(&h)?)?;
-        let att = ops::softmax_last_dim(&(q.matmul(&k.t()?)? / (dh as f64).sqrt())?)?;
+        let att = ops::softmax_last_dim(&q.matmul(&k.t()?)?, 1.0 / (dh as f32).sqrt())?;
         let y = att
             .matmul(&v)?
             .transpose(1, 2)?
@@ -265,59 +263,41 @@ impl DecoderLayer {
         ]
     }
 
-    /// `x` is [T, H]; `cos`/`sin` are [T, dh/2]; query `q` attends to keys
-    /// `starts[q] ..= q`.
-    fn forward(
-        &self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        starts: &Arc<Vec<u32>>,
-    ) -> Result<Tensor> {
+    /// `x` is [T, H]; `rope` holds the positions' angles; query `q` attends
+    /// to keys `starts[q] ..= q`.
+    fn forward(&self, x: &Tensor, rope: &Arc<ops::Rope>, starts: &Arc<Vec<u32>>) -> Result<Tensor> {
         let (t, hidden) = x.dims2()?;
         let dh = hidden / self.heads;
         let h = self.ln1.forward(x)?;
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-            y.reshape((t, n, dh))?.transpose(0, 1)?.contiguous()
-        };
-        let q = rope(&heads(self.q.forward(&h)?, self.heads)?, cos, sin)?;
-        let k = rope(&heads(self.k.forward(&h)?, self.kv_heads)?, cos, sin)?;
-        let v = heads(self.v.forward(&h)?, self.kv_heads)?;
-        // Grouped-query attention: each KV head serves heads / kv_heads queries.
+        let q = ops::rope_heads(&self.q.forward(&h)?, self.heads, rope)?;
+        let k = ops::rope_heads(&self.k.forward(&h)?, self.kv_heads, rope)?;
+        let v = self
+            .v
+            .forward(&h)?
+            .reshape((t, self.kv_heads, dh))?
+            .transpose(0, 1)?
+            .contiguous()?;
+        // Grouped-query attention without copying K and V per query head:
+        // the `group` query heads of a KV head (consecutive, as in Qwen2)
+        // stack into one [group * T, dh] matrix against that head's keys.
         let group = self.heads / self.kv_heads;
-        let repeat = |y: Tensor| -> Result<Tensor> {
-            if group == 1 {
-                return Ok(y);
-            }
-            y.unsqueeze(1)?
-                .broadcast_as((self.kv_heads, group, t, dh))?
-                .contiguous()?
-                .reshape((self.heads, t, dh))
-        };
-        let (k, v) = (repeat(k)?, repeat(v)?);
-        let scores = (q.matmul(&k.t()?)? / (dh as f64).sqrt())?;
-        let y = ops::block_causal_softmax(&scores, starts)?
+        let q = q.reshape((self.kv_heads, group * t, dh))?;
+        let scores = q.matmul(&k.t()?)?;
+        let probs = ops::block_causal_softmax(&scores, starts, 1.0 / (dh as f32).sqrt())?;
+        let y = probs
             .matmul(&v)?
+            .reshape((self.heads, t, dh))?
             .transpose(0, 1)?
             .contiguous()?
             .reshape((t, hidden))?;
         let x = (x + self.o.forward(&y)?)?;
         let h = self.ln2.forward(&x)?;
-        let mlp = self
-            .down
-            .forward(&(self.gate.forward(&h)?.silu()? * self.up.forward(&h)?)?)?;
+        let mlp = self.down.forward(&ops::swiglu(
+            &self.gate.forward(&h)?,
+            &self.up.forward(&h)?,
+        )?)?;
         x + mlp
     }
-}
-
-/// Rotary embedding (the Hugging Face "rotate half" layout) of `x` [n, T, dh].
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    let a = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
-    let b = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
-    Tensor::cat(&[a, b], D::Minus1)
 }
 
 /// One packed row as the model takes it.
@@ -640,10 +620,14 @@ impl Model {
             );
         }
         let mut x = Tensor::cat(&parts, 0)?;
-        let (cos, sin) = rope_tables(&e.positions, c.hidden / c.heads, self.rope_base, device)?;
+        let rope = Arc::new(rope_tables(
+            &e.positions,
+            c.hidden / c.heads,
+            self.rope_base,
+        ));
         let starts = Arc::new(sample_starts(&e.boundaries));
         for layer in &self.layers {
-            x = layer.forward(&x, &cos, &sin, &starts)?;
+            x = layer.forward(&x, &rope, &starts)?;
         }
         self.norm.forward(&x)
     }
@@ -837,13 +821,8 @@ fn reinit_one(vars: &VarMap, name: &str, seed: u64) -> Result<()> {
     var.set(&Tensor::from_vec(values, dims, var.device())?)
 }
 
-/// cos and sin tables [T, dh/2] for the given positions.
-fn rope_tables(
-    positions: &[u32],
-    dh: usize,
-    base: f64,
-    device: &Device,
-) -> Result<(Tensor, Tensor)> {
+/// cos and sin tables `[T, dh/2]` of the given positions' RoPE angles.
+fn rope_tables(positions: &[u32], dh: usize, base: f64) -> ops::Rope {
     let half = dh / 2;
     let mut cos = Vec::with_capacity(positions.len() * half);
     let mut sin = Vec::with_capacity(positions.len() * half);
@@ -857,11 +836,7 @@ fn rope_tables(
             sin.push(a.sin() as f32);
         }
     }
-    let shape = (positions.len(), half);
-    Ok((
-        Tensor::from_vec(cos, shape, device)?,
-        Tensor::from_vec(sin, shape, device)?,
-    ))
+    ops::Rope { cos, sin, half }
 }
 
 /// The first position of the sample each position of a packed row belongs

@@ -1,40 +1,90 @@
-//! Fused CPU kernels for the two widest tensors of a step, with their
-//! gradients: the attention probabilities (`[heads, T, T]`) and the
-//! log-probabilities over the vocabulary (`[N, V]`).
+//! Fused CPU kernels with their gradients: the attention probabilities
+//! (`[heads, T, T]`), the log-probabilities over the vocabulary (`[N, V]`),
+//! and the decoder's elementwise layers (RMSNorm, RoPE with the split into
+//! heads, SwiGLU's gate).
 //!
 //! Built from plain tensor ops, a block-causal softmax is an additive
 //! `[T, T]` mask, a broadcast add, max, subtract, exp, sum and divide: seven
 //! passes over the scores forward and as many tensors kept for backward. Here
 //! it is one pass forward, keeping only the probabilities, and one pass
-//! backward. Cross-entropy likewise never materializes the log-probabilities:
-//! forward keeps the per-row loss, backward writes `softmax - one_hot`.
+//! backward; attention's 1/sqrt(head size) scale is applied inside it.
+//! Cross-entropy likewise never materializes the log-probabilities: forward
+//! keeps the per-row loss, backward writes `softmax - one_hot`. RMSNorm
+//! (six plain ops forward), RoPE (a transpose copy and nine ops) and
+//! `silu(gate) * up` (two) are each one pass forward and one backward; the
+//! backward passes that yield two gradients write both in that pass.
 //!
 //! Other devices (CUDA) take the plain-op path, which computes the same
 //! function; the tests check the two against each other.
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, Layout, Result, Shape, Tensor, bail};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, Layout, Result, Shape, Tensor, bail,
+};
 use rayon::prelude::*;
 
-/// Softmax over the last dimension of `[.., T, T]` attention scores where
-/// query `q` sees keys `starts[q] ..= q` (its own sample, causally); other
-/// entries are exactly zero.
-pub fn block_causal_softmax(scores: &Tensor, starts: &Arc<Vec<u32>>) -> Result<Tensor> {
+/// Softmax over the last dimension of `scale` times `[.., T, T]` attention
+/// scores where query `q` sees keys `starts[q] ..= q` (its own sample,
+/// causally); other entries are exactly zero. `scale` (> 0) is attention's
+/// 1/sqrt(head size), applied inside the one pass.
+pub fn block_causal_softmax(scores: &Tensor, starts: &Arc<Vec<u32>>, scale: f32) -> Result<Tensor> {
     if scores.device().is_cpu() {
         return scores.contiguous()?.apply_op1(BlockCausalSoftmax {
             starts: starts.clone(),
+            scale,
         });
     }
-    plain_block_causal_softmax(scores, starts)
+    plain_block_causal_softmax(scores, starts, scale)
 }
 
-/// Softmax over the last dimension (the vision tower's full attention).
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+/// Softmax over the last dimension of `scale` times `x` (the vision tower's
+/// full attention).
+pub fn softmax_last_dim(x: &Tensor, scale: f32) -> Result<Tensor> {
     if x.device().is_cpu() {
-        return x.contiguous()?.apply_op1(FullSoftmax);
+        return x.contiguous()?.apply_op1(FullSoftmax { scale });
     }
-    plain_softmax(x)
+    plain_softmax(&(x * f64::from(scale))?)
+}
+
+/// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * w`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        return x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps });
+    }
+    plain_rms_norm(x, w, eps)
+}
+
+/// SwiGLU's gate: `silu(gate) * up`, elementwise.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if gate.device().is_cpu() {
+        return gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu);
+    }
+    gate.silu()? * up
+}
+
+/// Rotary position embedding tables: cos and sin of each position's angles,
+/// `[T, dh / 2]` row-major.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
+    pub half: usize,
+}
+
+/// Splits `x` `[T, n * dh]` (a projection's output) into `n` heads
+/// `[n, T, dh]` and rotates each by its position (RoPE in Hugging Face's
+/// "rotate half" layout): one pass instead of a transpose copy and the
+/// nine ops of the rotation, forward and backward.
+pub fn rope_heads(x: &Tensor, n: usize, rope: &Arc<Rope>) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        return x.contiguous()?.apply_op1(RopeHeads {
+            heads: n,
+            rope: rope.clone(),
+            inverse: false,
+        });
+    }
+    plain_rope_heads(x, n, rope)
 }
 
 /// Per-row negative log-likelihood of `targets` (u32, `[N]`) under `logits`
@@ -50,14 +100,36 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 
 /// What the fused kernels compute, from plain ops: the path of other
 /// devices, and the tests' reference.
-fn plain_block_causal_softmax(scores: &Tensor, starts: &[u32]) -> Result<Tensor> {
+fn plain_block_causal_softmax(scores: &Tensor, starts: &[u32], scale: f32) -> Result<Tensor> {
     let t = starts.len();
     let mut mask = vec![-1e9f32; t * t];
     for (q, &s) in starts.iter().enumerate() {
         mask[q * t + s as usize..=q * t + q].fill(0.0);
     }
     let mask = Tensor::from_vec(mask, (t, t), scores.device())?;
-    plain_softmax(&scores.broadcast_add(&mask)?)
+    plain_softmax(&(scores * f64::from(scale))?.broadcast_add(&mask)?)
+}
+
+fn plain_rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(ms + f64::from(eps))?.sqrt()?)?
+        .broadcast_mul(w)
+}
+
+fn plain_rope_heads(x: &Tensor, n: usize, rope: &Rope) -> Result<Tensor> {
+    let (t, width) = x.dims2()?;
+    let half = rope.half;
+    let x = x
+        .reshape((t, n, width / n))?
+        .transpose(0, 1)?
+        .contiguous()?;
+    let cos = Tensor::from_slice(&rope.cos, (t, half), x.device())?;
+    let sin = Tensor::from_slice(&rope.sin, (t, half), x.device())?;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let a = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+    let b = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+    Tensor::cat(&[a, b], D::Minus1)
 }
 
 fn plain_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
@@ -84,8 +156,8 @@ fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result
     }
 }
 
-/// Softmax of `row` over `keys`, written to `out` (zero elsewhere).
-fn softmax_row(row: &[f32], out: &mut [f32], keys: std::ops::RangeInclusive<usize>) {
+/// Softmax of `scale * row` over `keys`, written to `out` (zero elsewhere).
+fn softmax_row(row: &[f32], out: &mut [f32], keys: std::ops::RangeInclusive<usize>, scale: f32) {
     out.fill(0.0);
     let (lo, hi) = (*keys.start(), *keys.end());
     let src = &row[lo..=hi];
@@ -93,7 +165,7 @@ fn softmax_row(row: &[f32], out: &mut [f32], keys: std::ops::RangeInclusive<usiz
     let max = src.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0f32;
     for (d, &s) in dst.iter_mut().zip(src) {
-        *d = (s - max).exp();
+        *d = ((s - max) * scale).exp();
         sum += *d;
     }
     let inv = 1.0 / sum;
@@ -102,14 +174,20 @@ fn softmax_row(row: &[f32], out: &mut [f32], keys: std::ops::RangeInclusive<usiz
     }
 }
 
-/// `dx = y * (g - sum(g * y))` per row, over the visible keys only.
-fn softmax_grad_row(y: &[f32], g: &[f32], dx: &mut [f32], keys: std::ops::RangeInclusive<usize>) {
+/// `dx = scale * y * (g - sum(g * y))` per row, over the visible keys only.
+fn softmax_grad_row(
+    y: &[f32],
+    g: &[f32],
+    dx: &mut [f32],
+    keys: std::ops::RangeInclusive<usize>,
+    scale: f32,
+) {
     dx.fill(0.0);
     let (lo, hi) = (*keys.start(), *keys.end());
     let (y, g) = (&y[lo..=hi], &g[lo..=hi]);
     let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
     for ((d, &yv), &gv) in dx[lo..=hi].iter_mut().zip(y).zip(g) {
-        *d = yv * (gv - dot);
+        *d = scale * yv * (gv - dot);
     }
 }
 
@@ -126,6 +204,7 @@ fn softmax_fwd(
     storage: &CpuStorage,
     layout: &Layout,
     starts: Option<&[u32]>,
+    scale: f32,
 ) -> Result<(CpuStorage, Shape)> {
     let x = f32_slice(storage, layout, "softmax")?;
     let t = layout.dims()[layout.dims().len() - 1];
@@ -138,17 +217,23 @@ fn softmax_fwd(
     y.par_chunks_mut(t)
         .zip(x.par_chunks(t))
         .enumerate()
-        .for_each(|(r, (out, row))| softmax_row(row, out, visible(starts, t, r)));
+        .for_each(|(r, (out, row))| softmax_row(row, out, visible(starts, t, r), scale));
     Ok((CpuStorage::F32(y), layout.shape().clone()))
 }
 
-fn softmax_bwd(y: &Tensor, g: &Tensor, starts: Option<Arc<Vec<u32>>>) -> Result<Tensor> {
+fn softmax_bwd(
+    y: &Tensor,
+    g: &Tensor,
+    starts: Option<Arc<Vec<u32>>>,
+    scale: f32,
+) -> Result<Tensor> {
     y.contiguous()?
-        .apply_op2_no_bwd(&g.contiguous()?, &SoftmaxGrad { starts })
+        .apply_op2_no_bwd(&g.contiguous()?, &SoftmaxGrad { starts, scale })
 }
 
 struct BlockCausalSoftmax {
     starts: Arc<Vec<u32>>,
+    scale: f32,
 }
 
 impl CustomOp1 for BlockCausalSoftmax {
@@ -157,15 +242,17 @@ impl CustomOp1 for BlockCausalSoftmax {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        softmax_fwd(storage, layout, Some(&self.starts))
+        softmax_fwd(storage, layout, Some(&self.starts), self.scale)
     }
 
     fn bwd(&self, _: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        softmax_bwd(res, grad_res, Some(self.starts.clone())).map(Some)
+        softmax_bwd(res, grad_res, Some(self.starts.clone()), self.scale).map(Some)
     }
 }
 
-struct FullSoftmax;
+struct FullSoftmax {
+    scale: f32,
+}
 
 impl CustomOp1 for FullSoftmax {
     fn name(&self) -> &'static str {
@@ -173,16 +260,17 @@ impl CustomOp1 for FullSoftmax {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        softmax_fwd(storage, layout, None)
+        softmax_fwd(storage, layout, None, self.scale)
     }
 
     fn bwd(&self, _: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        softmax_bwd(res, grad_res, None).map(Some)
+        softmax_bwd(res, grad_res, None, self.scale).map(Some)
     }
 }
 
 struct SoftmaxGrad {
     starts: Option<Arc<Vec<u32>>>,
+    scale: f32,
 }
 
 impl CustomOp2 for SoftmaxGrad {
@@ -207,7 +295,9 @@ impl CustomOp2 for SoftmaxGrad {
         dx.par_chunks_mut(t)
             .zip(y.par_chunks(t).zip(g.par_chunks(t)))
             .enumerate()
-            .for_each(|(r, (d, (y, g)))| softmax_grad_row(y, g, d, visible(starts, t, r)));
+            .for_each(|(r, (d, (y, g)))| {
+                softmax_grad_row(y, g, d, visible(starts, t, r), self.scale)
+            });
         Ok((CpuStorage::F32(dx), yl.shape().clone()))
     }
 }
@@ -320,6 +410,304 @@ impl CustomOp2 for CrossEntropyGrad {
     }
 }
 
+/// `1 / sqrt(mean(row^2) + eps)`.
+fn inv_rms(row: &[f32], eps: f32) -> f32 {
+    let ss: f32 = row.iter().map(|v| v * v).sum();
+    1.0 / (ss / row.len() as f32 + eps).sqrt()
+}
+
+struct RmsNorm {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = (
+            f32_slice(xs, xl, "rms-norm")?,
+            f32_slice(ws, wl, "rms-norm weight")?,
+        );
+        let h = last_dim(xl, w.len(), "rms-norm")?;
+        let mut y = vec![0.0f32; x.len()];
+        y.par_chunks_mut(h)
+            .zip(x.par_chunks(h))
+            .with_min_len(16)
+            .for_each(|(y, x)| {
+                let r = inv_rms(x, self.eps);
+                for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+                    *y = x * r * w;
+                }
+            });
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // One pass writes dx and, as a last row, dw.
+        let both =
+            x.apply_op3_no_bwd(w, &grad_res.contiguous()?, &RmsNormGrad { eps: self.eps })?;
+        let rows = both.dim(0)? - 1;
+        let dx = both.narrow(0, 0, rows)?.reshape(x.shape())?;
+        let dw = both.narrow(0, rows, 1)?.reshape(w.shape())?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// The last dimension of `layout`, checked to be `want`.
+fn last_dim(layout: &Layout, want: usize, what: &str) -> Result<usize> {
+    let h = layout.dims().last().copied().unwrap_or(0);
+    if h != want || h == 0 {
+        bail!("{what}: last dimension {h}, expected {want}")
+    }
+    Ok(h)
+}
+
+/// Rows of `y = x * r * w`, `r = 1 / rms(x)`: `dx = r * w * g - x * r^3 *
+/// sum(g * w * x) / H` and `dw = sum over rows of g * x * r`, as a
+/// `[rows + 1, H]` tensor whose last row is `dw`.
+struct RmsNormGrad {
+    eps: f32,
+}
+
+/// Rows per parallel task of the reductions over rows: fixed, so that the
+/// sums, and hence the losses of a resumed run, do not depend on threads.
+const ROW_BLOCK: usize = 32;
+
+impl CustomOp3 for RmsNormGrad {
+    fn name(&self) -> &'static str {
+        "rms-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(xs, xl, "rms-norm grad")?;
+        let w = f32_slice(ws, wl, "rms-norm grad weight")?;
+        let g = f32_slice(gs, gl, "rms-norm grad")?;
+        let h = last_dim(xl, w.len(), "rms-norm grad")?;
+        let rows = x.len() / h;
+        let mut out = vec![0.0f32; (rows + 1) * h];
+        let (dx, dw) = out.split_at_mut(rows * h);
+        let partial: Vec<Vec<f32>> = dx
+            .par_chunks_mut(ROW_BLOCK * h)
+            .zip(x.par_chunks(ROW_BLOCK * h).zip(g.par_chunks(ROW_BLOCK * h)))
+            .map(|(dx, (x, g))| {
+                let mut dw = vec![0.0f32; h];
+                for ((dx, x), g) in dx.chunks_mut(h).zip(x.chunks(h)).zip(g.chunks(h)) {
+                    let r = inv_rms(x, self.eps);
+                    let dot: f32 = x.iter().zip(g).zip(w).map(|((x, g), w)| x * g * w).sum();
+                    let c = r * r * r * dot / h as f32;
+                    for i in 0..h {
+                        dx[i] = r * w[i] * g[i] - x[i] * c;
+                        dw[i] += g[i] * x[i] * r;
+                    }
+                }
+                dw
+            })
+            .collect();
+        for p in partial {
+            for (o, v) in dw.iter_mut().zip(p) {
+                *o += v;
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((rows + 1, h))))
+    }
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+struct SwiGlu;
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        a: &CpuStorage,
+        al: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (gate, up) = (
+            f32_slice(a, al, "swiglu gate")?,
+            f32_slice(b, bl, "swiglu up")?,
+        );
+        if al.shape() != bl.shape() {
+            bail!(
+                "swiglu: gate {:?} and up {:?} differ",
+                al.shape(),
+                bl.shape()
+            )
+        }
+        let mut y = vec![0.0f32; gate.len()];
+        y.par_chunks_mut(4096)
+            .zip(gate.par_chunks(4096).zip(up.par_chunks(4096)))
+            .for_each(|(y, (a, u))| {
+                for ((y, &a), &u) in y.iter_mut().zip(a).zip(u) {
+                    *y = a * sigmoid(a) * u;
+                }
+            });
+        Ok((CpuStorage::F32(y), al.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // One pass writes both gradients, d_gate then d_up.
+        let both = gate.apply_op3_no_bwd(up, &grad_res.contiguous()?, &SwiGluGrad)?;
+        let d_gate = both.get(0)?;
+        let d_up = both.get(1)?;
+        Ok((Some(d_gate), Some(d_up)))
+    }
+}
+
+/// `d_gate = g * u * silu'(a)`, `d_up = g * silu(a)`, stacked `[2, ..]`.
+struct SwiGluGrad;
+
+impl CustomOp3 for SwiGluGrad {
+    fn name(&self) -> &'static str {
+        "swiglu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        a: &CpuStorage,
+        al: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let gate = f32_slice(a, al, "swiglu grad gate")?;
+        let up = f32_slice(b, bl, "swiglu grad up")?;
+        let g = f32_slice(gs, gl, "swiglu grad")?;
+        let n = gate.len();
+        let mut out = vec![0.0f32; 2 * n];
+        let (d_gate, d_up) = out.split_at_mut(n);
+        d_gate
+            .par_chunks_mut(4096)
+            .zip(d_up.par_chunks_mut(4096))
+            .zip(
+                gate.par_chunks(4096)
+                    .zip(up.par_chunks(4096))
+                    .zip(g.par_chunks(4096)),
+            )
+            .for_each(|((dg, du), ((a, u), g))| {
+                for i in 0..a.len() {
+                    let s = sigmoid(a[i]);
+                    du[i] = g[i] * a[i] * s;
+                    dg[i] = g[i] * u[i] * s * (1.0 + a[i] * (1.0 - s));
+                }
+            });
+        let mut dims = vec![2];
+        dims.extend_from_slice(al.dims());
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+/// Forward: `[T, n * dh]` to rotated heads `[n, T, dh]`. Inverse (the
+/// gradient): rotated-head gradients `[n, T, dh]` back to `[T, n * dh]`,
+/// rotating by minus the angle.
+struct RopeHeads {
+    heads: usize,
+    rope: Arc<Rope>,
+    inverse: bool,
+}
+
+/// Rotates `src` (one head's `dh` values) into `dst` by the angles whose
+/// cos and sin are `cos`/`sin` (`dh / 2` each); `sign` -1 rotates back.
+fn rotate(src: &[f32], dst: &mut [f32], cos: &[f32], sin: &[f32], sign: f32) {
+    let half = cos.len();
+    let (x1, x2) = src.split_at(half);
+    let (d1, d2) = dst.split_at_mut(half);
+    for i in 0..half {
+        let (c, s) = (cos[i], sign * sin[i]);
+        d1[i] = x1[i] * c - x2[i] * s;
+        d2[i] = x2[i] * c + x1[i] * s;
+    }
+}
+
+impl CustomOp1 for RopeHeads {
+    fn name(&self) -> &'static str {
+        "rope-heads"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(storage, layout, "rope")?;
+        let (n, half) = (self.heads, self.rope.half);
+        let dh = 2 * half;
+        let t = self.rope.cos.len() / half.max(1);
+        if x.len() != t * n * dh {
+            bail!(
+                "rope: {:?} is not {t} positions of {n} heads of {dh}",
+                layout.shape()
+            )
+        }
+        let mut y = vec![0.0f32; x.len()];
+        let (cos, sin) = (&self.rope.cos, &self.rope.sin);
+        if self.inverse {
+            // y[t, h * dh ..] = rotate^-1(x[h, t, ..])
+            y.par_chunks_mut(n * dh)
+                .enumerate()
+                .with_min_len(8)
+                .for_each(|(p, row)| {
+                    let (c, s) = (&cos[p * half..][..half], &sin[p * half..][..half]);
+                    for (h, dst) in row.chunks_mut(dh).enumerate() {
+                        rotate(&x[(h * t + p) * dh..][..dh], dst, c, s, -1.0);
+                    }
+                });
+            return Ok((CpuStorage::F32(y), Shape::from((t, n * dh))));
+        }
+        // y[h, t, ..] = rotate(x[t, h * dh ..])
+        y.par_chunks_mut(dh)
+            .enumerate()
+            .with_min_len(64)
+            .for_each(|(r, dst)| {
+                let (h, p) = (r / t, r % t);
+                let (c, s) = (&cos[p * half..][..half], &sin[p * half..][..half]);
+                rotate(&x[p * n * dh + h * dh..][..dh], dst, c, s, 1.0);
+            });
+        Ok((CpuStorage::F32(y), Shape::from((n, t, dh))))
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let inverse = RopeHeads {
+            heads: self.heads,
+            rope: self.rope.clone(),
+            inverse: true,
+        };
+        grad_res.contiguous()?.apply_op1_no_bwd(&inverse).map(Some)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{Device, Var};
@@ -356,8 +744,8 @@ mod tests {
         let starts = Arc::new(vec![0, 0, 0, 0, 4, 4, 4]);
         let x = Var::from_tensor(&random(&[3, 7, 7], 1)).unwrap();
         let w = random(&[3, 7, 7], 2);
-        let fused = block_causal_softmax(x.as_tensor(), &starts).unwrap();
-        let plain = plain_block_causal_softmax(x.as_tensor(), &starts).unwrap();
+        let fused = block_causal_softmax(x.as_tensor(), &starts, 0.5).unwrap();
+        let plain = plain_block_causal_softmax(x.as_tensor(), &starts, 0.5).unwrap();
         assert!(max_diff(&fused, &plain) < 1e-6);
         // Masked entries are exactly zero: nothing leaks across samples.
         let row4 = fused
@@ -379,8 +767,8 @@ mod tests {
     fn full_softmax_and_its_gradient_match_the_plain_ops() {
         let x = Var::from_tensor(&random(&[2, 5, 5], 3)).unwrap();
         let w = random(&[2, 5, 5], 4);
-        let fused = softmax_last_dim(x.as_tensor()).unwrap();
-        let plain = plain_softmax(x.as_tensor()).unwrap();
+        let fused = softmax_last_dim(x.as_tensor(), 0.25).unwrap();
+        let plain = plain_softmax(&(x.as_tensor() * 0.25).unwrap()).unwrap();
         assert!(max_diff(&fused, &plain) < 1e-6);
         let gf = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
         let gp = (plain * &w).unwrap().sum_all().unwrap().backward().unwrap();
@@ -398,5 +786,76 @@ mod tests {
         let gf = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
         let gp = (plain * &w).unwrap().sum_all().unwrap().backward().unwrap();
         assert!(max_diff(gf.get(&logits).unwrap(), gp.get(&logits).unwrap()) < 1e-6);
+    }
+    /// Gradients of `sum(f(inputs) * w)` with respect to each input.
+    fn grads_of(inputs: &[&Var], y: &Tensor, w: &Tensor) -> Vec<Tensor> {
+        let g = (y * w).unwrap().sum_all().unwrap().backward().unwrap();
+        inputs
+            .iter()
+            .map(|v| g.get(v.as_tensor()).unwrap().clone())
+            .collect()
+    }
+
+    #[test]
+    fn rms_norm_and_its_gradients_match_the_plain_ops() {
+        // More rows than one parallel block, so the dw reduction is tested.
+        let x = Var::from_tensor(&random(&[2, 40, 6], 6)).unwrap();
+        let w = Var::from_tensor(&random(&[6], 7)).unwrap();
+        let up = random(&[2, 40, 6], 8);
+        let fused = rms_norm(x.as_tensor(), w.as_tensor(), 1e-6).unwrap();
+        let plain = plain_rms_norm(x.as_tensor(), w.as_tensor(), 1e-6).unwrap();
+        assert!(max_diff(&fused, &plain) < 1e-5);
+        let gf = grads_of(&[&x, &w], &fused, &up);
+        let gp = grads_of(&[&x, &w], &plain, &up);
+        for (f, p) in gf.iter().zip(&gp) {
+            assert_eq!(f.dims(), p.dims());
+            assert!(max_diff(f, p) < 1e-4, "{}", max_diff(f, p));
+        }
+    }
+
+    #[test]
+    fn swiglu_and_its_gradients_match_silu_times_up() {
+        let a = Var::from_tensor(&random(&[5, 9], 9)).unwrap();
+        let b = Var::from_tensor(&random(&[5, 9], 10)).unwrap();
+        let w = random(&[5, 9], 11);
+        let fused = swiglu(a.as_tensor(), b.as_tensor()).unwrap();
+        let plain = (a.as_tensor().silu().unwrap() * b.as_tensor()).unwrap();
+        assert!(max_diff(&fused, &plain) < 1e-5);
+        let gf = grads_of(&[&a, &b], &fused, &w);
+        let gp = grads_of(&[&a, &b], &plain, &w);
+        for (f, p) in gf.iter().zip(&gp) {
+            assert!(max_diff(f, p) < 1e-4, "{}", max_diff(f, p));
+        }
+    }
+
+    #[test]
+    fn rope_heads_and_its_gradient_match_transpose_and_rotate() {
+        // 3 positions (restarting, as in a packed row), 2 heads of 4.
+        let (t, n, half) = (3, 2, 2);
+        let angles = [0.0f32, 0.0, 1.0, 0.01, 0.0, 0.0];
+        let rope = Arc::new(Rope {
+            cos: angles.iter().map(|a| a.cos()).collect(),
+            sin: angles.iter().map(|a| a.sin()).collect(),
+            half,
+        });
+        let x = Var::from_tensor(&random(&[t, n * 2 * half], 12)).unwrap();
+        let w = random(&[n, t, 2 * half], 13);
+        let fused = rope_heads(x.as_tensor(), n, &rope).unwrap();
+        let plain = plain_rope_heads(x.as_tensor(), n, &rope).unwrap();
+        assert_eq!(fused.dims(), &[n, t, 2 * half]);
+        assert!(max_diff(&fused, &plain) < 1e-6);
+        // Position 0 has angle 0: head 1 there is x's second half-row as is.
+        let head1 = fused
+            .get(1)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let row0 = x.as_tensor().get(0).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(head1, row0[4..]);
+        let gf = grads_of(&[&x], &fused, &w);
+        let gp = grads_of(&[&x], &plain, &w);
+        assert!(max_diff(&gf[0], &gp[0]) < 1e-6);
     }
 }
