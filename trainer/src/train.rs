@@ -9,6 +9,7 @@ use candle_nn::VarMap;
 use lvpipe_pipeline::recipe::Schedule;
 
 use crate::model::{Model, Row};
+use crate::ops;
 
 /// Which parameters a stage trains, by the recipe's module names.
 ///
@@ -109,24 +110,45 @@ impl AdamW {
     }
 
     /// One update with gradients (in [`AdamW::names`] order) scaled by
-    /// `scale` (clipping).
+    /// `scale` (clipping). On CPU the moments and parameters are updated in
+    /// place, three passes per parameter ([`ops::Moment`], [`ops::AdamStep`]);
+    /// elsewhere with plain ops, which compute the same.
     pub fn update(&mut self, grads: &[Option<Tensor>], lr: f64, scale: f64) -> CandleResult<()> {
         self.step += 1;
         let t = self.step as i32;
         let (b1, b2) = (self.beta1, self.beta2);
         let c1 = 1.0 - b1.powi(t);
         let c2 = 1.0 - b2.powi(t);
+        let decay = 1.0 - lr * self.weight_decay;
         for ((name, var), g) in self.vars.iter().zip(grads) {
             let Some(g) = g else {
                 continue;
             };
+            let theta = var.as_tensor();
+            if theta.device().is_cpu() {
+                let g = g.contiguous()?;
+                let moment = |beta: f64, square| ops::Moment {
+                    beta: beta as f32,
+                    scale: scale as f32,
+                    square,
+                };
+                self.m[name].inplace_op2(&g, &moment(b1, false))?;
+                self.v[name].inplace_op2(&g, &moment(b2, true))?;
+                let step = ops::AdamStep {
+                    lr: lr as f32,
+                    c1: c1 as f32,
+                    c2: c2 as f32,
+                    eps: self.eps as f32,
+                    decay: decay as f32,
+                };
+                theta.inplace_op3(&self.m[name], &self.v[name], &step)?;
+                continue;
+            }
             let g = (g * scale)?;
             let m = ((&self.m[name] * b1)? + (&g * (1.0 - b1))?)?;
             let v = ((&self.v[name] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let update = ((&m / c1)? / ((&v / c2)?.sqrt()? + self.eps)?)?;
-            let theta = var.as_tensor();
-            let decayed = (theta * (1.0 - lr * self.weight_decay))?;
-            var.set(&(decayed - (update * lr)?)?)?;
+            var.set(&((theta * decay)? - (update * lr)?)?)?;
             self.m.insert(name.clone(), m);
             self.v.insert(name.clone(), v);
         }
@@ -266,6 +288,7 @@ pub fn train_step(
 mod tests {
     use super::*;
     use crate::model::Config;
+    use candle_core::DType;
 
     fn config() -> Config {
         Config {
@@ -549,5 +572,50 @@ mod tests {
         assert!(la < 0.2 && lb < 0.2, "{la} {lb}");
         // Swapping the images swaps the answers.
         assert!(loss(row(&a, &mask, &light)) > 1.0 && loss(row(&b, &mask, &dark)) > 1.0);
+    }
+    #[test]
+    fn the_in_place_adamw_update_matches_its_formula() {
+        let mut vars = VarMap::new();
+        let theta0 = [0.5f32, -1.0, 2.0, 0.0];
+        vars.get(
+            4,
+            "llm.w",
+            candle_nn::Init::Const(0.0),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        vars.set_one("llm.w", Tensor::new(&theta0, &Device::Cpu).unwrap())
+            .unwrap();
+        let mut opt = AdamW::new(&vars, &["llm".to_string()]).unwrap();
+        opt.weight_decay = 0.1;
+        let grads = [[0.3f32, -0.2, 0.0, 4.0], [-0.1, 0.5, 1.0, -2.0]];
+        let (lr, scale, (b1, b2, eps)) = (0.01f64, 0.5f64, (0.9f64, 0.999f64, 1e-8f64));
+        let (mut p, mut m, mut v) = (theta0.map(f64::from), [0f64; 4], [0f64; 4]);
+        for (k, g) in grads.iter().enumerate() {
+            let gt = Tensor::new(g, &Device::Cpu).unwrap();
+            opt.update(&[Some(gt)], lr, scale).unwrap();
+            let t = (k + 1) as i32;
+            for i in 0..4 {
+                let g = f64::from(g[i]) * scale;
+                m[i] = b1 * m[i] + (1.0 - b1) * g;
+                v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+                let update =
+                    (m[i] / (1.0 - b1.powi(t))) / ((v[i] / (1.0 - b2.powi(t))).sqrt() + eps);
+                p[i] = p[i] * (1.0 - lr * 0.1) - lr * update;
+            }
+        }
+        let got = vars.data().lock().unwrap()["llm.w"]
+            .as_tensor()
+            .to_vec1::<f32>()
+            .unwrap();
+        for i in 0..4 {
+            assert!(
+                (f64::from(got[i]) - p[i]).abs() < 1e-6,
+                "{got:?} against {p:?}"
+            );
+        }
+        let m_got = opt.m["llm.w"].to_vec1::<f32>().unwrap();
+        assert!((f64::from(m_got[3]) - m[3]).abs() < 1e-6);
     }
 }
