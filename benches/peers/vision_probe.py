@@ -1,6 +1,6 @@
 """Can the tiny recipe's vision tower learn the synthetic scenes, and through the LLM?
 
-    python benches/peers/vision_probe.py RAW {linear,decoder} [LR] [STEPS]
+    python benches/peers/vision_probe.py RAW {linear,decoder} [LR] [STEPS] [POS_STD]
 
 RAW is a `lvpipe synth --scale small` folder. The tower is recipes/tiny.toml's:
 64 px, 8 px patches, width 64, 2 pre-norm blocks of 4 heads, post LayerNorm.
@@ -9,6 +9,10 @@ RAW is a `lvpipe synth --scale small` folder. The tower is recipes/tiny.toml's:
 into a 2-layer causal decoder that answers at the last position of
 [bos, 16 media tokens, question, assistant], as the VLM does. Batch 32, one
 question per image, AdamW, held-out accuracy per attribute every 100 steps.
+POS_STD is the init std of the tower's position embedding (lvpipe: 1.0;
+SigLIP's 1/sqrt(64) = 0.125). The decoder's token and position embeddings
+start at std 0.02, as Qwen2's tokens (its RoPE adds no position to the
+residual stream, so a tiny learned one stands in for it).
 Images go through pad-to-square (grey) and a bilinear resize to 64 px as in
 the shards. A PyTorch diagnostic only; lvpipe does not use it.
 """
@@ -29,6 +33,7 @@ RAW = sys.argv[1].rstrip("/") + "/"
 MODE = sys.argv[2] if len(sys.argv) > 2 else "linear"
 LR = float(sys.argv[3]) if len(sys.argv) > 3 else 2e-3
 STEPS = int(sys.argv[4]) if len(sys.argv) > 4 else 600
+POS_STD = float(sys.argv[5]) if len(sys.argv) > 5 else 1.0
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 SHAPES = ["circle", "square", "triangle"]
 POSITIONS = ["top left", "top right", "bottom left", "bottom right", "center"]
@@ -83,7 +88,7 @@ class Probe(nn.Module):
     def __init__(self):
         super().__init__()
         self.patch = nn.Conv2d(3, D, 8, 8)
-        self.pos = nn.Parameter(torch.randn(64, D) / D**0.5)
+        self.pos = nn.Parameter(torch.randn(64, D) * POS_STD)
         self.blocks = nn.ModuleList(Block(D, 4) for _ in range(2))
         self.post = nn.LayerNorm(D)
         if MODE == "linear":
@@ -91,7 +96,8 @@ class Probe(nn.Module):
             return
         self.proj = nn.Sequential(nn.LayerNorm(4 * D), nn.Linear(4 * D, H), nn.GELU(), nn.Linear(H, H))
         self.embed = nn.Embedding(8, H)
-        self.text_pos = nn.Parameter(torch.randn(19, H))
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.text_pos = nn.Parameter(torch.randn(19, H) * 0.02)
         self.llm = nn.ModuleList(Block(H, 4) for _ in range(2))
         self.norm = nn.LayerNorm(H)
         self.head = nn.Linear(H, 17, bias=False)
