@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use lvpipe_pipeline::{Catalog, Mix, Recipe, build_mix, current_mix};
-use lvpipe_trainer::run::{StageRun, Summary, TrainerState, finished, run_stage};
+use lvpipe_trainer::run::{
+    StageRun, Summary, TrainerState, finished, run_stage, weights_fingerprint,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::args::TrainArgs;
@@ -134,25 +136,6 @@ pub fn chain(c: &Chain) -> Result<Vec<(usize, Summary)>> {
             "{}/{}",
             meta.shards_build_fingerprint, meta.tokenizer_fingerprint
         );
-        let same = |state: &TrainerState| {
-            state.recipe_fingerprint == meta.recipe_fingerprint
-                && state.mix_fingerprint == fingerprint
-        };
-        if let Some(state) = finished(&dir) {
-            if same(&state) {
-                log(&format!(
-                    "stage {number} ({}): finished earlier ({} steps), skipped",
-                    stage.name, state.steps
-                ));
-                continue;
-            }
-            log(&format!(
-                "stage {number} ({}): {} was trained on other data or another recipe; training it again",
-                stage.name,
-                dir.display()
-            ));
-            fs_err::remove_dir_all(&dir)?;
-        }
         let init = if stage.init == "base" {
             None
         } else {
@@ -177,6 +160,32 @@ pub fn chain(c: &Chain) -> Result<Vec<(usize, Summary)>> {
             }
             Some(absolute(&from)?)
         };
+        // The start's weights: a finished stage whose start has been
+        // trained again since is stale too.
+        let init_fingerprint = match &init {
+            Some(from) => weights_fingerprint(&from.join("model.safetensors"))?,
+            None => String::new(),
+        };
+        let same = |state: &TrainerState| {
+            state.recipe_fingerprint == meta.recipe_fingerprint
+                && state.mix_fingerprint == fingerprint
+                && state.init_fingerprint == init_fingerprint
+        };
+        if let Some(state) = finished(&dir) {
+            if same(&state) {
+                log(&format!(
+                    "stage {number} ({}): finished earlier ({} steps), skipped",
+                    stage.name, state.steps
+                ));
+                continue;
+            }
+            log(&format!(
+                "stage {number} ({}): {} was trained on other data, another recipe or other start weights; training it again",
+                stage.name,
+                dir.display()
+            ));
+            fs_err::remove_dir_all(&dir)?;
+        }
         let spec = RunSpec {
             recipe: c.recipe.to_path_buf(),
             stage: number,

@@ -211,6 +211,39 @@ fn a_killed_chain_resumes_with_the_same_losses_and_its_lineage_is_queryable() {
     // Resuming a finished stage does nothing.
     let err = lvpipe_ok_stderr(corpus, &["train", "--resume", &format!("{b}/stage-2")]);
     assert!(err.contains("nothing to resume"), "{err}");
+    // Stage 1 trained again (other steps, so other weights): the chain keeps
+    // it, and trains stage 2 again because its start changed.
+    let err = lvpipe_ok_stderr(
+        corpus,
+        &[
+            "train",
+            "--recipe",
+            &recipe,
+            "--stage",
+            "1",
+            "--mix",
+            &format!("{b}/mixes/stage-1"),
+            "--tokenizer",
+            "raw/tokenizer.json",
+            "--out",
+            &format!("{b}/stage-1"),
+            "--steps",
+            "3",
+        ],
+    );
+    assert!(err.contains("3 steps"), "{err}");
+    let out = chain(&b, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("stage 1 (align): finished earlier"), "{err}");
+    assert!(
+        err.contains("other start weights; training it again"),
+        "{err}"
+    );
+    assert_ne!(
+        std::fs::read(format!("{a}/stage-2/model.safetensors")).unwrap(),
+        std::fs::read(format!("{b}/stage-2/model.safetensors")).unwrap(),
+    );
 
     // Lineage: every step's samples add up to the tokens the step trained on,
     // and per-source tokens add up too.

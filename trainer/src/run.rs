@@ -86,6 +86,20 @@ pub struct TrainerState {
     pub rope_base: f64,
     pub recipe_fingerprint: String,
     pub mix_fingerprint: String,
+    /// [`weights_fingerprint`] of the weights the stage started from (empty:
+    /// fresh weights). A chain retrains a finished stage whose start changed.
+    #[serde(default)]
+    pub init_fingerprint: String,
+}
+
+/// blake3 of a weights file (16 hex digits): which weights a stage started
+/// from, so that a retrained earlier stage is noticed.
+pub fn weights_fingerprint(path: &Path) -> Result<String, Error> {
+    let mut hasher = blake3::Hasher::new();
+    hasher
+        .update_reader(fs_err::File::open(path).map_err(err("hashing the start weights"))?)
+        .map_err(err(format!("hashing {}", path.display())))?;
+    Ok(hasher.finalize().to_hex()[..16].to_string())
 }
 
 /// `config.json`: what loading the weights back needs.
@@ -157,7 +171,9 @@ pub fn run_stage(
     let vars = VarMap::new();
     let mut model = Model::new(config.clone(), &vars, &device).map_err(err("model"))?;
     init_seeded(&vars, stage.seed).map_err(err("initializing"))?;
+    let mut init_fingerprint = String::new();
     if let Some(init) = &run.init {
+        init_fingerprint = weights_fingerprint(init)?;
         let mut vars = vars.clone();
         vars.load(init)
             .map_err(err(format!("loading {}", init.display())))?;
@@ -189,6 +205,7 @@ pub fn run_stage(
         rope_base,
         recipe_fingerprint: run.mix.meta.recipe_fingerprint.clone(),
         mix_fingerprint: mix_fingerprint.clone(),
+        init_fingerprint: init_fingerprint.clone(),
     };
 
     // Resume: weights, adapters, moments and step of the newest checkpoint.
@@ -202,8 +219,10 @@ pub fn run_stage(
                     &state.recipe_fingerprint,
                 ),
                 ("mix", &mix_fingerprint, &state.mix_fingerprint),
+                ("start", &init_fingerprint, &state.init_fingerprint),
             ] {
-                if ours != theirs {
+                // Checkpoints from before the start was recorded have none.
+                if ours != theirs && !(what == "start" && theirs.is_empty()) {
                     return Err(Error(format!(
                         "{}: made with another {what} ({theirs}, now {ours}); start a new run instead of resuming",
                         dir.display()
