@@ -147,15 +147,34 @@ fn plain_softmax(x: &Tensor) -> Result<Tensor> {
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
+/// The element range of a contiguous layout.
+fn contiguous(layout: &Layout, what: &str) -> Result<std::ops::Range<usize>> {
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(a..b),
+        None => bail!("{what}: contiguous tensor expected"),
+    }
+}
+
 fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(data) = storage else {
         bail!("{what}: f32 expected")
     };
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => bail!("{what}: contiguous input expected"),
-    }
+    Ok(&data[contiguous(layout, what)?])
 }
+
+fn f32_slice_mut<'a>(
+    storage: &'a mut CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> Result<&'a mut [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        bail!("{what}: f32 expected")
+    };
+    Ok(&mut data[contiguous(layout, what)?])
+}
+
+/// Elements per parallel task of the elementwise kernels (SwiGLU, AdamW).
+const CHUNK: usize = 1 << 14;
 
 /// Softmax of `scale * row` over `keys`, written to `out` (zero elsewhere).
 fn softmax_row(row: &[f32], out: &mut [f32], keys: std::ops::RangeInclusive<usize>, scale: f32) {
@@ -309,10 +328,7 @@ fn targets_of<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [u32]>
     let CpuStorage::U32(data) = storage else {
         bail!("cross-entropy targets: u32 expected")
     };
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => bail!("cross-entropy targets: contiguous input expected"),
-    }
+    Ok(&data[contiguous(layout, "cross-entropy targets")?])
 }
 
 /// The `[N, V]` logits, the `N` targets and `V`.
@@ -565,8 +581,8 @@ impl CustomOp2 for SwiGlu {
             )
         }
         let mut y = vec![0.0f32; gate.len()];
-        y.par_chunks_mut(4096)
-            .zip(gate.par_chunks(4096).zip(up.par_chunks(4096)))
+        y.par_chunks_mut(CHUNK)
+            .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
             .for_each(|(y, (a, u))| {
                 for ((y, &a), &u) in y.iter_mut().zip(a).zip(u) {
                     *y = a * sigmoid(a) * u;
@@ -614,12 +630,12 @@ impl CustomOp3 for SwiGluGrad {
         let mut out = vec![0.0f32; 2 * n];
         let (d_gate, d_up) = out.split_at_mut(n);
         d_gate
-            .par_chunks_mut(4096)
-            .zip(d_up.par_chunks_mut(4096))
+            .par_chunks_mut(CHUNK)
+            .zip(d_up.par_chunks_mut(CHUNK))
             .zip(
-                gate.par_chunks(4096)
-                    .zip(up.par_chunks(4096))
-                    .zip(g.par_chunks(4096)),
+                gate.par_chunks(CHUNK)
+                    .zip(up.par_chunks(CHUNK))
+                    .zip(g.par_chunks(CHUNK)),
             )
             .for_each(|((dg, du), ((a, u), g))| {
                 for i in 0..a.len() {
@@ -709,23 +725,6 @@ impl CustomOp1 for RopeHeads {
     }
 }
 
-fn f32_slice_mut<'a>(
-    storage: &'a mut CpuStorage,
-    layout: &Layout,
-    what: &str,
-) -> Result<&'a mut [f32]> {
-    let CpuStorage::F32(data) = storage else {
-        bail!("{what}: f32 expected")
-    };
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&mut data[a..b]),
-        None => bail!("{what}: contiguous tensor expected"),
-    }
-}
-
-/// Elements per parallel task of the optimizer's passes.
-const ADAM_CHUNK: usize = 1 << 14;
-
 /// AdamW's moment update, in place on the moment: `m = beta * m + (1 -
 /// beta) * scale * g`, or with `square`, `v = beta * v + (1 - beta) *
 /// (scale * g)^2`. One pass over a parameter's moment and gradient, where the
@@ -755,8 +754,8 @@ impl InplaceOp2 for Moment {
             bail!("adam moment: {} moments for {} gradients", m.len(), g.len())
         }
         let (beta, rest, scale) = (self.beta, 1.0 - self.beta, self.scale);
-        m.par_chunks_mut(ADAM_CHUNK)
-            .zip(g.par_chunks(ADAM_CHUNK))
+        m.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
             .for_each(|(m, g)| {
                 for (m, &g) in m.iter_mut().zip(g) {
                     let g = g * scale;
@@ -804,8 +803,8 @@ impl InplaceOp3 for AdamStep {
             )
         }
         theta
-            .par_chunks_mut(ADAM_CHUNK)
-            .zip(m.par_chunks(ADAM_CHUNK).zip(v.par_chunks(ADAM_CHUNK)))
+            .par_chunks_mut(CHUNK)
+            .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
             .for_each(|(p, (m, v))| {
                 for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
                     let update = (m / self.c1) / ((v / self.c2).sqrt() + self.eps);
