@@ -10,6 +10,7 @@
 //! assert_eq!(lvpipe_trainer::tokens_per_media(27 * 27), 196);
 //! ```
 
+pub mod attention;
 pub mod bench;
 pub mod model;
 pub mod ops;

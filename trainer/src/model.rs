@@ -19,6 +19,7 @@ use candle_core::{D, DType, Device, IndexOp, Result, Tensor};
 use candle_nn::{Init, VarBuilder, VarMap};
 use lvpipe_pipeline::recipe::ModelConfig;
 
+use crate::attention::attention;
 use crate::ops;
 
 /// Sizes of the model, from a recipe's `[model]`.
@@ -282,10 +283,7 @@ impl DecoderLayer {
         // stack into one [group * T, dh] matrix against that head's keys.
         let group = self.heads / self.kv_heads;
         let q = q.reshape((self.kv_heads, group * t, dh))?;
-        let scores = q.matmul(&k.t()?)?;
-        let probs = ops::block_causal_softmax(&scores, starts, 1.0 / (dh as f32).sqrt())?;
-        let y = probs
-            .matmul(&v)?
+        let y = attention(&q, &k, &v, starts, 1.0 / (dh as f32).sqrt())?
             .reshape((self.heads, t, dh))?
             .transpose(0, 1)?
             .contiguous()?

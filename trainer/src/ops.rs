@@ -1,13 +1,14 @@
-//! Fused CPU kernels with their gradients: the attention probabilities
-//! (`[heads, T, T]`), the log-probabilities over the vocabulary (`[N, V]`),
-//! and the decoder's elementwise layers (RMSNorm, RoPE with the split into
-//! heads, SwiGLU's gate).
+//! Fused CPU kernels with their gradients: the vision tower's attention
+//! probabilities (`[heads, T, T]`), the log-probabilities over the
+//! vocabulary (`[N, V]`), and the decoder's elementwise layers (RMSNorm,
+//! RoPE with the split into heads, SwiGLU's gate). The decoder's attention
+//! is one kernel of its own ([`crate::attention`]).
 //!
-//! Built from plain tensor ops, a block-causal softmax is an additive
-//! `[T, T]` mask, a broadcast add, max, subtract, exp, sum and divide: seven
-//! passes over the scores forward and as many tensors kept for backward. Here
-//! it is one pass forward, keeping only the probabilities, and one pass
-//! backward; attention's 1/sqrt(head size) scale is applied inside it.
+//! Built from plain tensor ops, a softmax is a max, subtract, exp, sum and
+//! divide: five passes over the scores forward and as many tensors kept for
+//! backward. Here it is one pass forward, keeping only the probabilities,
+//! and one pass backward; attention's 1/sqrt(head size) scale is applied
+//! inside it.
 //! Cross-entropy likewise never materializes the log-probabilities: forward
 //! keeps the per-row loss, backward writes `softmax - one_hot`. RMSNorm
 //! (six plain ops forward), RoPE (a transpose copy and nine ops) and
@@ -24,20 +25,6 @@ use candle_core::{
     Tensor, bail,
 };
 use rayon::prelude::*;
-
-/// Softmax over the last dimension of `scale` times `[.., T, T]` attention
-/// scores where query `q` sees keys `starts[q] ..= q` (its own sample,
-/// causally); other entries are exactly zero. `scale` (> 0) is attention's
-/// 1/sqrt(head size), applied inside the one pass.
-pub fn block_causal_softmax(scores: &Tensor, starts: &Arc<Vec<u32>>, scale: f32) -> Result<Tensor> {
-    if scores.device().is_cpu() {
-        return scores.contiguous()?.apply_op1(BlockCausalSoftmax {
-            starts: starts.clone(),
-            scale,
-        });
-    }
-    plain_block_causal_softmax(scores, starts, scale)
-}
 
 /// Softmax over the last dimension of `scale` times `x` (the vision tower's
 /// full attention).
@@ -101,7 +88,11 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 
 /// What the fused kernels compute, from plain ops: the path of other
 /// devices, and the tests' reference.
-fn plain_block_causal_softmax(scores: &Tensor, starts: &[u32], scale: f32) -> Result<Tensor> {
+pub(crate) fn plain_block_causal_softmax(
+    scores: &Tensor,
+    starts: &[u32],
+    scale: f32,
+) -> Result<Tensor> {
     let t = starts.len();
     let mut mask = vec![-1e9f32; t * t];
     for (q, &s) in starts.iter().enumerate() {
@@ -155,7 +146,11 @@ fn contiguous(layout: &Layout, what: &str) -> Result<std::ops::Range<usize>> {
     }
 }
 
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+pub(crate) fn f32_slice<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> Result<&'a [f32]> {
     let CpuStorage::F32(data) = storage else {
         bail!("{what}: f32 expected")
     };
@@ -177,7 +172,12 @@ fn f32_slice_mut<'a>(
 const CHUNK: usize = 1 << 14;
 
 /// Softmax of `scale * row` over `keys`, written to `out` (zero elsewhere).
-fn softmax_row(row: &[f32], out: &mut [f32], keys: std::ops::RangeInclusive<usize>, scale: f32) {
+pub(crate) fn softmax_row(
+    row: &[f32],
+    out: &mut [f32],
+    keys: std::ops::RangeInclusive<usize>,
+    scale: f32,
+) {
     out.fill(0.0);
     let (lo, hi) = (*keys.start(), *keys.end());
     let src = &row[lo..=hi];
@@ -195,7 +195,7 @@ fn softmax_row(row: &[f32], out: &mut [f32], keys: std::ops::RangeInclusive<usiz
 }
 
 /// `dx = scale * y * (g - sum(g * y))` per row, over the visible keys only.
-fn softmax_grad_row(
+pub(crate) fn softmax_grad_row(
     y: &[f32],
     g: &[f32],
     dx: &mut [f32],
@@ -249,25 +249,6 @@ fn softmax_bwd(
 ) -> Result<Tensor> {
     y.contiguous()?
         .apply_op2_no_bwd(&g.contiguous()?, &SoftmaxGrad { starts, scale })
-}
-
-struct BlockCausalSoftmax {
-    starts: Arc<Vec<u32>>,
-    scale: f32,
-}
-
-impl CustomOp1 for BlockCausalSoftmax {
-    fn name(&self) -> &'static str {
-        "block-causal-softmax"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        softmax_fwd(storage, layout, Some(&self.starts), self.scale)
-    }
-
-    fn bwd(&self, _: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        softmax_bwd(res, grad_res, Some(self.starts.clone()), self.scale).map(Some)
-    }
 }
 
 struct FullSoftmax {
@@ -816,12 +797,12 @@ impl InplaceOp3 for AdamStep {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use candle_core::{Device, Var};
 
     use super::*;
 
-    fn random(shape: &[usize], seed: u64) -> Tensor {
+    pub(crate) fn random(shape: &[usize], seed: u64) -> Tensor {
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n as u64)
             .map(|i| {
@@ -832,7 +813,7 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .unwrap()
             .abs()
@@ -843,31 +824,6 @@ mod tests {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap()
-    }
-
-    #[test]
-    fn block_causal_softmax_and_its_gradient_match_the_masked_plain_ops() {
-        // Two samples packed in a row of 7: positions 0-3 and 4-6.
-        let starts = Arc::new(vec![0, 0, 0, 0, 4, 4, 4]);
-        let x = Var::from_tensor(&random(&[3, 7, 7], 1)).unwrap();
-        let w = random(&[3, 7, 7], 2);
-        let fused = block_causal_softmax(x.as_tensor(), &starts, 0.5).unwrap();
-        let plain = plain_block_causal_softmax(x.as_tensor(), &starts, 0.5).unwrap();
-        assert!(max_diff(&fused, &plain) < 1e-6);
-        // Masked entries are exactly zero: nothing leaks across samples.
-        let row4 = fused
-            .get(0)
-            .unwrap()
-            .get(4)
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        assert_eq!(&row4[..4], &[0.0; 4]);
-        assert_eq!(&row4[5..], &[0.0; 2]);
-        let gf = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let gp = (plain * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let (gf, gp) = (gf.get(&x).unwrap(), gp.get(&x).unwrap());
-        assert!(max_diff(gf, gp) < 1e-6, "{}", max_diff(gf, gp));
     }
 
     #[test]

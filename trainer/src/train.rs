@@ -201,6 +201,49 @@ pub struct StepRecord {
     pub micro_batches: usize,
 }
 
+/// The rows of a micro-batch end to end, as one row: its samples stay
+/// apart (positions restart and attention stays within each sample), so
+/// the loss is the sum of the rows' losses, while every matrix product runs
+/// once over all of them instead of once per row, and each weight's
+/// gradient comes out as one tensor instead of a sum of one per row.
+struct JoinedRows {
+    input_ids: Vec<u32>,
+    loss_mask: Vec<u8>,
+    boundaries: Vec<u32>,
+    pixels: Vec<f32>,
+}
+
+impl JoinedRows {
+    fn new<'a, 'r: 'a>(rows: impl Iterator<Item = &'a Row<'r>>) -> Self {
+        let mut j = JoinedRows {
+            input_ids: Vec::new(),
+            loss_mask: Vec::new(),
+            boundaries: vec![0],
+            pixels: Vec::new(),
+        };
+        for row in rows {
+            // Tokens after the last boundary (padding) belong to no sample.
+            let end = row.boundaries.last().map_or(0, |&b| b as usize);
+            let base = j.input_ids.len() as u32;
+            j.input_ids.extend_from_slice(&row.input_ids[..end]);
+            j.loss_mask.extend_from_slice(&row.loss_mask[..end]);
+            j.boundaries
+                .extend(row.boundaries.iter().skip(1).map(|b| base + b));
+            j.pixels.extend_from_slice(row.pixels);
+        }
+        j
+    }
+
+    fn row(&self) -> Row<'_> {
+        Row {
+            input_ids: &self.input_ids,
+            loss_mask: &self.loss_mask,
+            boundaries: &self.boundaries,
+            pixels: &self.pixels,
+        }
+    }
+}
+
 /// Forward and backward over `rows` (one global batch) in micro-batches of
 /// `micro_batch` rows, gradients summed, then one update: the loss is the
 /// mean over every masked token of the whole batch, whatever the split.
@@ -226,13 +269,10 @@ pub fn train_step(
     let mut loss = 0f64;
     let mut passes = 0;
     for chunk in rows.chunks(micro_batch.max(1)) {
-        let mut sums = Vec::with_capacity(chunk.len());
-        for (row, _) in chunk {
-            sums.push(model.row_loss(row, device).map_err(fail)?.0);
-        }
-        let part = Tensor::stack(&sums, 0)
-            .and_then(|t| t.sum_all())
-            .and_then(|t| t / f64::from(count.max(1.0)))
+        let joined = JoinedRows::new(chunk.iter().map(|(row, _)| row));
+        let part = model
+            .row_loss(&joined.row(), device)
+            .and_then(|(sum, _, _)| sum / f64::from(count.max(1.0)))
             .map_err(fail)?;
         let value = f64::from(part.to_scalar::<f32>().map_err(fail)?);
         if !value.is_finite() {
