@@ -114,7 +114,10 @@ pub struct Stage {
     /// one base, or several raised progressively over equal parts of the
     /// stage's steps (`rope_base = [40000.0, 160000.0]`).
     pub rope_base: Option<RopeBase>,
-    /// Frame sampling policy of video samples (`uniform:N`, `fps:F,max:N`).
+    /// The frame policy the stage is planned for (`uniform:N`,
+    /// `fps:F,max:N`), checked against `sequence_parallel`. Frames are
+    /// sampled when shards are built (the source's policy); a mix does not
+    /// re-sample them.
     pub frames: Option<String>,
     pub lr: f64,
     pub schedule: Schedule,
