@@ -211,44 +211,15 @@ pub(crate) fn softmax_grad_row(
     }
 }
 
-/// Which keys query row `r` (of `t` per matrix) sees.
-fn visible(starts: Option<&[u32]>, t: usize, r: usize) -> std::ops::RangeInclusive<usize> {
-    let q = r % t;
-    match starts {
-        Some(s) => s[q] as usize..=q,
-        None => 0..=t - 1,
-    }
-}
-
-fn softmax_fwd(
-    storage: &CpuStorage,
-    layout: &Layout,
-    starts: Option<&[u32]>,
-    scale: f32,
-) -> Result<(CpuStorage, Shape)> {
+/// Row-wise softmax of `scale * x` over the last dimension.
+fn softmax_fwd(storage: &CpuStorage, layout: &Layout, scale: f32) -> Result<(CpuStorage, Shape)> {
     let x = f32_slice(storage, layout, "softmax")?;
     let t = layout.dims()[layout.dims().len() - 1];
-    if let Some(s) = starts
-        && s.len() != t
-    {
-        bail!("block-causal softmax: {} starts for {t} positions", s.len())
-    }
     let mut y = vec![0.0f32; x.len()];
     y.par_chunks_mut(t)
         .zip(x.par_chunks(t))
-        .enumerate()
-        .for_each(|(r, (out, row))| softmax_row(row, out, visible(starts, t, r), scale));
+        .for_each(|(out, row)| softmax_row(row, out, 0..=t - 1, scale));
     Ok((CpuStorage::F32(y), layout.shape().clone()))
-}
-
-fn softmax_bwd(
-    y: &Tensor,
-    g: &Tensor,
-    starts: Option<Arc<Vec<u32>>>,
-    scale: f32,
-) -> Result<Tensor> {
-    y.contiguous()?
-        .apply_op2_no_bwd(&g.contiguous()?, &SoftmaxGrad { starts, scale })
 }
 
 struct FullSoftmax {
@@ -261,16 +232,17 @@ impl CustomOp1 for FullSoftmax {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        softmax_fwd(storage, layout, None, self.scale)
+        softmax_fwd(storage, layout, self.scale)
     }
 
     fn bwd(&self, _: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        softmax_bwd(res, grad_res, None, self.scale).map(Some)
+        res.contiguous()?
+            .apply_op2_no_bwd(&grad_res.contiguous()?, &SoftmaxGrad { scale: self.scale })
+            .map(Some)
     }
 }
 
 struct SoftmaxGrad {
-    starts: Option<Arc<Vec<u32>>>,
     scale: f32,
 }
 
@@ -291,14 +263,10 @@ impl CustomOp2 for SoftmaxGrad {
             f32_slice(gs, gl, "softmax grad")?,
         );
         let t = yl.dims()[yl.dims().len() - 1];
-        let starts = self.starts.as_deref().map(Vec::as_slice);
         let mut dx = vec![0.0f32; y.len()];
         dx.par_chunks_mut(t)
             .zip(y.par_chunks(t).zip(g.par_chunks(t)))
-            .enumerate()
-            .for_each(|(r, (d, (y, g)))| {
-                softmax_grad_row(y, g, d, visible(starts, t, r), self.scale)
-            });
+            .for_each(|(d, (y, g))| softmax_grad_row(y, g, d, 0..=t - 1, self.scale));
         Ok((CpuStorage::F32(dx), yl.shape().clone()))
     }
 }
