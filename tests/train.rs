@@ -121,12 +121,17 @@ fn stages_train_checkpoint_and_hand_over() {
     assert_eq!(out.status.code(), Some(2));
 }
 
-/// tiny.toml with global batches small enough for the tiny corpus.
+/// tiny.toml with global batches small enough for the tiny corpus, and a
+/// RoPE base that stage 2 raises in two steps.
 fn small_batch_recipe(dir: &std::path::Path) -> String {
     let text = std::fs::read_to_string(recipe())
         .unwrap()
         .replace("global_batch = 8", "global_batch = 2")
-        .replace("global_batch = 4", "global_batch = 1");
+        .replace("global_batch = 4", "global_batch = 1")
+        .replace(
+            "name = \"pretrain\"\n",
+            "name = \"pretrain\"\nrope_base = [200000.0, 400000.0]\n",
+        );
     let path = dir.join("recipe.toml");
     std::fs::write(&path, text).unwrap();
     path.to_str().unwrap().to_string()
@@ -208,6 +213,25 @@ fn a_killed_chain_resumes_with_the_same_losses_and_its_lineage_is_queryable() {
             "{stage}"
         );
     }
+    // Stage 1 keeps the model's RoPE base; stage 2 raises it halfway through
+    // and hands the raised base on.
+    let bases = |stage: &str| -> Vec<f64> {
+        std::fs::read_to_string(format!("{a}/{stage}/metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["rope_base"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    assert_eq!(bases("stage-1"), [160000.0; 4]);
+    assert_eq!(bases("stage-2"), [200000.0, 200000.0, 400000.0, 400000.0]);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{a}/stage-2/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["model"]["rope_base"].as_f64(), Some(400000.0));
     // Resuming a finished stage does nothing.
     let err = lvpipe_ok_stderr(corpus, &["train", "--resume", &format!("{b}/stage-2")]);
     assert!(err.contains("nothing to resume"), "{err}");
