@@ -15,7 +15,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor, bail};
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
@@ -272,8 +272,22 @@ impl CustomOp3 for Attention {
         if probs.len() != per_head * kv * group {
             bail!("attention: backward without its forward's probabilities")
         }
-        let data = |x: &Tensor| -> Result<Vec<f32>> { x.flatten_all()?.to_vec1::<f32>() };
-        let (qd, kd, vd, gd) = (data(q)?, data(k)?, data(v)?, data(grad_res)?);
+        // The inputs' data as stored (the forward made them contiguous).
+        let grad_res = grad_res.contiguous()?;
+        let stored = [q, k, v, &grad_res].map(Tensor::storage_and_layout);
+        let data = |i: usize, what: &str| -> Result<&[f32]> {
+            let (storage, layout) = &stored[i];
+            match &**storage {
+                Storage::Cpu(s) => f32_slice(s, layout, what),
+                _ => bail!("{what}: CPU tensor expected"),
+            }
+        };
+        let (qd, kd, vd, gd) = (
+            data(0, "attention q")?,
+            data(1, "attention k")?,
+            data(2, "attention v")?,
+            data(3, "attention grad")?,
+        );
         let mut dq = vec![0.0f32; qd.len()];
         // Each query head's share of dK and dV, summed per KV head below.
         let parts: Vec<(Vec<f32>, Vec<f32>)> = dq
