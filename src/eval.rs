@@ -7,7 +7,8 @@
 //!   number of answer classes;
 //! - `niah_text`: a planted fact ("The secret code of NAME is CODE.") at
 //!   depths 0 to 100% of filler documents of several lengths, retrieved by
-//!   completing "The secret code of NAME is"; heatmap `niah_text.png`;
+//!   completing "The secret code of NAME is"; heatmap `niah_text.png`, and
+//!   up to 8 wrong answers as generated (`misses`);
 //! - `niah_video`: the colour and shape that flash for two seconds in
 //!   held-out long videos, per depth and frame policy; heatmap
 //!   `niah_video.png`;
@@ -359,7 +360,7 @@ fn niah_text(ev: &Evaluator, s: &EvalSettings) -> Result<Value> {
             }
         }
     }
-    let results: Vec<(usize, f64, bool)> = cells
+    let results = cells
         .par_iter()
         .map(|&(length, depth, trial)| -> Result<_> {
             let key =
@@ -381,9 +382,18 @@ fn niah_text(ev: &Evaluator, s: &EvalSettings) -> Result<Value> {
                 .chars()
                 .take_while(|c| c.is_ascii_digit())
                 .collect();
-            Ok((length, depth, digits == code))
+            let miss = (digits != code).then(
+                || json!({"length": length, "depth": depth, "answer": code, "generated": text}),
+            );
+            Ok((length, depth, miss))
         })
-        .collect::<Result<_>>()?;
+        .collect::<Result<Vec<_>>>()?;
+    // A few wrong answers as generated: what the model does instead.
+    let misses: Vec<Value> = results.iter().filter_map(|r| r.2.clone()).take(8).collect();
+    let results: Vec<(usize, f64, bool)> = results
+        .into_iter()
+        .map(|(l, d, miss)| (l, d, miss.is_none()))
+        .collect();
     let mut table = Vec::new();
     for &length in &s.niah_lengths {
         for &depth in &s.niah_depths {
@@ -413,6 +423,7 @@ fn niah_text(ev: &Evaluator, s: &EvalSettings) -> Result<Value> {
         "accuracy": accuracy(results.iter().map(|r| r.2)),
         "by_length": by_length,
         "table": table,
+        "misses": misses,
     }))
 }
 

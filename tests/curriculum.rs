@@ -52,6 +52,8 @@ schedule = "constant"
 global_batch = 2
 epochs = 1
 seed = 2
+adam_beta2 = 1.0
+weight_decay = -0.1
   [[stage.source]]
   name = "captions"
   query = "source = 'pretrain'"
@@ -128,6 +130,8 @@ fn plan_lists_every_problem_of_a_broken_recipe() {
         "model: chat template `vicuna_v1` but the shards were tokenized with `chatml`",
         "model: vocab_size 100 but the shards hold token id",
         "stage 2 (two), source captions: 24 of 24 samples are longer than the context 64",
+        "stage 2 (two): adam_beta2 1 must be in [0, 1)",
+        "stage 2 (two): weight_decay -0.1 must be at least 0",
     ] {
         assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
     }

@@ -347,6 +347,27 @@ fn the_demo_trains_every_stage_evaluates_and_reports() {
         if let Some(n) = eval["vqa"]["n"].as_u64() {
             assert!((1..=8).contains(&n), "{n}");
         }
+        // Wrong needle answers come back as generated, up to 8.
+        if let Some(table) = eval["niah_text"]["table"].as_array() {
+            let wrong: u64 = table
+                .iter()
+                .map(|c| c["n"].as_u64().unwrap() - c["correct"].as_u64().unwrap())
+                .sum();
+            let misses = eval["niah_text"]["misses"].as_array().unwrap();
+            assert_eq!(misses.len() as u64, wrong.min(8));
+            for m in misses {
+                let answer = m["answer"].as_str().unwrap();
+                assert!(answer.len() == 4 && answer.parse::<u32>().is_ok(), "{m}");
+                let digits: String = m["generated"]
+                    .as_str()
+                    .unwrap()
+                    .trim_start()
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                assert_ne!(digits, answer, "{m}");
+            }
+        }
     }
     for png in ["runs/loss.png", "runs/lr.png", "eval/stage-5/niah_text.png"] {
         let bytes = std::fs::read(demo.join(png)).unwrap();

@@ -42,6 +42,15 @@ pub struct ModelConfig {
     pub num_kv_heads: u32,
     pub vocab_size: u32,
     pub rope_base: f64,
+    /// The LM head reuses the token embedding (Hugging Face's
+    /// `tie_word_embeddings`, as Qwen2-0.5B and 1.5B have it); no
+    /// `lm_head.weight` is stored.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Fresh LLM matrices are drawn from normal(0, this), as Hugging Face's
+    /// Qwen2 `initializer_range` (0.02) does; absent, from PyTorch's
+    /// uniform(+-1/sqrt(fan_in)), and only the token embedding at 0.02.
+    pub initializer_range: Option<f64>,
     /// The chat template the shards must have been tokenized with.
     #[serde(default = "chatml")]
     pub chat_template: String,
@@ -140,6 +149,11 @@ pub struct Stage {
     /// rank's share of `global_batch` accumulate over micro-batches of this
     /// size before one optimizer step (default: the whole share at once).
     pub micro_batch: Option<u32>,
+    /// AdamW's second-moment decay (default 0.999, as Hugging Face's
+    /// `adam_beta2`; 0.95 adapts faster, as LLM pretraining uses).
+    pub adam_beta2: Option<f64>,
+    /// AdamW's decoupled weight decay (default 0, as LongVILA's stages).
+    pub weight_decay: Option<f64>,
     /// Rank of the LoRA adapters of `llm_lora` (default 8).
     pub lora_r: Option<u32>,
     /// LoRA scaling numerator: updates are scaled by `lora_alpha / lora_r`
@@ -180,6 +194,14 @@ impl Stage {
             Some(RopeBase::One(b)) => *b,
             Some(RopeBase::Progressive(bases)) => bases.last().copied().unwrap_or(default),
         }
+    }
+
+    /// AdamW's `(beta2, weight_decay)`: the recipe's, or 0.999 and 0.
+    pub fn adamw(&self) -> (f64, f64) {
+        (
+            self.adam_beta2.unwrap_or(0.999),
+            self.weight_decay.unwrap_or(0.0),
+        )
     }
 
     pub fn lora(&self) -> (usize, f64) {
@@ -256,6 +278,9 @@ impl Recipe {
         let m = &self.model;
         // A patch grid keeps whole patches only (SigLIP at 384 px with 14 px
         // patches sees 27 x 27), so the sizes need not divide.
+        if let Some(r) = m.initializer_range.filter(|r| !(*r > 0.0)) {
+            problems.push(format!("model: initializer_range {r} must be positive"));
+        }
         if m.patch_size == 0 || m.patch_size > m.image_size {
             problems.push(format!(
                 "model: patch_size {} must be in 1..=image_size {}",
@@ -337,6 +362,12 @@ impl Recipe {
                 problems.push(format!(
                     "{at}: lora_r/lora_alpha without `llm_lora` in trainable"
                 ));
+            }
+            if let Some(b) = stage.adam_beta2.filter(|b| !(0.0..1.0).contains(b)) {
+                problems.push(format!("{at}: adam_beta2 {b} must be in [0, 1)"));
+            }
+            if let Some(w) = stage.weight_decay.filter(|w| !(*w >= 0.0)) {
+                problems.push(format!("{at}: weight_decay {w} must be at least 0"));
             }
             match &stage.rope_base {
                 Some(RopeBase::One(b)) if !(*b > 0.0) => {
@@ -471,6 +502,22 @@ mod tests {
         );
         stage.rope_base = None;
         assert_eq!(stage.final_rope_base(7.0), 7.0);
+    }
+
+    #[test]
+    fn adamw_settings_default_to_hugging_faces() {
+        let stage = |extra: &str| -> Stage {
+            toml::from_str(&format!(
+                "name = 's'\ninit = 'base'\ntrainable = ['llm']\ncontext = 8\nlr = 1.0\n\
+                 schedule = 'constant'\nglobal_batch = 1\nsteps = 9\nseed = 0\n{extra}source = []"
+            ))
+            .unwrap()
+        };
+        assert_eq!(stage("").adamw(), (0.999, 0.0));
+        assert_eq!(
+            stage("adam_beta2 = 0.95\nweight_decay = 0.1\n").adamw(),
+            (0.95, 0.1)
+        );
     }
 
     use super::*;

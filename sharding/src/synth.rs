@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use image::{ImageFormat, Rgb, RgbImage};
 use rand::rngs::SmallRng;
-use rand::seq::IndexedRandom;
+use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
@@ -46,6 +46,9 @@ struct Sizes {
     wds: usize,
     interleaved: usize,
     longdocs: usize,
+    /// Notes that repeat themselves: short ones, and long ones whose
+    /// recalls lie up to ~2,000 tokens after the facts.
+    notes: (usize, usize),
     image_side: (u32, u32),
     long_words: (usize, usize),
     vocab: usize,
@@ -73,6 +76,7 @@ impl Scale {
                 wds: 12,
                 interleaved: 6,
                 longdocs: 6,
+                notes: (40, 4),
                 image_side: (48, 96),
                 long_words: (300, 600),
                 vocab: 1024,
@@ -91,6 +95,7 @@ impl Scale {
                 wds: 600,
                 interleaved: 300,
                 longdocs: 300,
+                notes: (24_000, 1_600),
                 image_side: (160, 320),
                 long_words: (1500, 6000),
                 vocab: 4096,
@@ -116,12 +121,13 @@ pub struct SynthSettings {
 }
 
 /// Source names synth writes, with their kind and file.
-pub const SOURCES: [(&str, SourceKind, &str); 5] = [
+pub const SOURCES: [(&str, SourceKind, &str); 6] = [
     ("pretrain", SourceKind::Llava, "pretrain.json"),
     ("sft", SourceKind::Llava, "sft.json"),
     ("pairs-000", SourceKind::Wds, "pairs-000.tar"),
     ("interleaved", SourceKind::Interleaved, "interleaved.jsonl"),
     ("longdocs", SourceKind::Text, "longdocs.jsonl"),
+    ("notes", SourceKind::Text, "notes.jsonl"),
 ];
 
 /// Video sources synth writes when lvpipe is built with FFmpeg (the `video`
@@ -560,6 +566,46 @@ pub fn filler_sentences(seed: u64, n: usize) -> Vec<String> {
 /// Names of the needles (`{name}{index}` in documents).
 pub const NEEDLE_NAMES: [&str; 16] = NAMES;
 
+/// `gap` filler sentences.
+fn filler(rng: &mut SmallRng, gap: usize) -> Vec<String> {
+    (0..gap).map(|_| filler_sentence(rng)).collect()
+}
+
+/// A list of 3 to 10 codes, `gap` filler sentences, and the list again:
+/// every token of the repeat can be copied.
+fn ledger_note(rng: &mut SmallRng, gap: usize) -> String {
+    let n = rng.random_range(3..=10);
+    let codes: Vec<String> = (0..n)
+        .map(|_| rng.random_range(1000..10000u32).to_string())
+        .collect();
+    let list = format!("The ledger reads {}.", codes.join(" "));
+    let mut sentences = vec![list.clone()];
+    sentences.extend(filler(rng, gap));
+    sentences.push(list);
+    sentences.join(" ")
+}
+
+/// One to six secret codes, `gap` filler sentences, and every code
+/// recalled in another order: the recalled codes can be copied by name.
+fn roster_note(rng: &mut SmallRng, gap: usize) -> String {
+    let facts: Vec<String> = (0..rng.random_range(1..=6))
+        .map(|_| {
+            let name = format!(
+                "{}{}",
+                NAMES.choose(rng).expect("non-empty"),
+                rng.random_range(0..9000u32)
+            );
+            needle_fact(&name, &rng.random_range(1000..10000u32).to_string())
+        })
+        .collect();
+    let mut recalls = facts.clone();
+    recalls.shuffle(rng);
+    let mut sentences = facts;
+    sentences.extend(filler(rng, gap));
+    sentences.extend(recalls);
+    sentences.join(" ")
+}
+
 fn filler_sentence(rng: &mut SmallRng) -> String {
     let s = FILLER_SUBJECTS.choose(rng).expect("non-empty");
     let v = FILLER_VERBS.choose(rng).expect("non-empty");
@@ -762,6 +808,32 @@ pub fn synthesize(settings: &SynthSettings) -> Result<SynthSummary> {
         longdocs.push(TextRecord { id, text });
     }
 
+    // Notes: documents that repeat themselves, as web text does. Copying
+    // from context (an induction head) is what the LLM learns from them;
+    // LongVILA's Qwen2 arrives with it from pretraining, ours starts random.
+    // Names stay below 9000: the needle evaluation's are 9000 and up.
+    // Their own generator, so that adding them left the rest of the corpus
+    // (and the tokenizer trained on it) as it was.
+    let mut rng_notes = SmallRng::seed_from_u64(settings.seed ^ 0x6e6f_7465);
+    let mut notes = Vec::new();
+    for i in 0..sizes.notes.0 + sizes.notes.1 {
+        let rng = &mut rng_notes;
+        let gap = if i < sizes.notes.0 {
+            rng.random_range(0..=3)
+        } else {
+            rng.random_range(16..=140)
+        };
+        let text = if rng.random_bool(0.5) {
+            ledger_note(rng, gap)
+        } else {
+            roster_note(rng, gap)
+        };
+        notes.push(TextRecord {
+            id: format!("note-{i:06}"),
+            text,
+        });
+    }
+
     // The held-out evaluation images: every question of each.
     fs_err::create_dir_all(out.join("eval/images"))?;
     for i in 0..sizes.eval.0 {
@@ -826,12 +898,13 @@ pub fn synthesize(settings: &SynthSettings) -> Result<SynthSummary> {
         }
     }
 
-    let written: [(&str, Vec<u8>); 5] = [
+    let written: [(&str, Vec<u8>); 6] = [
         ("pretrain.json", json_array(&pretrain).into_bytes()),
         ("sft.json", json_array(&sft).into_bytes()),
         ("pairs-000.tar", tar_bytes),
         ("interleaved.jsonl", json_lines(&interleaved).into_bytes()),
         ("longdocs.jsonl", json_lines(&longdocs).into_bytes()),
+        ("notes.jsonl", json_lines(&notes).into_bytes()),
     ];
     for (name, bytes) in written {
         let path = out.join(name);
@@ -844,12 +917,14 @@ pub fn synthesize(settings: &SynthSettings) -> Result<SynthSummary> {
         sizes.wds,
         sizes.interleaved,
         sizes.longdocs,
+        sizes.notes.0 + sizes.notes.1,
     ];
     let kinds = [
         "image_text",
         "image_text",
         "image_text",
         "interleaved",
+        "text",
         "text",
     ];
     for ((name, _, _), (count, kind)) in SOURCES.iter().zip(counts.into_iter().zip(kinds)) {
@@ -956,4 +1031,72 @@ pub fn train_tokenizer(corpus: &[String], vocab_size: usize, path: &Path) -> Res
     let json = tokenizer.to_string(true).map_err(fail)?;
     fs_err::write(path, json)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sentences(text: &str) -> Vec<&str> {
+        text.split_inclusive(". ").map(str::trim).collect()
+    }
+
+    #[test]
+    fn ledger_notes_read_the_same_list_twice_around_the_filler() {
+        let mut rng = SmallRng::seed_from_u64(1);
+        for gap in [0, 2, 40] {
+            let note = ledger_note(&mut rng, gap);
+            let s = sentences(&note);
+            assert_eq!(s.len(), gap + 2, "{note}");
+            assert_eq!(s[0], s[gap + 1]);
+            let codes: Vec<&str> = s[0]
+                .strip_prefix("The ledger reads ")
+                .and_then(|l| l.strip_suffix('.'))
+                .unwrap()
+                .split(' ')
+                .collect();
+            assert!((3..=10).contains(&codes.len()), "{note}");
+            assert!(
+                codes
+                    .iter()
+                    .all(|c| c.len() == 4 && c.parse::<u32>().is_ok())
+            );
+            assert!(
+                s[1..=gap]
+                    .iter()
+                    .all(|f| !f.contains("ledger") && !f.contains(" is "))
+            );
+        }
+    }
+
+    #[test]
+    fn roster_notes_recall_every_code_by_name_after_the_filler() {
+        let mut rng = SmallRng::seed_from_u64(2);
+        for gap in [0, 3, 100] {
+            let note = roster_note(&mut rng, gap);
+            let s = sentences(&note);
+            let k = (s.len() - gap) / 2;
+            assert!((1..=6).contains(&k) && s.len() == 2 * k + gap, "{note}");
+            let mut stated: Vec<&str> = s[..k].to_vec();
+            let mut recalled: Vec<&str> = s[k + gap..].to_vec();
+            stated.sort();
+            recalled.sort();
+            assert_eq!(stated, recalled, "{note}");
+            for fact in &stated {
+                let name = fact
+                    .strip_prefix("The secret code of ")
+                    .and_then(|f| f.split(" is ").next())
+                    .unwrap();
+                let index: u32 = name
+                    .trim_start_matches(char::is_alphabetic)
+                    .parse()
+                    .unwrap();
+                assert!(
+                    index < 9000,
+                    "{name} could collide with an evaluation needle"
+                );
+            }
+            assert!(s[k..k + gap].iter().all(|f| !f.contains(" is ")));
+        }
+    }
 }

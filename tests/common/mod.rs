@@ -44,10 +44,11 @@ pub fn tiny_corpus() -> &'static Path {
 }
 
 /// The synth sources as `--source` flags, relative to the corpus folder.
-pub const SYNTH_SOURCES: [&str; 7] = [
+pub const SYNTH_SOURCES: [&str; 8] = [
     "llava:raw/pretrain.json",
     "llava:raw/sft.json",
     "text:raw/longdocs.jsonl",
+    "text:raw/notes.jsonl",
     "interleaved:raw/interleaved.jsonl",
     "wds:raw/pairs-000.tar",
     "llava:raw/video_sft.json",

@@ -31,6 +31,8 @@ pub fn train_step_bench(steps: usize) -> Result<serde_json::Value, String> {
         kv_heads: 4,
         vocab: 8192,
         rope_base: 10000.0,
+        tie_embeddings: false,
+        initializer_range: None,
         eps: 1e-6,
         image_token: 8191,
     };

@@ -38,6 +38,13 @@ pub struct Config {
     pub kv_heads: usize,
     pub vocab: usize,
     pub rope_base: f64,
+    /// The LM head is the token embedding (`tie_word_embeddings`).
+    #[serde(default)]
+    pub tie_embeddings: bool,
+    /// Std of the normal draw of fresh LLM matrices (`initializer_range`;
+    /// none: uniform(+-1/sqrt(fan_in))).
+    #[serde(default)]
+    pub initializer_range: Option<f64>,
     pub eps: f64,
     /// The `<image>` token id: placeholders to replace with media tokens.
     pub image_token: u32,
@@ -59,6 +66,8 @@ impl Config {
             kv_heads: m.num_kv_heads as usize,
             vocab: m.vocab_size as usize,
             rope_base: m.rope_base,
+            tie_embeddings: m.tie_word_embeddings,
+            initializer_range: m.initializer_range,
             eps: 1e-6,
             image_token,
         }
@@ -420,7 +429,16 @@ impl Model {
             .map(|i| DecoderLayer::new(&lm.pp("model").pp("layers").pp(i), c))
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::new(&lm.pp("model").pp("norm"), c.hidden, c.eps)?;
-        let lm_head = Linear::new(&lm.pp("lm_head"), c.hidden, c.vocab, false)?;
+        let lm_head = if c.tie_embeddings {
+            // One tensor in two places: both uses' gradients add up on it.
+            Linear {
+                w: embed.clone(),
+                b: None,
+                lora: None,
+            }
+        } else {
+            Linear::new(&lm.pp("lm_head"), c.hidden, c.vocab, false)?
+        };
         Ok(Model {
             rope_base: c.rope_base,
             config,
@@ -472,7 +490,7 @@ impl Model {
                 if fresh {
                     // A as PEFT initializes it (Kaiming-uniform), B zero.
                     let name = format!("llm.model.layers.{i}.self_attn.{name}.lora_A.weight");
-                    reinit_one(vars, &name, seed)?;
+                    reinit_one(vars, &name, seed, None)?;
                 }
             }
         }
@@ -757,8 +775,9 @@ impl Model {
 /// Re-initializes every parameter of `vars` from `seed`, with the
 /// distributions [`Model::new`] uses (candle draws those from the thread
 /// RNG): a fresh model is then the same on every run, so a stage started
-/// from `base` is reproducible.
-pub fn init_seeded(vars: &VarMap, seed: u64) -> Result<()> {
+/// from `base` is reproducible. `llm_std` is the recipe's
+/// `initializer_range`.
+pub fn init_seeded(vars: &VarMap, seed: u64, llm_std: Option<f64>) -> Result<()> {
     let mut names: Vec<String> = vars
         .data()
         .lock()
@@ -768,7 +787,7 @@ pub fn init_seeded(vars: &VarMap, seed: u64) -> Result<()> {
         .collect();
     names.sort();
     for name in names {
-        reinit_one(vars, &name, seed)?;
+        reinit_one(vars, &name, seed, llm_std)?;
     }
     Ok(())
 }
@@ -783,7 +802,7 @@ const POSITION_EMBEDDING_STD: f64 = 0.5;
 
 /// Draws parameter `name` afresh from a generator keyed by the seed and the
 /// name (so adding parameters does not shift the others).
-fn reinit_one(vars: &VarMap, name: &str, seed: u64) -> Result<()> {
+fn reinit_one(vars: &VarMap, name: &str, seed: u64, llm_std: Option<f64>) -> Result<()> {
     let data = vars.data().lock().expect("var map lock");
     let var = &data[name];
     let dims = var.dims().to_vec();
@@ -797,18 +816,25 @@ fn reinit_one(vars: &VarMap, name: &str, seed: u64) -> Result<()> {
         state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
         ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64
     };
+    // Normal draws: the vision position embedding; the token embedding at
+    // Qwen2's 0.02; every other LLM matrix only with `initializer_range`
+    // (Hugging Face's Qwen2 draws them all from it; without it they get
+    // PyTorch's uniform(+-1/sqrt(fan_in)) like the rest).
+    let normal_std = if name.contains("position_embedding") {
+        Some(POSITION_EMBEDDING_STD)
+    } else if name.contains("embed_tokens") {
+        Some(llm_std.unwrap_or(0.02))
+    } else if name.starts_with("llm.") && !name.contains("lora_") {
+        llm_std
+    } else {
+        None
+    };
     let values: Vec<f32> = if name.ends_with(".bias") || name.contains("lora_B") {
         vec![0.0; n]
     } else if name.contains("norm") || name == "mm_projector.layers.1.weight" {
         // Norm gains (the projector's LayerNorm is `layers.1`).
         vec![1.0; n]
-    } else if name.contains("embed_tokens") || name.contains("position_embedding") {
-        // Normal: std 0.02 for token embeddings (Qwen2's initializer_range).
-        let std = if name.contains("position_embedding") {
-            POSITION_EMBEDDING_STD
-        } else {
-            0.02
-        };
+    } else if let Some(std) = normal_std {
         (0..n)
             .map(|_| {
                 let (u1, u2) = (uniform(), uniform());
@@ -872,6 +898,8 @@ pub(crate) mod tests {
             kv_heads: 2,
             vocab: 40,
             rope_base: 10000.0,
+            tie_embeddings: false,
+            initializer_range: None,
             eps: 1e-6,
             image_token: 39,
         }
@@ -992,14 +1020,82 @@ pub(crate) mod tests {
         assert!(count > 0.0);
     }
 
+    #[test]
+    fn initializer_range_draws_the_llm_matrices_from_a_normal() {
+        let device = Device::Cpu;
+        let std_of = |vars: &VarMap, name: &str| -> (f64, f64) {
+            let data = vars.data().lock().unwrap();
+            let v: Vec<f32> = data[name]
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let n = v.len() as f64;
+            let mean = v.iter().map(|&x| f64::from(x)).sum::<f64>() / n;
+            let var = v
+                .iter()
+                .map(|&x| (f64::from(x) - mean).powi(2))
+                .sum::<f64>()
+                / n;
+            let max = v.iter().fold(0f64, |m, &x| m.max(f64::from(x).abs()));
+            (var.sqrt(), max)
+        };
+        let mut config = tiny();
+        config.hidden = 64;
+        config.intermediate = 96;
+        let uniform_std = 1.0 / (64f64).sqrt() / 3f64.sqrt();
+        for range in [None, Some(0.02)] {
+            config.initializer_range = range;
+            let vars = VarMap::new();
+            Model::new(config.clone(), &vars, &device).unwrap();
+            init_seeded(&vars, 3, range).unwrap();
+            for name in [
+                "llm.model.layers.0.self_attn.q_proj.weight",
+                "llm.model.layers.1.mlp.gate_proj.weight",
+                "llm.lm_head.weight",
+            ] {
+                let (std, max) = std_of(&vars, name);
+                let want = range.unwrap_or(uniform_std);
+                assert!(
+                    (std / want - 1.0).abs() < 0.1,
+                    "{name}: std {std}, want {want}"
+                );
+                if range.is_none() {
+                    assert!(max <= 1.0 / 8.0, "{name}: {max} beyond the uniform bound");
+                }
+            }
+            let (std, _) = std_of(&vars, "llm.model.embed_tokens.weight");
+            assert!((std / 0.02 - 1.0).abs() < 0.15, "embedding std {std}");
+            // The vision tower keeps its own initialization.
+            let (_, max) = std_of(
+                &vars,
+                "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight",
+            );
+            assert!(max <= 1.0 / 8f64.sqrt(), "vision fc1 {max}");
+        }
+    }
+
     /// Central finite differences of the loss against autograd, for a few
     /// coordinates of every parameter tensor.
     #[test]
     fn gradients_match_finite_differences_in_every_layer() {
+        check_gradients(false);
+    }
+
+    /// With the LM head tied to the token embedding, the embedding's
+    /// gradient is the sum of both uses, and there is no LM head weight.
+    #[test]
+    fn tied_embeddings_get_both_gradients() {
+        check_gradients(true);
+    }
+
+    fn check_gradients(tie_embeddings: bool) {
         let device = Device::Cpu;
         let vars = VarMap::new();
         let mut config = tiny();
         config.layers = 1;
+        config.tie_embeddings = tie_embeddings;
         let model = Model::new(config, &vars, &device).unwrap();
         seed_vars(&vars, 11);
         let mut rng = 3;
@@ -1020,6 +1116,11 @@ pub(crate) mod tests {
         let (sum, n, _) = model.row_loss(&row, &device).unwrap();
         let grads = (sum / f64::from(n)).unwrap().backward().unwrap();
         let data = vars.data().lock().unwrap();
+        assert_eq!(
+            data.contains_key("llm.lm_head.weight"),
+            !tie_embeddings,
+            "an LM head weight exists exactly when untied"
+        );
         let mut names: Vec<&String> = data.keys().collect();
         names.sort();
         let mut checked = 0;

@@ -170,7 +170,7 @@ pub fn run_stage(
     );
     let vars = VarMap::new();
     let mut model = Model::new(config.clone(), &vars, &device).map_err(err("model"))?;
-    init_seeded(&vars, stage.seed).map_err(err("initializing"))?;
+    init_seeded(&vars, stage.seed, config.initializer_range).map_err(err("initializing"))?;
     let mut init_fingerprint = String::new();
     if let Some(init) = &run.init {
         init_fingerprint = weights_fingerprint(init)?;
@@ -186,6 +186,7 @@ pub fn run_stage(
             .map_err(err("LoRA adapters"))?;
     }
     let mut opt = AdamW::new(&vars, &stage.trainable).map_err(err("optimizer"))?;
+    (opt.beta2, opt.weight_decay) = stage.adamw();
     let trainable_params = {
         let data = vars.data().lock().expect("var map lock");
         opt.names().map(|n| data[n].as_tensor().elem_count()).sum()

@@ -345,6 +345,8 @@ mod tests {
             kv_heads: 1,
             vocab: 20,
             rope_base: 10000.0,
+            tie_embeddings: false,
+            initializer_range: None,
             eps: 1e-6,
             image_token: 19,
         }
