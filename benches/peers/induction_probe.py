@@ -18,7 +18,11 @@ share of retrieval targets predicted exactly (argmax) in that window:
 Options: lr (5e-4), steps (400), b rows per step (8), k facts per document
 ("1,4"), fill filler sentences ("8,24"), codes range ("1000,9999"), rep (0),
 rmin/rmax codes per ledger ("8,40"), rfill filler between ledgers (6),
-layers (2), seed (1). docs/trainer.md ("Needles") has the runs.
+layers (2), seed (1), tie (0: untied LM head; 1: tied to the embedding),
+base (RoPE, 10000), init (normal: every matrix normal(0, 0.02) as Qwen2's
+initializer_range; uniform: PyTorch's +-1/sqrt(fan_in) as lvpipe without
+`initializer_range`; uniform-attn / uniform-mlp: only q, k, v, o or only
+the MLP that way). docs/trainer.md ("Needles") has the runs.
 """
 
 import random
@@ -95,10 +99,14 @@ class Layer(nn.Module):
 class Model(nn.Module):
     def __init__(s):
         super().__init__(); s.e=nn.Embedding(V,H); s.ls=nn.ModuleList(Layer() for _ in range(L)); s.n=RMS(H); s.h=nn.Linear(H,V,bias=False)
-        for p in s.parameters():
-            if p.dim()==2: nn.init.normal_(p,std=0.02)
+        for n,p in s.named_parameters():
+            if p.dim()!=2: continue
+            init=args.get('init','normal')
+            if not n.startswith('e.') and (init=='uniform' or init=='uniform-mlp' and n.split('.')[-2] in 'gud' or init=='uniform-attn' and n.split('.')[-2] in 'qkvo'):
+                nn.init.uniform_(p,-p.shape[1]**-0.5,p.shape[1]**-0.5)  # lvpipe's: +-1/sqrt(fan_in)
+            else: nn.init.normal_(p,std=0.02)
         if args.get('tie','0')=='1': s.h.weight=s.e.weight
-    def forward(s,ids,seg,pos,base=10000.):
+    def forward(s,ids,seg,pos,base=float(args.get('base','10000'))):
         freq=1.0/(base**(torch.arange(0,DH,2).float()/DH)); ang=pos[...,None].float()*freq; cos,sin=ang.cos()[:,None],ang.sin()[:,None]
         t=ids.shape[1]; causal=torch.ones(t,t,dtype=torch.bool).tril()
         mask=(causal[None]&(seg[:,:,None]==seg[:,None,:]))[:,None]

@@ -1,0 +1,101 @@
+"""Copy probe: loads an lvpipe run's LLM into PyTorch and measures copying from context.
+
+    python benches/peers/copy_probe.py RUN_DIR TOKENIZER_JSON [NOTES_JSONL]
+
+Reads RUN_DIR/config.json and model.safetensors by their Hugging Face names
+(Qwen2 layout: `llm.model.layers.N.self_attn.q_proj.weight`, ...), rebuilds
+the decoder in PyTorch (RMSNorm, rotate-half RoPE at the run's base,
+grouped-query attention, SwiGLU; the LM head or, when tied, the embedding)
+and prints, on fresh synthetic text in the corpus's style:
+
+- `ledger gap G`: share of the repeated codes of a code list predicted
+  exactly (argmax), with G filler sentences between the two readings;
+- `needle gap G`: share of single planted facts whose code is generated
+  exactly after G filler sentences and "The secret code of NAME is";
+- `roster kK first token`: share of recalls whose first code token is
+  predicted among K facts.
+
+With NOTES_JSONL (synth's notes.jsonl) it also prints the mean loss over
+its first 30 notes: a check that the PyTorch model is the trained one
+(it should match the run's metrics.jsonl). docs/trainer.md ("Needles").
+"""
+import sys, random, json, torch, torch.nn.functional as F
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
+run, tokp = sys.argv[1], sys.argv[2]
+cfg = json.load(open(run + '/config.json'))['model']
+W = load_file(run + '/model.safetensors')
+tok = Tokenizer.from_file(tokp)
+H, NH, NKV = cfg['hidden'], cfg['heads'], cfg['kv_heads']; DH = H // NH; base = cfg['rope_base']
+def g(n): return W['llm.' + n]
+def rms(x, w): return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+def rope(x, cos, sin):
+    a, b = x[..., :DH // 2], x[..., DH // 2:]; return torch.cat([a * cos - b * sin, b * cos + a * sin], -1)
+@torch.no_grad()
+def logits(ids):
+    t = len(ids); x = g('model.embed_tokens.weight')[torch.tensor(ids)]
+    pos = torch.arange(t).float(); fr = 1.0 / (base ** (torch.arange(0, DH, 2).float() / DH)); ang = pos[:, None] * fr
+    cos, sin = ang.cos(), ang.sin()
+    for l in range(cfg['layers']):
+        p = f'model.layers.{l}.'
+        h = rms(x, g(p + 'input_layernorm.weight'))
+        q = (h @ g(p + 'self_attn.q_proj.weight').T + g(p + 'self_attn.q_proj.bias')).view(t, NH, DH).transpose(0, 1)
+        k = (h @ g(p + 'self_attn.k_proj.weight').T + g(p + 'self_attn.k_proj.bias')).view(t, NKV, DH).transpose(0, 1)
+        v = (h @ g(p + 'self_attn.v_proj.weight').T + g(p + 'self_attn.v_proj.bias')).view(t, NKV, DH).transpose(0, 1)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        k = k.repeat_interleave(NH // NKV, 0); v = v.repeat_interleave(NH // NKV, 0)
+        y = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True)[0]
+        x = x + y.transpose(0, 1).reshape(t, H) @ g(p + 'self_attn.o_proj.weight').T
+        h = rms(x, g(p + 'post_attention_layernorm.weight'))
+        x = x + (F.silu(h @ g(p + 'mlp.gate_proj.weight').T) * (h @ g(p + 'mlp.up_proj.weight').T)) @ g(p + 'mlp.down_proj.weight').T
+    x = rms(x, g('model.norm.weight'))
+    head = W.get('llm.lm_head.weight', g('model.embed_tokens.weight'))
+    return x @ head.T
+S=["the old mill","a quiet river","the northern road","the village baker","a tall lighthouse","the morning train","the market square","a small garden","the city library","a wooden bridge","the harbour master","the hill farm"]
+V=["stood near","looked over","was far from","was painted like","was older than","was quieter than","opened toward","was built beside","was seen from","was known for"]
+T=["in the early spring","after the long rain","during the festival","before the winter came","when the bells rang","on most evenings","for many years","under a grey sky","at the end of the day","without any noise"]
+N=["Alder","Brisa","Corvin","Delia","Emrys","Fenna","Galen","Hesper","Ilsa","Jory","Kestrel","Liora","Maren","Nilo","Orla","Perrin"]
+def filler(): s=random.choice(S); return f"{s[0].upper()+s[1:]} {random.choice(V)} {random.choice(S)} {random.choice(T)}."
+random.seed(5)
+def enc(s): return tok.encode(s).ids
+res = {}
+# ledgers: accuracy over the repeated list tokens (after the first code token)
+for gap in [0, 2, 20, 80]:
+    hit = tot = 0
+    for _ in range(20):
+        codes = ' '.join(str(random.randint(1000, 9999)) for _ in range(random.randint(3, 10)))
+        a = enc('The ledger reads ' + codes + '.'); fill = enc(''.join(' ' + filler() for _ in range(gap))); b = enc(' The ledger reads ' + codes + '.')
+        ids = a + fill + b; lg = logits(ids); pre = len(enc(' The ledger reads'))
+        for p in range(len(a) + len(fill) + pre, len(ids) - 1):
+            tot += 1; hit += int(lg[p - 1].argmax() == ids[p])
+    res[f'ledger gap {gap}'] = round(hit / tot, 3)
+# single needle: fact, gap filler, prompt; exact code
+for gap in [0, 2, 10, 40, 160]:
+    hit = 0; n = 20
+    for _ in range(n):
+        name = random.choice(N) + str(random.randint(9000, 9999)); code = str(random.randint(1000, 9999))
+        pre = ' '.join(filler() for _ in range(3))
+        text = pre + f' The secret code of {name} is {code}. ' + ' '.join(filler() for _ in range(gap)) + f' The secret code of {name} is'
+        ids = enc(text); out = []
+        for _ in range(3):
+            nx = int(logits(ids + out)[-1].argmax()); out.append(nx)
+        got = tok.decode(out).strip().split('.')[0]
+        hit += int(got == code)
+    res[f'needle gap {gap}'] = hit / n
+# roster with k facts, recall code accuracy (first code token)
+for k in [2, 4]:
+    hit = tot = 0
+    for _ in range(20):
+        facts = [(random.choice(N) + str(random.randint(0, 8999)), str(random.randint(1000, 9999))) for _ in range(k)]
+        text = ' '.join(f'The secret code of {n} is {c}.' for n, c in facts) + ' ' + filler()
+        n, c = random.choice(facts); ids = enc(text + f' The secret code of {n} is'); lg = logits(ids)
+        tot += 1; hit += int(lg[-1].argmax() == enc(' ' + c)[0])
+    res[f'roster k{k} first token'] = hit / tot
+print(run, res)
+if len(sys.argv) > 3:
+    tot = n = 0
+    for i, l in enumerate(open(sys.argv[3])):
+        if i >= 30: break
+        ids = enc(json.loads(l)['text'])[:512]
+        lg = logits(ids); tot += F.cross_entropy(lg[:-1], torch.tensor(ids[1:]), reduction='sum').item(); n += len(ids) - 1
+    print('mean loss on notes', tot / n)
