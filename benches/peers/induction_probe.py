@@ -21,8 +21,8 @@ rmin/rmax codes per ledger ("8,40"), rfill filler between ledgers (6),
 layers (2), seed (1), tie (0: untied LM head; 1: tied to the embedding),
 base (RoPE, 10000), init (normal: every matrix normal(0, 0.02) as Qwen2's
 initializer_range; uniform: PyTorch's +-1/sqrt(fan_in) as lvpipe without
-`initializer_range`; uniform-attn / uniform-mlp: only q, k, v, o or only
-the MLP that way), std and estd (0.02: the normal draw's std for the
+`initializer_range`; uniform-attn / uniform-mlp / uniform-vo: only q, k,
+v, o, only the MLP, or everything but q and k that way), std and estd (0.02: the normal draw's std for the
 matrices and for the embedding). docs/trainer.md ("Needles") has the runs.
 """
 
@@ -103,7 +103,7 @@ class Model(nn.Module):
         for n,p in s.named_parameters():
             if p.dim()!=2: continue
             init=args.get('init','normal')
-            if not n.startswith('e.') and (init=='uniform' or init=='uniform-mlp' and n.split('.')[-2] in 'gud' or init=='uniform-attn' and n.split('.')[-2] in 'qkvo'):
+            if not n.startswith('e.') and (init=='uniform' or init=='uniform-mlp' and n.split('.')[-2] in 'gud' or init=='uniform-attn' and n.split('.')[-2] in 'qkvo' or init=='uniform-vo' and n.split('.')[-2] in 'gudvo'):
                 nn.init.uniform_(p,-p.shape[1]**-0.5,p.shape[1]**-0.5)  # lvpipe's: +-1/sqrt(fan_in)
             else: nn.init.normal_(p,std=float(args.get('estd' if n.startswith('e.') else 'std','0.02')))
         if args.get('tie','0')=='1': s.h.weight=s.e.weight
