@@ -585,8 +585,10 @@ fn ledger_note(rng: &mut SmallRng, gap: usize) -> String {
     sentences.join(" ")
 }
 
-/// One to six secret codes, `gap` filler sentences, and every code
-/// recalled in another order: the recalled codes can be copied by name.
+/// One to six secret codes somewhere in `gap` filler sentences, and every
+/// code recalled in another order at the end: the recalled codes can be
+/// copied by name. The facts sit at any depth, as the needles do (stated
+/// first, the copy learned that facts are found only at a document's start).
 fn roster_note(rng: &mut SmallRng, gap: usize) -> String {
     let facts: Vec<String> = (0..rng.random_range(1..=6))
         .map(|_| {
@@ -600,8 +602,10 @@ fn roster_note(rng: &mut SmallRng, gap: usize) -> String {
         .collect();
     let mut recalls = facts.clone();
     recalls.shuffle(rng);
-    let mut sentences = facts;
-    sentences.extend(filler(rng, gap));
+    let lead = rng.random_range(0..=gap);
+    let mut sentences = filler(rng, lead);
+    sentences.extend(facts);
+    sentences.extend(filler(rng, gap - lead));
     sentences.extend(recalls);
     sentences.join(" ")
 }
@@ -1072,13 +1076,25 @@ mod tests {
     #[test]
     fn roster_notes_recall_every_code_by_name_after_the_filler() {
         let mut rng = SmallRng::seed_from_u64(2);
-        for gap in [0, 3, 100] {
+        let mut leads = Vec::new();
+        for gap in [0, 3, 100, 100, 100] {
             let note = roster_note(&mut rng, gap);
             let s = sentences(&note);
             let k = (s.len() - gap) / 2;
             assert!((1..=6).contains(&k) && s.len() == 2 * k + gap, "{note}");
-            let mut stated: Vec<&str> = s[..k].to_vec();
-            let mut recalled: Vec<&str> = s[k + gap..].to_vec();
+            // The facts: k in a row somewhere in the filler, then the recalls.
+            let at: Vec<usize> = (0..s.len()).filter(|&i| s[i].contains(" is ")).collect();
+            assert_eq!(at.len(), 2 * k, "{note}");
+            let lead = at[0];
+            assert_eq!(at[..k], (lead..lead + k).collect::<Vec<_>>()[..], "{note}");
+            assert_eq!(
+                at[k..],
+                (s.len() - k..s.len()).collect::<Vec<_>>()[..],
+                "{note}"
+            );
+            leads.push(lead);
+            let mut stated: Vec<&str> = s[lead..lead + k].to_vec();
+            let mut recalled: Vec<&str> = s[s.len() - k..].to_vec();
             stated.sort();
             recalled.sort();
             assert_eq!(stated, recalled, "{note}");
@@ -1096,7 +1112,8 @@ mod tests {
                     "{name} could collide with an evaluation needle"
                 );
             }
-            assert!(s[k..k + gap].iter().all(|f| !f.contains(" is ")));
         }
+        // Long notes state their facts at different depths.
+        assert!(leads[2..].iter().any(|&l| l != leads[2]), "{leads:?}");
     }
 }
