@@ -19,6 +19,7 @@ num_heads = 6
 num_kv_heads = 3
 vocab_size = 100
 rope_base = 10000.0
+initializer_range = 0.0
 chat_template = "vicuna_v1"
 
 [[stage]]
@@ -130,6 +131,7 @@ fn plan_lists_every_problem_of_a_broken_recipe() {
         "model: chat template `vicuna_v1` but the shards were tokenized with `chatml`",
         "model: vocab_size 100 but the shards hold token id",
         "stage 2 (two), source captions: 24 of 24 samples are longer than the context 64",
+        "model: initializer_range 0 must be positive",
         "stage 2 (two): adam_beta2 1 must be in [0, 1)",
         "stage 2 (two): weight_decay -0.1 must be at least 0",
     ] {

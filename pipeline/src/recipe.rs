@@ -276,11 +276,11 @@ impl Recipe {
     pub fn check(&self) -> Vec<String> {
         let mut problems = Vec::new();
         let m = &self.model;
-        // A patch grid keeps whole patches only (SigLIP at 384 px with 14 px
-        // patches sees 27 x 27), so the sizes need not divide.
         if let Some(r) = m.initializer_range.filter(|r| !(*r > 0.0)) {
             problems.push(format!("model: initializer_range {r} must be positive"));
         }
+        // A patch grid keeps whole patches only (SigLIP at 384 px with 14 px
+        // patches sees 27 x 27), so the sizes need not divide.
         if m.patch_size == 0 || m.patch_size > m.image_size {
             problems.push(format!(
                 "model: patch_size {} must be in 1..=image_size {}",
