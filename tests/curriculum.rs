@@ -20,6 +20,8 @@ num_kv_heads = 3
 vocab_size = 100
 rope_base = 10000.0
 initializer_range = 0.0
+init_std = { lm_head = 0.02, wq = 0.1, k_proj = -1.0 }
+partial_rotary_factor = 1.5
 chat_template = "vicuna_v1"
 
 [[stage]]
@@ -132,6 +134,9 @@ fn plan_lists_every_problem_of_a_broken_recipe() {
         "model: vocab_size 100 but the shards hold token id",
         "stage 2 (two), source captions: 24 of 24 samples are longer than the context 64",
         "model: initializer_range 0 must be positive",
+        "model: init_std names `wq`, not one of embed_tokens, q_proj",
+        "model: init_std.k_proj -1 must be positive",
+        "model: partial_rotary_factor 1.5 must be in (0, 1]",
         "stage 2 (two): adam_beta2 1 must be in [0, 1)",
         "stage 2 (two): weight_decay -0.1 must be at least 0",
     ] {
@@ -276,4 +281,49 @@ fn whole_step0(mix: &str) -> serde_json::Value {
         &["stream", "--mix", &format!("{mix}/stage-1"), "--json"],
     );
     serde_json::from_str(text.trim()).unwrap()
+}
+
+#[test]
+fn sequential_stage_streams_its_sources_in_turn_every_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = shards(dir.path());
+    // The source each sample of epoch `epoch` comes from, in streaming order.
+    let stream = |name: &str, recipe_text: &str, epoch: u64| -> Vec<String> {
+        let recipe = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&recipe, recipe_text).unwrap();
+        let out = dir.path().join(name);
+        lvpipe_ok(
+            tiny_corpus(),
+            &[
+                "mix",
+                "--recipe",
+                recipe.to_str().unwrap(),
+                "--stage",
+                "1",
+                "--shards",
+                &shards,
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        );
+        let mix = lvpipe_pipeline::Mix::open(&out.join("stage-1")).unwrap();
+        let steps = mix.steps_per_epoch();
+        let loader = lvpipe_pipeline::Loader::new(mix, 0, 1).unwrap();
+        (epoch * steps..(epoch + 1) * steps)
+            .flat_map(|step| loader.batch(step).unwrap().packs)
+            .flat_map(|pack| pack.sources)
+            .collect()
+    };
+    let switches = |sources: &[String]| sources.windows(2).filter(|w| w[0] != w[1]).count();
+
+    let sequential = GOOD.replace("seed = 1\n", "seed = 1\norder = \"sequential\"\n");
+    let first = stream("sequential", &sequential, 0);
+    // Shard sources: the recipe's "vqa" is `sft`, its "captions" `pretrain`.
+    assert!(first.iter().any(|s| s == "pretrain"), "{first:?}");
+    assert_eq!(first[0], "sft");
+    assert_eq!(switches(&first), 1, "all VQA, then all captions: {first:?}");
+    assert_eq!(stream("sequential", &sequential, 1), first);
+
+    // Shuffled (the default), the sources alternate.
+    assert!(switches(&stream("shuffled", GOOD, 0)) > 4);
 }

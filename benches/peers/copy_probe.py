@@ -4,7 +4,7 @@
 
 Reads RUN_DIR/config.json and model.safetensors by their Hugging Face names
 (Qwen2 layout: `llm.model.layers.N.self_attn.q_proj.weight`, ...), rebuilds
-the decoder in PyTorch (RMSNorm, rotate-half RoPE at the run's base,
+the decoder in PyTorch (RMSNorm, rotate-half RoPE at the run's base and partial rotary factor,
 grouped-query attention, SwiGLU; the LM head or, when tied, the embedding)
 and prints, on fresh synthetic text in the corpus's style:
 
@@ -27,6 +27,8 @@ cfg = json.load(open(run + '/config.json'))['model']
 W = load_file(run + '/model.safetensors')
 tok = Tokenizer.from_file(tokp)
 H, NH, NKV = cfg['hidden'], cfg['heads'], cfg['kv_heads']; DH = H // NH; base = cfg['rope_base']
+# partial_rotary_factor: only the first ROT / 2 pairs turn (lvpipe's layout)
+ROT = int(DH * cfg.get('partial_rotary_factor', 1.0)) // 2 * 2
 def g(n): return W['llm.' + n]
 def rms(x, w): return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
 def rope(x, cos, sin):
@@ -34,7 +36,7 @@ def rope(x, cos, sin):
 @torch.no_grad()
 def logits(ids):
     t = len(ids); x = g('model.embed_tokens.weight')[torch.tensor(ids)]
-    pos = torch.arange(t).float(); fr = 1.0 / (base ** (torch.arange(0, DH, 2).float() / DH)); ang = pos[:, None] * fr
+    pos = torch.arange(t).float(); fr = 1.0 / (base ** (torch.arange(0, DH, 2).float() / ROT)); fr[ROT // 2:] = 0.0; ang = pos[:, None] * fr
     cos, sin = ang.cos(), ang.sin()
     for l in range(cfg['layers']):
         p = f'model.layers.{l}.'

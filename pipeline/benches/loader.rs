@@ -119,6 +119,7 @@ fn prepare(dir: &Path, gib: f64) -> u64 {
         epochs: Some(1),
         steps: None,
         tokens_per_media: 1,
+        order: Default::default(),
         image_size: 64,
         recipe_fingerprint: String::new(),
         shards_build_fingerprint: String::new(),

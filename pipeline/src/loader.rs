@@ -3,7 +3,8 @@
 //! A mix's `samples.arrow` is memory-mapped and decoded in place: the token
 //! ids and masks of a batch are read from the page cache and copied once,
 //! into the batch. The loader's whole state is (epoch, step): epoch `e`
-//! visits the packs in a permutation seeded by (seed, e); global step `s` of
+//! visits the packs in a permutation seeded by (seed, e) (a `sequential`
+//! stage's in the mix's own order); global step `s` of
 //! the epoch takes packs `[s*G, (s+1)*G)` of it, and rank `r` of `W` takes
 //! its `G/W` slice. Any world size that divides `G` therefore sees the same
 //! global batches, and resuming at any step costs nothing.
@@ -21,6 +22,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::mix::MixMeta;
+use crate::recipe::Order;
 use crate::{Error, Result};
 
 /// Where a loader is: a few integers that go into checkpoints.
@@ -36,7 +38,7 @@ pub struct LoaderState {
 pub struct PackData {
     pub pack_id: u32,
     pub sample_ids: Vec<String>,
-    /// The mix source each sample came from (the recipe's source names).
+    /// The shard source each sample came from (`samples.source`).
     pub sources: Vec<String>,
     pub input_ids: Vec<u32>,
     /// 1 where the loss applies; the first token of every sample is 0, so no
@@ -186,9 +188,13 @@ impl Mix {
 
     /// The pack at `position` of epoch `epoch`'s order: O(1), nothing is
     /// materialized, so the first batch of a mix of a million packs comes as
-    /// fast as of a thousand.
+    /// fast as of a thousand. A `sequential` stage's packs come in the mix's
+    /// order in every epoch.
     pub fn pack_at(&self, epoch: u64, position: u64) -> u32 {
-        self.permutation.apply(epoch, position) as u32
+        match self.meta.order {
+            Order::Sequential => position as u32,
+            Order::Shuffled => self.permutation.apply(epoch, position) as u32,
+        }
     }
 
     /// Where pack `pack_id`'s samples are: (first row, count).

@@ -26,7 +26,7 @@ use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::Catalog;
-use crate::recipe::{LongSamples, Recipe, Stage, WeightBy};
+use crate::recipe::{LongSamples, Order, Recipe, Stage, WeightBy};
 use crate::{Error, Result};
 
 /// `mix.json`: how a mix was made and what the loader needs.
@@ -40,6 +40,9 @@ pub struct MixMeta {
     pub epochs: Option<u32>,
     pub steps: Option<u64>,
     pub tokens_per_media: u32,
+    /// `sequential`: the loader visits the packs in the mix's own order.
+    #[serde(default)]
+    pub order: Order,
     /// Side of the square pixels the loader decodes media to.
     pub image_size: u32,
     pub recipe_fingerprint: String,
@@ -263,6 +266,10 @@ pub(crate) async fn plan_stage(
     let mut rng = SmallRng::seed_from_u64(stage.seed);
     let mut order = instances(stage, &mut selection, &mut rng);
     order.shuffle(&mut rng);
+    if stage.order == Order::Sequential {
+        // Stable: each source keeps its shuffled order.
+        order.sort_by_key(|u| u.source);
+    }
     let packs = pack(&order, stage.context);
     let tokens: u64 = order.iter().map(|u| u64::from(u.expanded)).sum();
     for unit in &order {
@@ -365,6 +372,7 @@ pub async fn build_mix(
         epochs: stage.epochs,
         steps: stage.steps,
         tokens_per_media: recipe.model.tokens_per_media(),
+        order: stage.order,
         image_size: recipe.model.image_size,
         recipe_fingerprint: recipe.fingerprint(),
         shards_build_fingerprint: manifest.build_fingerprint.clone(),

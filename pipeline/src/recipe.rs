@@ -51,10 +51,45 @@ pub struct ModelConfig {
     /// Qwen2 `initializer_range` (0.02) does; absent, from PyTorch's
     /// uniform(+-1/sqrt(fan_in)), and only the token embedding at 0.02.
     pub initializer_range: Option<f64>,
+    /// Per-module std of the normal draw of fresh LLM matrices, by their
+    /// Hugging Face module name (`embed_tokens`, `q_proj`, `k_proj`,
+    /// `v_proj`, `o_proj`, `gate_proj`, `up_proj`, `down_proj`, `lm_head`):
+    /// overrides `initializer_range` for the modules it names.
+    #[serde(default)]
+    pub init_std: BTreeMap<String, f64>,
+    /// Share of each attention head's dimensions that RoPE rotates (Hugging
+    /// Face's `partial_rotary_factor`, as Phi and StableLM have it; default
+    /// 1): the rest match keys by content alone, at any distance.
+    #[serde(default = "one_f64")]
+    pub partial_rotary_factor: f64,
     /// The chat template the shards must have been tokenized with.
     #[serde(default = "chatml")]
     pub chat_template: String,
 }
+
+/// Dimensions of a head of `head_dim` that RoPE rotates under
+/// `partial_rotary_factor`: an even count, rounded down (Hugging Face's
+/// `int(head_dim * factor)`, kept even so that they pair up).
+pub fn rotary_dims(head_dim: usize, factor: f64) -> usize {
+    ((head_dim as f64 * factor) as usize).min(head_dim) / 2 * 2
+}
+
+fn one_f64() -> f64 {
+    1.0
+}
+
+/// The LLM modules whose fresh weights `init_std` may set.
+pub const INIT_STD_MODULES: [&str; 9] = [
+    "embed_tokens",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "lm_head",
+];
 
 fn two() -> u32 {
     2
@@ -105,6 +140,18 @@ pub enum LongSamples {
     Chunk,
 }
 
+/// The order in which a stage's samples reach the trainer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Order {
+    /// All sources shuffled together, in a new order every epoch.
+    #[default]
+    Shuffled,
+    /// The sources one after the other, in the order listed, each shuffled
+    /// within; every epoch keeps that order (a curriculum within the stage).
+    Sequential,
+}
+
 /// Modules a stage may train.
 pub const TRAINABLE_MODULES: [&str; 6] =
     ["vision", "projector", "llm", "llm_lora", "embed", "norm"];
@@ -145,6 +192,8 @@ pub struct Stage {
     pub weight_by: WeightBy,
     #[serde(default)]
     pub long_samples: LongSamples,
+    #[serde(default)]
+    pub order: Order,
     /// Packs per forward and backward pass on one rank: gradients of the
     /// rank's share of `global_batch` accumulate over micro-batches of this
     /// size before one optimizer step (default: the whole share at once).
@@ -278,6 +327,24 @@ impl Recipe {
         let m = &self.model;
         if let Some(r) = m.initializer_range.filter(|r| !(*r > 0.0)) {
             problems.push(format!("model: initializer_range {r} must be positive"));
+        }
+        for (module, std) in &m.init_std {
+            if !INIT_STD_MODULES.contains(&module.as_str()) {
+                problems.push(format!(
+                    "model: init_std names `{module}`, not one of {}",
+                    INIT_STD_MODULES.join(", ")
+                ));
+            } else if !(*std > 0.0) {
+                problems.push(format!("model: init_std.{module} {std} must be positive"));
+            }
+        }
+        let head_dim = m.hidden_size / m.num_heads.max(1);
+        let rotated = rotary_dims(head_dim as usize, m.partial_rotary_factor);
+        if !(m.partial_rotary_factor > 0.0 && m.partial_rotary_factor <= 1.0) || rotated < 2 {
+            problems.push(format!(
+                "model: partial_rotary_factor {} must be in (0, 1] and rotate at least 2 of the head's {head_dim} dimensions",
+                m.partial_rotary_factor
+            ));
         }
         // A patch grid keeps whole patches only (SigLIP at 384 px with 14 px
         // patches sees 27 x 27), so the sizes need not divide.

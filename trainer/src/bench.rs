@@ -33,6 +33,8 @@ pub fn train_step_bench(steps: usize) -> Result<serde_json::Value, String> {
         rope_base: 10000.0,
         tie_embeddings: false,
         initializer_range: None,
+        init_std: Default::default(),
+        partial_rotary_factor: 1.0,
         eps: 1e-6,
         image_token: 8191,
     };

@@ -13,11 +13,12 @@
 //! Each `<image>` placeholder is replaced by the projector's tokens for its
 //! image, so the sequence the decoder sees is longer than the token ids.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use candle_core::{D, DType, Device, IndexOp, Result, Tensor};
 use candle_nn::{Init, VarBuilder, VarMap};
-use lvpipe_pipeline::recipe::ModelConfig;
+use lvpipe_pipeline::recipe::{ModelConfig, rotary_dims};
 
 use crate::attention::attention;
 use crate::ops;
@@ -45,9 +46,21 @@ pub struct Config {
     /// none: uniform(+-1/sqrt(fan_in))).
     #[serde(default)]
     pub initializer_range: Option<f64>,
+    /// Per-module std of that draw, by Hugging Face module name
+    /// (`init_std`; overrides `initializer_range` for those modules).
+    #[serde(default)]
+    pub init_std: BTreeMap<String, f64>,
+    /// Share of each head's dimensions that RoPE rotates
+    /// (`partial_rotary_factor`).
+    #[serde(default = "all_rotary")]
+    pub partial_rotary_factor: f64,
     pub eps: f64,
     /// The `<image>` token id: placeholders to replace with media tokens.
     pub image_token: u32,
+}
+
+fn all_rotary() -> f64 {
+    1.0
 }
 
 impl Config {
@@ -68,6 +81,8 @@ impl Config {
             rope_base: m.rope_base,
             tie_embeddings: m.tie_word_embeddings,
             initializer_range: m.initializer_range,
+            init_std: m.init_std.clone(),
+            partial_rotary_factor: m.partial_rotary_factor,
             eps: 1e-6,
             image_token,
         }
@@ -636,9 +651,11 @@ impl Model {
             );
         }
         let mut x = Tensor::cat(&parts, 0)?;
+        let head_dim = c.hidden / c.heads;
         let rope = Arc::new(rope_tables(
             &e.positions,
-            c.hidden / c.heads,
+            head_dim,
+            rotary_dims(head_dim, c.partial_rotary_factor),
             self.rope_base,
         ));
         let starts = Arc::new(sample_starts(&e.boundaries));
@@ -775,9 +792,9 @@ impl Model {
 /// Re-initializes every parameter of `vars` from `seed`, with the
 /// distributions [`Model::new`] uses (candle draws those from the thread
 /// RNG): a fresh model is then the same on every run, so a stage started
-/// from `base` is reproducible. `llm_std` is the recipe's
-/// `initializer_range`.
-pub fn init_seeded(vars: &VarMap, seed: u64, llm_std: Option<f64>) -> Result<()> {
+/// from `base` is reproducible. The LLM's normal draws follow the config's
+/// `initializer_range` and `init_std`.
+pub fn init_seeded(vars: &VarMap, seed: u64, config: &Config) -> Result<()> {
     let mut names: Vec<String> = vars
         .data()
         .lock()
@@ -787,9 +804,32 @@ pub fn init_seeded(vars: &VarMap, seed: u64, llm_std: Option<f64>) -> Result<()>
         .collect();
     names.sort();
     for name in names {
-        reinit_one(vars, &name, seed, llm_std)?;
+        reinit_one(vars, &name, seed, normal_std(config, &name))?;
     }
     Ok(())
+}
+
+/// The std of the normal draw of fresh parameter `name`, or none for
+/// PyTorch's uniform(+-1/sqrt(fan_in)): the vision position embedding at
+/// [`POSITION_EMBEDDING_STD`]; an LLM module named in `init_std` at its
+/// value; the token embedding at Qwen2's 0.02 and every other LLM matrix
+/// only with `initializer_range` (Hugging Face's Qwen2 draws them all from
+/// it).
+fn normal_std(config: &Config, name: &str) -> Option<f64> {
+    if name.contains("position_embedding") {
+        return Some(POSITION_EMBEDDING_STD);
+    }
+    if !name.starts_with("llm.") || name.contains("lora_") || !name.ends_with(".weight") {
+        return None;
+    }
+    let module = name.trim_end_matches(".weight").rsplit('.').next();
+    if let Some(std) = module.and_then(|m| config.init_std.get(m)) {
+        return Some(*std);
+    }
+    match name.contains("embed_tokens") {
+        true => Some(config.initializer_range.unwrap_or(0.02)),
+        false => config.initializer_range,
+    }
 }
 
 /// Standard deviation of the vision position embedding's entries at init:
@@ -801,8 +841,10 @@ pub fn init_seeded(vars: &VarMap, seed: u64, llm_std: Option<f64>) -> Result<()>
 const POSITION_EMBEDDING_STD: f64 = 0.5;
 
 /// Draws parameter `name` afresh from a generator keyed by the seed and the
-/// name (so adding parameters does not shift the others).
-fn reinit_one(vars: &VarMap, name: &str, seed: u64, llm_std: Option<f64>) -> Result<()> {
+/// name (so adding parameters does not shift the others): from
+/// normal(0, `normal_std`) when given, otherwise uniform(+-1/sqrt(fan_in));
+/// biases and LoRA's B at 0, norm gains at 1.
+fn reinit_one(vars: &VarMap, name: &str, seed: u64, normal_std: Option<f64>) -> Result<()> {
     let data = vars.data().lock().expect("var map lock");
     let var = &data[name];
     let dims = var.dims().to_vec();
@@ -815,19 +857,6 @@ fn reinit_one(vars: &VarMap, name: &str, seed: u64, llm_std: Option<f64>) -> Res
         let z = lvpipe_pipeline::splitmix(state);
         state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
         ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    };
-    // Normal draws: the vision position embedding; the token embedding at
-    // Qwen2's 0.02; every other LLM matrix only with `initializer_range`
-    // (Hugging Face's Qwen2 draws them all from it; without it they get
-    // PyTorch's uniform(+-1/sqrt(fan_in)) like the rest).
-    let normal_std = if name.contains("position_embedding") {
-        Some(POSITION_EMBEDDING_STD)
-    } else if name.contains("embed_tokens") {
-        Some(llm_std.unwrap_or(0.02))
-    } else if name.starts_with("llm.") && !name.contains("lora_") {
-        llm_std
-    } else {
-        None
     };
     let values: Vec<f32> = if name.ends_with(".bias") || name.contains("lora_B") {
         vec![0.0; n]
@@ -852,12 +881,18 @@ fn reinit_one(vars: &VarMap, name: &str, seed: u64, llm_std: Option<f64>) -> Res
 }
 
 /// cos and sin tables `[T, dh/2]` of the given positions' RoPE angles.
-fn rope_tables(positions: &[u32], dh: usize, base: f64) -> ops::Rope {
+/// Only the first `rotated / 2` dimension pairs turn, at the frequencies of a
+/// `rotated`-wide head; the rest keep angle 0 (partial rotary: Phi's layout
+/// up to a fixed permutation of the head's dimensions).
+fn rope_tables(positions: &[u32], dh: usize, rotated: usize, base: f64) -> ops::Rope {
     let half = dh / 2;
     let mut cos = Vec::with_capacity(positions.len() * half);
     let mut sin = Vec::with_capacity(positions.len() * half);
     let freqs: Vec<f64> = (0..half)
-        .map(|i| 1.0 / base.powf(2.0 * i as f64 / dh as f64))
+        .map(|i| match 2 * i < rotated {
+            true => 1.0 / base.powf(2.0 * i as f64 / rotated as f64),
+            false => 0.0,
+        })
         .collect();
     for &p in positions {
         for &freq in &freqs {
@@ -900,6 +935,8 @@ pub(crate) mod tests {
             rope_base: 10000.0,
             tie_embeddings: false,
             initializer_range: None,
+            init_std: BTreeMap::new(),
+            partial_rotary_factor: 1.0,
             eps: 1e-6,
             image_token: 39,
         }
@@ -1021,7 +1058,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn initializer_range_draws_the_llm_matrices_from_a_normal() {
+    fn initializer_range_and_init_std_draw_the_llm_matrices_from_normals() {
         let device = Device::Cpu;
         let std_of = |vars: &VarMap, name: &str| -> (f64, f64) {
             let data = vars.data().lock().unwrap();
@@ -1049,7 +1086,7 @@ pub(crate) mod tests {
             config.initializer_range = range;
             let vars = VarMap::new();
             Model::new(config.clone(), &vars, &device).unwrap();
-            init_seeded(&vars, 3, range).unwrap();
+            init_seeded(&vars, 3, &config).unwrap();
             for name in [
                 "llm.model.layers.0.self_attn.q_proj.weight",
                 "llm.model.layers.1.mlp.gate_proj.weight",
@@ -1073,6 +1110,41 @@ pub(crate) mod tests {
                 "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight",
             );
             assert!(max <= 1.0 / 8f64.sqrt(), "vision fc1 {max}");
+        }
+        // `init_std` sets the modules it names; the others keep the range.
+        config.initializer_range = Some(0.02);
+        config.init_std = BTreeMap::from([("embed_tokens".into(), 0.05), ("q_proj".into(), 0.01)]);
+        let vars = VarMap::new();
+        Model::new(config.clone(), &vars, &device).unwrap();
+        init_seeded(&vars, 3, &config).unwrap();
+        for (name, want) in [
+            ("llm.model.embed_tokens.weight", 0.05),
+            ("llm.model.layers.1.self_attn.q_proj.weight", 0.01),
+            ("llm.model.layers.1.self_attn.k_proj.weight", 0.02),
+            ("llm.lm_head.weight", 0.02),
+        ] {
+            let (std, _) = std_of(&vars, name);
+            assert!(
+                (std / want - 1.0).abs() < 0.1,
+                "{name}: std {std}, want {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn partial_rotary_turns_only_the_first_pairs_at_a_narrower_heads_frequencies() {
+        let (dh, base) = (8, 100.0);
+        let full = rope_tables(&[0, 7], dh, dh, base);
+        let half = rope_tables(&[0, 7], dh, dh / 2, base);
+        let angle = |r: &ops::Rope, pair: usize| r.sin[4 + pair].atan2(r.cos[4 + pair]);
+        // Position 7: a full head's pairs turn at 1, 100^-1/4, 100^-1/2,
+        // 100^-3/4 per position; a half-rotary head's first two pairs at 1
+        // and 100^-1/2, and the other two not at all.
+        assert!((angle(&half, 0) - angle(&full, 0)).abs() < 1e-6);
+        assert!((angle(&half, 1) - 0.7).abs() < 1e-6);
+        assert!((angle(&full, 2) - 0.7).abs() < 1e-6);
+        for pair in 2..4 {
+            assert_eq!((half.cos[4 + pair], half.sin[4 + pair]), (1.0, 0.0));
         }
     }
 

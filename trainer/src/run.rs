@@ -170,7 +170,7 @@ pub fn run_stage(
     );
     let vars = VarMap::new();
     let mut model = Model::new(config.clone(), &vars, &device).map_err(err("model"))?;
-    init_seeded(&vars, stage.seed, config.initializer_range).map_err(err("initializing"))?;
+    init_seeded(&vars, stage.seed, &config).map_err(err("initializing"))?;
     let mut init_fingerprint = String::new();
     if let Some(init) = &run.init {
         init_fingerprint = weights_fingerprint(init)?;

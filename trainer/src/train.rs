@@ -347,6 +347,8 @@ mod tests {
             rope_base: 10000.0,
             tie_embeddings: false,
             initializer_range: None,
+            init_std: Default::default(),
+            partial_rotary_factor: 1.0,
             eps: 1e-6,
             image_token: 19,
         }
