@@ -238,45 +238,42 @@ fn vqa(
     answers: &Answers,
     take: impl Fn(usize) -> usize,
 ) -> Result<Value> {
-    // (modality, attribute, correct)
+    // (modality, attribute, the wrong answer as generated, if wrong)
+    let graded = |modality: &'static str, file: &str, question: &str, answer: &str, got: String| {
+        let miss = (normalize(&got) != normalize(answer)).then(
+            || json!({"file": file, "question": question, "answer": answer, "generated": got}),
+        );
+        (modality, miss)
+    };
     let images = &answers.eval_vqa[..take(answers.eval_vqa.len())];
-    let mut results: Vec<(&str, String, bool)> = images
+    let mut results: Vec<(&str, String, Option<Value>)> = images
         .par_iter()
         .map(|q| -> Result<_> {
             let pixels = ev.image_pixels(&s.data.join(&q.image))?;
             let got = ev.answer(&ev.prompt(1, &q.question)?, &pixels, 8)?;
-            if std::env::var_os("LVPIPE_EVAL_DEBUG").is_some() {
-                #[allow(clippy::print_stderr)]
-                {
-                    eprintln!(
-                        "{} {:?} -> {got:?} (expected {:?})",
-                        q.image, q.question, q.answer
-                    );
-                }
-            }
-            Ok((
-                "image",
-                q.attribute.clone(),
-                normalize(&got) == normalize(&q.answer),
-            ))
+            let (modality, miss) = graded("image", &q.image, &q.question, &q.answer, got);
+            Ok((modality, q.attribute.clone(), miss))
         })
         .collect::<Result<_>>()?;
     if cfg!(feature = "video") {
         let clips = &answers.eval_video_vqa[..take(answers.eval_video_vqa.len())];
-        let more: Vec<(&str, String, bool)> = clips
+        let more: Vec<(&str, String, Option<Value>)> = clips
             .par_iter()
             .map(|q| -> Result<_> {
                 let (n, pixels) = ev.video_pixels(&s.data.join(&q.video), &s.clip_frames)?;
                 let got = ev.answer(&ev.prompt(n, &q.question)?, &pixels, 8)?;
-                Ok((
-                    "video",
-                    q.attribute.clone(),
-                    normalize(&got) == normalize(&q.answer),
-                ))
+                let (modality, miss) = graded("video", &q.video, &q.question, &q.answer, got);
+                Ok((modality, q.attribute.clone(), miss))
             })
             .collect::<Result<_>>()?;
         results.extend(more);
     }
+    // A few wrong answers as generated: what the model says instead.
+    let misses: Vec<Value> = results.iter().filter_map(|r| r.2.clone()).take(8).collect();
+    let results: Vec<(&str, String, bool)> = results
+        .into_iter()
+        .map(|(m, a, miss)| (m, a, miss.is_none()))
+        .collect();
     let mut table = Vec::new();
     let mut keys: Vec<(&str, String)> = results.iter().map(|(m, a, _)| (*m, a.clone())).collect();
     keys.sort();
@@ -301,6 +298,7 @@ fn vqa(
         "chance": results.iter().map(|r| 1.0 / classes(&r.1)).sum::<f64>() / n,
         "n": results.len(),
         "table": table,
+        "misses": misses,
     }))
 }
 

@@ -323,6 +323,13 @@ fn sequential_stage_streams_its_sources_in_turn_every_epoch() {
     assert_eq!(first[0], "sft");
     assert_eq!(switches(&first), 1, "all VQA, then all captions: {first:?}");
     assert_eq!(stream("sequential", &sequential, 1), first);
+    // `part` reorders the turns, and sources of one part share a turn.
+    let reversed = sequential.replace("repeat = 1\n", "repeat = 1\n  part = 0\n");
+    let turned = stream("reversed", &reversed, 0);
+    assert_eq!(turned[0], "pretrain");
+    assert_eq!(switches(&turned), 1, "{turned:?}");
+    let together = sequential.replace("repeat = 2\n", "repeat = 2\n  part = 2\n");
+    assert!(switches(&stream("together", &together, 0)) > 4);
 
     // Shuffled (the default), the sources alternate.
     assert!(switches(&stream("shuffled", GOOD, 0)) > 4);

@@ -343,9 +343,22 @@ fn the_demo_trains_every_stage_evaluates_and_reports() {
             let acc = eval[suite]["accuracy"].as_f64();
             assert!(acc.is_some_and(|a| a >= 0.0), "{}: {suite}", path.display());
         }
-        // 4 image questions at most, and every held-out clip question (4).
+        // 4 image questions at most, and every held-out clip question (4);
+        // the wrong answers come back as generated.
         if let Some(n) = eval["vqa"]["n"].as_u64() {
             assert!((1..=8).contains(&n), "{n}");
+            let correct: u64 = eval["vqa"]["table"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["correct"].as_u64().unwrap())
+                .sum();
+            let misses = eval["vqa"]["misses"].as_array().unwrap();
+            assert_eq!(misses.len() as u64, n - correct);
+            for m in misses {
+                assert_ne!(m["generated"], m["answer"], "{m}");
+                assert!(m["question"].as_str().unwrap().ends_with('?'), "{m}");
+            }
         }
         // Wrong needle answers come back as generated, up to 8.
         if let Some(table) = eval["niah_text"]["table"].as_array() {

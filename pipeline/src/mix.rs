@@ -267,8 +267,8 @@ pub(crate) async fn plan_stage(
     let mut order = instances(stage, &mut selection, &mut rng);
     order.shuffle(&mut rng);
     if stage.order == Order::Sequential {
-        // Stable: each source keeps its shuffled order.
-        order.sort_by_key(|u| u.source);
+        // Stable: each part keeps its shuffled order.
+        order.sort_by_key(|u| stage.sources[u.source].part(u.source));
     }
     let packs = pack(&order, stage.context);
     let tokens: u64 = order.iter().map(|u| u64::from(u.expanded)).sum();

@@ -147,8 +147,9 @@ pub enum Order {
     /// All sources shuffled together, in a new order every epoch.
     #[default]
     Shuffled,
-    /// The sources one after the other, in the order listed, each shuffled
-    /// within; every epoch keeps that order (a curriculum within the stage).
+    /// The sources one after the other, in the order listed (or of their
+    /// `part`), each shuffled within; every epoch keeps that order (a
+    /// curriculum within the stage).
     Sequential,
 }
 
@@ -275,9 +276,18 @@ pub struct StageSource {
     /// Share of the stage (by samples or tokens, as the stage says), relative
     /// to the other sources' weights.
     pub weight: Option<f64>,
+    /// In a `sequential` stage, the turn this source comes in (default: its
+    /// position in the list, from 1): sources of the same part are shuffled
+    /// together, parts come in increasing order.
+    pub part: Option<u32>,
 }
 
 impl StageSource {
+    /// The turn of source `index` (0-based) of a `sequential` stage.
+    pub fn part(&self, index: usize) -> u32 {
+        self.part.unwrap_or(index as u32 + 1)
+    }
+
     /// The query as SQL selecting the rows of `samples` it names.
     pub fn sql(&self, columns: &str) -> String {
         let q = self.query.trim();
@@ -617,6 +627,7 @@ mod tests {
             query: query.into(),
             repeat: None,
             weight: None,
+            part: None,
         };
         assert_eq!(
             s("kind = 'text'").sql("sample_id"),
