@@ -61,6 +61,7 @@ weight_decay = -0.1
   name = "captions"
   query = "source = 'pretrain'"
   repeat = 1
+  part = 2
 "#;
 
 const GOOD: &str = r#"
@@ -139,6 +140,7 @@ fn plan_lists_every_problem_of_a_broken_recipe() {
         "model: partial_rotary_factor 1.5 must be in (0, 1]",
         "stage 2 (two): adam_beta2 1 must be in [0, 1)",
         "stage 2 (two): weight_decay -0.1 must be at least 0",
+        "stage 2 (two), source captions: `part` needs order = \"sequential\"",
     ] {
         assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
     }

@@ -446,6 +446,14 @@ impl Recipe {
             if let Some(w) = stage.weight_decay.filter(|w| !(*w >= 0.0)) {
                 problems.push(format!("{at}: weight_decay {w} must be at least 0"));
             }
+            if stage.order == Order::Shuffled {
+                for source in stage.sources.iter().filter(|s| s.part.is_some()) {
+                    problems.push(format!(
+                        "{at}, source {}: `part` needs order = \"sequential\"",
+                        source.name
+                    ));
+                }
+            }
             match &stage.rope_base {
                 Some(RopeBase::One(b)) if !(*b > 0.0) => {
                     problems.push(format!("{at}: rope_base {b} must be positive"))
