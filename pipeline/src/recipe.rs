@@ -60,7 +60,7 @@ pub struct ModelConfig {
     /// Share of each attention head's dimensions that RoPE rotates (Hugging
     /// Face's `partial_rotary_factor`, as Phi and StableLM have it; default
     /// 1): the rest match keys by content alone, at any distance.
-    #[serde(default = "one_f64")]
+    #[serde(default = "full_rotary")]
     pub partial_rotary_factor: f64,
     /// The chat template the shards must have been tokenized with.
     #[serde(default = "chatml")]
@@ -74,7 +74,8 @@ pub fn rotary_dims(head_dim: usize, factor: f64) -> usize {
     ((head_dim as f64 * factor) as usize).min(head_dim) / 2 * 2
 }
 
-fn one_f64() -> f64 {
+/// The default `partial_rotary_factor`: every dimension pair turns.
+pub fn full_rotary() -> f64 {
     1.0
 }
 

@@ -52,15 +52,11 @@ pub struct Config {
     pub init_std: BTreeMap<String, f64>,
     /// Share of each head's dimensions that RoPE rotates
     /// (`partial_rotary_factor`).
-    #[serde(default = "all_rotary")]
+    #[serde(default = "lvpipe_pipeline::recipe::full_rotary")]
     pub partial_rotary_factor: f64,
     pub eps: f64,
     /// The `<image>` token id: placeholders to replace with media tokens.
     pub image_token: u32,
-}
-
-fn all_rotary() -> f64 {
-    1.0
 }
 
 impl Config {
