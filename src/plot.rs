@@ -26,6 +26,11 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
 }
 
+/// Width of a legend entry: its line, its label and a gap.
+fn legend_entry_width(label: &str) -> i32 {
+    24 + text_width(label) + 16
+}
+
 /// A line chart of `series` with vertical markers (`(x, label)`).
 pub fn line_chart(
     path: &Path,
@@ -79,15 +84,22 @@ pub fn line_chart(
             BLACK,
         );
     }
+    // A label that would run into the previous one goes a row lower (a
+    // short stage's markers sit a few pixels apart).
+    let (mut row, mut free_from) = (0, i32::MIN);
     for (x, label) in markers {
         let xx = px(*x);
         for y in (top..top + ph).step_by(6) {
             vline(&mut img, xx, y, (y + 3).min(top + ph), BLACK);
         }
-        text_at(&mut img, xx + 4, top + 4, label, BLACK);
+        row = if xx + 4 < free_from { row + 1 } else { 0 };
+        text_at(&mut img, xx + 4, top + 4 + 18 * row, label, BLACK);
+        free_from = free_from.max(xx + 4 + text_width(label) + 4);
     }
     hline(&mut img, left, left + pw, top + ph, BLACK);
     vline(&mut img, left, top, top + ph, BLACK);
+    let legend_width: i32 = series.iter().map(|s| legend_entry_width(&s.label)).sum();
+    let mut legend_x = left + pw - legend_width;
     for (i, s) in series.iter().enumerate() {
         let c = Rgb(PALETTE[i % PALETTE.len()]);
         let pts: Vec<(i32, i32)> = s
@@ -102,12 +114,15 @@ pub fn line_chart(
         if pts.len() == 1 {
             line(&mut img, pts[0], pts[0], c);
         }
-        let ly = top + 6 + 18 * i as i32;
-        let lx = left + pw - 12 - text_width(&s.label) - 24;
+        // The legend sits in the top margin, right-aligned beside the
+        // title, where the stage markers' labels cannot cover it.
+        let ly = 12;
+        let lx = legend_x;
         for d in 0..3 {
             hline(&mut img, lx, lx + 18, ly + 6 + d, c);
         }
         text_at(&mut img, lx + 24, ly, &s.label, BLACK);
+        legend_x += legend_entry_width(&s.label);
     }
     text_at(&mut img, left, 12, title, BLACK);
     text_at(
@@ -362,6 +377,12 @@ mod tests {
         let left = xs.iter().min_by_key(|p| p.0).unwrap();
         let right = xs.iter().max_by_key(|p| p.0).unwrap();
         assert!(left.1 > right.1 + 200, "{left:?} {right:?}");
+        // The legend sits in the top margin, right of the title, not over
+        // the stage markers' labels at the top of the plot.
+        assert!(
+            img.enumerate_pixels()
+                .any(|(x, y, p)| *p == blue && y < 40 && x > 800)
+        );
 
         let path = dir.path().join("h.png");
         let rows = vec!["512".to_string(), "2048".to_string()];

@@ -13,7 +13,14 @@ and prints, on fresh synthetic text in the corpus's style:
 - `needle gap G`: share of single planted facts whose code is generated
   exactly after G filler sentences and "The secret code of NAME is";
 - `roster kK first token`: share of recalls whose first code token is
-  predicted among K facts.
+  predicted among K facts;
+- `code of N tokens`: share of single planted facts (4 filler sentences
+  before the question) whose first code token is predicted, by how many
+  tokens the code is (one-token codes are rare BPE merges);
+- `layer L at gap G`: the attention of layer L's best head from the final
+  " is" of the question to the code's first token: its probability and its
+  logit above the median logit. An induction head gives a high logit at
+  every gap.
 
 With NOTES_JSONL (synth's notes.jsonl) it also prints the mean loss over
 its first 30 notes: a check that the PyTorch model is the trained one
@@ -34,7 +41,7 @@ def rms(x, w): return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * 
 def rope(x, cos, sin):
     a, b = x[..., :DH // 2], x[..., DH // 2:]; return torch.cat([a * cos - b * sin, b * cos + a * sin], -1)
 @torch.no_grad()
-def logits(ids):
+def logits(ids, att=None):
     t = len(ids); x = g('model.embed_tokens.weight')[torch.tensor(ids)]
     pos = torch.arange(t).float(); fr = 1.0 / (base ** (torch.arange(0, DH, 2).float() / ROT)); fr[ROT // 2:] = 0.0; ang = pos[:, None] * fr
     cos, sin = ang.cos(), ang.sin()
@@ -46,7 +53,12 @@ def logits(ids):
         v = (h @ g(p + 'self_attn.v_proj.weight').T + g(p + 'self_attn.v_proj.bias')).view(t, NKV, DH).transpose(0, 1)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         k = k.repeat_interleave(NH // NKV, 0); v = v.repeat_interleave(NH // NKV, 0)
-        y = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True)[0]
+        if att is None:
+            y = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True)[0]
+        else:
+            a = (q @ k.transpose(-1, -2)) / DH ** 0.5
+            a = a.masked_fill(torch.triu(torch.ones(t, t, dtype=torch.bool), 1), float('-inf'))
+            att[l] = a[:, -1]; y = a.softmax(-1) @ v
         x = x + y.transpose(0, 1).reshape(t, H) @ g(p + 'self_attn.o_proj.weight').T
         h = rms(x, g(p + 'post_attention_layernorm.weight'))
         x = x + (F.silu(h @ g(p + 'mlp.gate_proj.weight').T) * (h @ g(p + 'mlp.up_proj.weight').T)) @ g(p + 'mlp.down_proj.weight').T
@@ -93,6 +105,30 @@ for k in [2, 4]:
         n, c = random.choice(facts); ids = enc(text + f' The secret code of {n} is'); lg = logits(ids)
         tot += 1; hit += int(lg[-1].argmax() == enc(' ' + c)[0])
     res[f'roster k{k} first token'] = hit / tot
+def fact_and_question(gap, pre=3):
+    name = random.choice(N) + str(random.randint(9000, 9999)); code = str(random.randint(1000, 9999))
+    head = ' '.join(filler() for _ in range(pre)) + f' The secret code of {name} is'
+    text = head + f' {code}. ' + ' '.join(filler() for _ in range(gap)) + f' The secret code of {name} is'
+    return enc(text), len(enc(head)), enc(' ' + code)
+# first code token by the code's token count
+by_len = {}
+for _ in range(200):
+    ids, at, code = fact_and_question(4)
+    hit = int(logits(ids)[-1].argmax()) == code[0]
+    h, n = by_len.get(len(code), (0, 0)); by_len[len(code)] = (h + hit, n + 1)
+for k in sorted(by_len):
+    res[f'code of {k} tokens (n={by_len[k][1]})'] = round(by_len[k][0] / by_len[k][1], 3)
+# attention from the question's " is" to the code's first token
+for gap in [2, 40, 120]:
+    probs, lifts = [], []
+    for _ in range(10):
+        ids, at, code = fact_and_question(gap); att = {}; logits(ids, att)
+        probs.append(torch.stack([att[l].softmax(-1)[:, at] for l in range(cfg['layers'])]))
+        lifts.append(torch.stack([att[l][:, at] - att[l][:, :at].median(-1).values for l in range(cfg['layers'])]))
+    p, lift = torch.stack(probs).mean(0), torch.stack(lifts).mean(0)
+    for l in range(cfg['layers']):
+        h = int(lift[l].argmax())
+        res[f'layer {l} at gap {gap}'] = f'head {h}: p {p[l, h]:.2f}, logit +{lift[l, h]:.1f}'
 print(run, res)
 if len(sys.argv) > 3:
     tot = n = 0
