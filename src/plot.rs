@@ -61,7 +61,10 @@ pub fn line_chart(
         x1 = x0 + 1.0;
     }
     let pad = ((y1 - y0) * 0.05).max(1e-12);
-    let (y0, y1) = (y0 - pad, y1 + pad);
+    // Non-negative data (a loss, a learning rate) keeps its axis at or
+    // above zero.
+    let floor = if y0 >= 0.0 { 0.0 } else { f64::MIN };
+    let (y0, y1) = ((y0 - pad).max(floor), y1 + pad);
     let (pw, ph) = (w as i32 - left - right, h as i32 - top - bottom);
     let px = |x: f64| left + ((x - x0) / (x1 - x0) * f64::from(pw)).round() as i32;
     let py = |y: f64| top + ph - ((y - y0) / (y1 - y0) * f64::from(ph)).round() as i32;
@@ -377,6 +380,9 @@ mod tests {
         let left = xs.iter().min_by_key(|p| p.0).unwrap();
         let right = xs.iter().max_by_key(|p| p.0).unwrap();
         assert!(left.1 > right.1 + 200, "{left:?} {right:?}");
+        // Non-negative data: the axis starts at 0, so the line starts on
+        // the bottom axis (y = 430), not above a padding below zero.
+        assert!(left.1 >= 420, "{left:?}");
         // The legend sits in the top margin, right of the title, not over
         // the stage markers' labels at the top of the plot.
         assert!(
