@@ -119,12 +119,10 @@ pub fn line_chart(
         }
         // The legend sits in the top margin, right-aligned beside the
         // title, where the stage markers' labels cannot cover it.
-        let ly = 12;
-        let lx = legend_x;
         for d in 0..3 {
-            hline(&mut img, lx, lx + 18, ly + 6 + d, c);
+            hline(&mut img, legend_x, legend_x + 18, 18 + d, c);
         }
-        text_at(&mut img, lx + 24, ly, &s.label, BLACK);
+        text_at(&mut img, legend_x + 24, 12, &s.label, BLACK);
         legend_x += legend_entry_width(&s.label);
     }
     text_at(&mut img, left, 12, title, BLACK);
