@@ -83,14 +83,18 @@ for gap in [0, 2, 20, 80]:
         for p in range(len(a) + len(fill) + pre, len(ids) - 1):
             tot += 1; hit += int(lg[p - 1].argmax() == ids[p])
     res[f'ledger gap {gap}'] = round(hit / tot, 3)
+def fact_and_question(gap, pre=3):
+    """`pre` filler sentences, a fact, `gap` filler sentences, the question:
+    its token ids, the position of the code's first token, and the code."""
+    name = random.choice(N) + str(random.randint(9000, 9999)); code = str(random.randint(1000, 9999))
+    head = ' '.join(filler() for _ in range(pre)) + f' The secret code of {name} is'
+    text = head + f' {code}. ' + ' '.join(filler() for _ in range(gap)) + f' The secret code of {name} is'
+    return enc(text), len(enc(head)), code
 # single needle: fact, gap filler, prompt; exact code
 for gap in [0, 2, 10, 40, 160]:
     hit = 0; n = 20
     for _ in range(n):
-        name = random.choice(N) + str(random.randint(9000, 9999)); code = str(random.randint(1000, 9999))
-        pre = ' '.join(filler() for _ in range(3))
-        text = pre + f' The secret code of {name} is {code}. ' + ' '.join(filler() for _ in range(gap)) + f' The secret code of {name} is'
-        ids = enc(text); out = []
+        ids, _, code = fact_and_question(gap); out = []
         for _ in range(3):
             nx = int(logits(ids + out)[-1].argmax()); out.append(nx)
         got = tok.decode(out).strip().split('.')[0]
@@ -105,15 +109,10 @@ for k in [2, 4]:
         n, c = random.choice(facts); ids = enc(text + f' The secret code of {n} is'); lg = logits(ids)
         tot += 1; hit += int(lg[-1].argmax() == enc(' ' + c)[0])
     res[f'roster k{k} first token'] = hit / tot
-def fact_and_question(gap, pre=3):
-    name = random.choice(N) + str(random.randint(9000, 9999)); code = str(random.randint(1000, 9999))
-    head = ' '.join(filler() for _ in range(pre)) + f' The secret code of {name} is'
-    text = head + f' {code}. ' + ' '.join(filler() for _ in range(gap)) + f' The secret code of {name} is'
-    return enc(text), len(enc(head)), enc(' ' + code)
 # first code token by the code's token count
 by_len = {}
 for _ in range(200):
-    ids, at, code = fact_and_question(4)
+    ids, at, code = fact_and_question(4); code = enc(' ' + code)
     hit = int(logits(ids)[-1].argmax()) == code[0]
     h, n = by_len.get(len(code), (0, 0)); by_len[len(code)] = (h + hit, n + 1)
 for k in sorted(by_len):
@@ -122,7 +121,7 @@ for k in sorted(by_len):
 for gap in [2, 40, 120]:
     probs, lifts = [], []
     for _ in range(10):
-        ids, at, code = fact_and_question(gap); att = {}; logits(ids, att)
+        ids, at, _ = fact_and_question(gap); att = {}; logits(ids, att)
         probs.append(torch.stack([att[l].softmax(-1)[:, at] for l in range(cfg['layers'])]))
         lifts.append(torch.stack([att[l][:, at] - att[l][:, :at].median(-1).values for l in range(cfg['layers'])]))
     p, lift = torch.stack(probs).mean(0), torch.stack(lifts).mean(0)
