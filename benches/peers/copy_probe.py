@@ -22,11 +22,16 @@ and prints, on fresh synthetic text in the corpus's style:
   logit above the median logit. An induction head gives a high logit at
   every gap.
 
+With HAYSTACK=LEN in the environment it also prints `haystack LEN, code of
+N tokens`: needles found (the code generated exactly) in filler documents
+of about LEN tokens built as `lvpipe eval` builds them, at depths 0 to 1,
+split by the code's token count (120 needles; HAYSTACK_TRIALS to change).
+
 With NOTES_JSONL (synth's notes.jsonl) it also prints the mean loss over
 its first 30 notes: a check that the PyTorch model is the trained one
 (it should match the run's metrics.jsonl). docs/trainer.md ("Needles").
 """
-import sys, random, json, torch, torch.nn.functional as F
+import os, sys, random, json, torch, torch.nn.functional as F
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 run, tokp = sys.argv[1], sys.argv[2]
@@ -128,6 +133,26 @@ for gap in [2, 40, 120]:
     for l in range(cfg['layers']):
         h = int(lift[l].argmax())
         res[f'layer {l} at gap {gap}'] = f'head {h}: p {p[l, h]:.2f}, logit +{lift[l, h]:.1f}'
+# needles in filler documents of HAYSTACK tokens, by the code's token count
+if os.environ.get('HAYSTACK'):
+    length, by_len = int(os.environ['HAYSTACK']), {}
+    for trial in range(int(os.environ.get('HAYSTACK_TRIALS', 120))):
+        depth = [0.0, 0.25, 0.5, 0.75, 0.9, 1.0][trial % 6]
+        name = random.choice(N) + str(random.randint(9000, 9999)); code = str(random.randint(1000, 9999))
+        fact, q = f'The secret code of {name} is {code}.', f'The secret code of {name} is'
+        budget, sents, used = length - len(enc(fact)) - len(enc(q)) - 2, [], 0
+        while True:
+            s = filler(); n = len(enc(' ' + s))
+            if used + n > budget: break
+            used += n; sents.append(s)
+        sents.insert(round(len(sents) * depth), fact)
+        ids, out = enc(' '.join(sents) + ' ' + q), []
+        for _ in range(3):
+            out.append(int(logits(ids + out)[-1].argmax()))
+        hit = int(tok.decode(out).strip().split('.')[0][:4] == code)
+        k = len(enc(' ' + code)); h, n = by_len.get(k, (0, 0)); by_len[k] = (h + hit, n + 1)
+    for k in sorted(by_len):
+        res[f'haystack {length}, code of {k} tokens'] = f'{by_len[k][0]}/{by_len[k][1]}'
 print(run, res)
 if len(sys.argv) > 3:
     tot = n = 0
