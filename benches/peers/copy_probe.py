@@ -88,21 +88,30 @@ for gap in [0, 2, 20, 80]:
         for p in range(len(a) + len(fill) + pre, len(ids) - 1):
             tot += 1; hit += int(lg[p - 1].argmax() == ids[p])
     res[f'ledger gap {gap}'] = round(hit / tot, 3)
+def needle():
+    """A held-out needle as `lvpipe eval` draws it: the question (the fact's
+    prefix up to " is") and the code."""
+    name = random.choice(N) + str(random.randint(9000, 9999))
+    return f'The secret code of {name} is', str(random.randint(1000, 9999))
+def greedy(ids, n=3):
+    """The text of `n` tokens generated greedily after `ids`."""
+    out = []
+    for _ in range(n):
+        out.append(int(logits(ids + out)[-1].argmax()))
+    return tok.decode(out)
 def fact_and_question(gap, pre=3):
     """`pre` filler sentences, a fact, `gap` filler sentences, the question:
     its token ids, the position of the code's first token, and the code."""
-    name = random.choice(N) + str(random.randint(9000, 9999)); code = str(random.randint(1000, 9999))
-    head = ' '.join(filler() for _ in range(pre)) + f' The secret code of {name} is'
-    text = head + f' {code}. ' + ' '.join(filler() for _ in range(gap)) + f' The secret code of {name} is'
+    q, code = needle()
+    head = ' '.join(filler() for _ in range(pre)) + ' ' + q
+    text = head + f' {code}. ' + ' '.join(filler() for _ in range(gap)) + ' ' + q
     return enc(text), len(enc(head)), code
 # single needle: fact, gap filler, prompt; exact code
 for gap in [0, 2, 10, 40, 160]:
     hit = 0; n = 20
     for _ in range(n):
-        ids, _, code = fact_and_question(gap); out = []
-        for _ in range(3):
-            nx = int(logits(ids + out)[-1].argmax()); out.append(nx)
-        got = tok.decode(out).strip().split('.')[0]
+        ids, _, code = fact_and_question(gap)
+        got = greedy(ids).strip().split('.')[0]
         hit += int(got == code)
     res[f'needle gap {gap}'] = hit / n
 # roster with k facts, recall code accuracy (first code token)
@@ -138,18 +147,16 @@ if os.environ.get('HAYSTACK'):
     length, by_len = int(os.environ['HAYSTACK']), {}
     for trial in range(int(os.environ.get('HAYSTACK_TRIALS', 120))):
         depth = [0.0, 0.25, 0.5, 0.75, 0.9, 1.0][trial % 6]
-        name = random.choice(N) + str(random.randint(9000, 9999)); code = str(random.randint(1000, 9999))
-        fact, q = f'The secret code of {name} is {code}.', f'The secret code of {name} is'
+        q, code = needle(); fact = f'{q} {code}.'
         budget, sents, used = length - len(enc(fact)) - len(enc(q)) - 2, [], 0
         while True:
             s = filler(); n = len(enc(' ' + s))
             if used + n > budget: break
             used += n; sents.append(s)
         sents.insert(round(len(sents) * depth), fact)
-        ids, out = enc(' '.join(sents) + ' ' + q), []
-        for _ in range(3):
-            out.append(int(logits(ids + out)[-1].argmax()))
-        hit = int(tok.decode(out).strip().split('.')[0][:4] == code)
+        # scored as lvpipe eval scores: the digits the answer starts with
+        got = greedy(enc(' '.join(sents) + ' ' + q)).lstrip()
+        hit = int(got[:len(got) - len(got.lstrip('0123456789'))] == code)
         k = len(enc(' ' + code)); h, n = by_len.get(k, (0, 0)); by_len[k] = (h + hit, n + 1)
     for k in sorted(by_len):
         res[f'haystack {length}, code of {k} tokens'] = f'{by_len[k][0]}/{by_len[k][1]}'
