@@ -21,6 +21,10 @@ and prints, on fresh synthetic text in the corpus's style:
   " is" of the question to the code's first token: its probability and its
   logit above the median logit. An induction head gives a high logit at
   every gap.
+- `head push, code of N tokens`: that head's own contribution to the
+  logit of the code's first token, above the median token (single facts,
+  4 filler sentences back), by the code's token count: whether the head
+  copies what it attends to.
 
 With HAYSTACK=LEN in the environment it also prints `haystack LEN, code of
 N tokens`: needles found (the code generated exactly) in filler documents
@@ -63,7 +67,7 @@ def logits(ids, att=None):
         else:
             a = (q @ k.transpose(-1, -2)) / DH ** 0.5
             a = a.masked_fill(torch.triu(torch.ones(t, t, dtype=torch.bool), 1), float('-inf'))
-            att[l] = a[:, -1]; y = a.softmax(-1) @ v
+            att[l] = a[:, -1]; y = a.softmax(-1) @ v; att[('out', l)] = y[:, -1]
         x = x + y.transpose(0, 1).reshape(t, H) @ g(p + 'self_attn.o_proj.weight').T
         h = rms(x, g(p + 'post_attention_layernorm.weight'))
         x = x + (F.silu(h @ g(p + 'mlp.gate_proj.weight').T) * (h @ g(p + 'mlp.up_proj.weight').T)) @ g(p + 'mlp.down_proj.weight').T
@@ -142,6 +146,17 @@ for gap in [2, 40, 120]:
     for l in range(cfg['layers']):
         h = int(lift[l].argmax())
         res[f'layer {l} at gap {gap}'] = f'head {h}: p {p[l, h]:.2f}, logit +{lift[l, h]:.1f}'
+# the best last-layer head's own push on the code's first token (its output
+# times the tied embedding, above the median token), by the code's token count
+l = cfg['layers'] - 1; Wo = g(f'model.layers.{l}.self_attn.o_proj.weight'); head = W.get('llm.lm_head.weight', g('model.embed_tokens.weight'))
+by_len = {}
+for _ in range(100):
+    ids, at, code = fact_and_question(4); code = enc(' ' + code); att = {}; logits(ids, att)
+    h = int(att[l].softmax(-1)[:, at].argmax())
+    push = (att[('out', l)][h] @ Wo[:, h * DH:(h + 1) * DH].T) @ head.T
+    by_len.setdefault(len(code), []).append(float(push[code[0]] - push.median()))
+for k in sorted(by_len):
+    res[f'head push, code of {k} tokens'] = round(sum(by_len[k]) / len(by_len[k]), 1)
 # needles in filler documents of HAYSTACK tokens, by the code's token count
 if os.environ.get('HAYSTACK'):
     length, by_len = int(os.environ['HAYSTACK']), {}
