@@ -52,6 +52,8 @@ struct Sizes {
     image_side: (u32, u32),
     long_words: (usize, usize),
     vocab: usize,
+    /// Codes common enough to be single tokens ([`Catalogue`]).
+    catalogue: usize,
     /// Held-out evaluation set: images, short clips, long videos.
     eval: (usize, usize, usize),
     #[cfg_attr(not(feature = "video"), allow(dead_code))]
@@ -80,6 +82,7 @@ impl Scale {
                 image_side: (48, 96),
                 long_words: (300, 600),
                 vocab: 1024,
+                catalogue: 16,
                 eval: (8, 2, 2),
                 videos: VideoSizes {
                     clips: 8,
@@ -99,6 +102,7 @@ impl Scale {
                 image_side: (160, 320),
                 long_words: (1500, 6000),
                 vocab: 4096,
+                catalogue: 512,
                 eval: (200, 40, 10),
                 videos: VideoSizes {
                     clips: 240,
@@ -545,6 +549,40 @@ const NAMES: [&str; 16] = [
     "Kestrel", "Liora", "Maren", "Nilo", "Orla", "Perrin",
 ];
 
+/// Codes that recur across documents, as years and prices do in web text.
+/// The long documents cite only these, so the tokenizer makes each of them
+/// one token and reads any other 4-digit code in pieces; the code lists
+/// draw 30% of their items from them. With every code cited in the long
+/// documents instead, the tokenizer spent 2,723 entries on whole codes,
+/// each read a few times in the lists: the copy head attended to them but
+/// did not copy them, and a third of the needles failed on them
+/// (docs/trainer.md, "Needles").
+struct Catalogue(Vec<u32>);
+
+impl Catalogue {
+    fn new(seed: u64, n: usize) -> Self {
+        let mut rng = SmallRng::seed_from_u64(seed ^ 0x636f_6465);
+        let mut all: Vec<u32> = (1000..10000).collect();
+        all.shuffle(&mut rng);
+        all.truncate(n);
+        Catalogue(all)
+    }
+
+    /// A catalogue code.
+    fn common(&self, rng: &mut SmallRng) -> String {
+        self.0.choose(rng).expect("non-empty").to_string()
+    }
+
+    /// A catalogue code with probability `p`, else any 4-digit code.
+    fn code(&self, rng: &mut SmallRng, p: f64) -> String {
+        if rng.random_bool(p) {
+            self.common(rng)
+        } else {
+            rng.random_range(1000..10000u32).to_string()
+        }
+    }
+}
+
 /// The sentence of a planted fact; a recall repeats it, and a needle
 /// question is its prefix up to "is" ([`needle_prompt`]).
 pub fn needle_fact(name: &str, code: &str) -> String {
@@ -572,12 +610,12 @@ fn filler(rng: &mut SmallRng, gap: usize) -> Vec<String> {
 }
 
 /// A list of 3 to 10 codes, `gap` filler sentences, and the list again:
-/// every token of the repeat can be copied.
-fn ledger_note(rng: &mut SmallRng, gap: usize) -> String {
+/// every token of the repeat can be copied. Three in ten codes are from the
+/// catalogue: single tokens that occur once in a list, on which the copy
+/// forms; the rest are read in pieces, as most needles are.
+fn ledger_note(rng: &mut SmallRng, gap: usize, codes: &Catalogue) -> String {
     let n = rng.random_range(3..=10);
-    let codes: Vec<String> = (0..n)
-        .map(|_| rng.random_range(1000..10000u32).to_string())
-        .collect();
+    let codes: Vec<String> = (0..n).map(|_| codes.code(rng, 0.3)).collect();
     let list = format!("The ledger reads {}.", codes.join(" "));
     let mut sentences = vec![list.clone()];
     sentences.extend(filler(rng, gap));
@@ -780,13 +818,14 @@ pub fn synthesize(settings: &SynthSettings) -> Result<SynthSummary> {
     }
 
     // Long documents with one planted fact each, at depths cycling 0..1.
+    let catalogue = Catalogue::new(settings.seed, sizes.catalogue);
     let depths = [0.0, 0.25, 0.5, 0.75, 1.0];
     let mut longdocs = Vec::new();
     for i in 0..sizes.longdocs {
         let id = format!("long-{i:05}");
         let depth = depths[i % depths.len()];
         let name = format!("{}{}", NAMES.choose(&mut rng).expect("non-empty"), i);
-        let code = rng.random_range(1000..10000u32).to_string();
+        let code = catalogue.common(&mut rng);
         let target_words = rng.random_range(sizes.long_words.0..=sizes.long_words.1);
         let mut sentences = Vec::new();
         let mut words = 0;
@@ -799,7 +838,7 @@ pub fn synthesize(settings: &SynthSettings) -> Result<SynthSummary> {
         // across the context is what the long-context stages can learn.
         for k in 0..target_words / 150 {
             let other = format!("{}{i}x{k}", NAMES.choose(&mut rng).expect("non-empty"));
-            let other_code = rng.random_range(1000..10000u32).to_string();
+            let other_code = catalogue.common(&mut rng);
             let fact = rng.random_range(0..=sentences.len());
             sentences.insert(fact, needle_fact(&other, &other_code));
             let recall = rng.random_range(fact + 1..=sentences.len());
@@ -836,7 +875,7 @@ pub fn synthesize(settings: &SynthSettings) -> Result<SynthSummary> {
             rng.random_range(16..=140)
         };
         let text = if rng.random_bool(0.5) {
-            ledger_note(rng, gap)
+            ledger_note(rng, gap, &catalogue)
         } else {
             roster_note(rng, gap)
         };
@@ -1057,7 +1096,7 @@ mod tests {
     fn ledger_notes_read_the_same_list_twice_around_the_filler() {
         let mut rng = SmallRng::seed_from_u64(1);
         for gap in [0, 2, 40] {
-            let note = ledger_note(&mut rng, gap);
+            let note = ledger_note(&mut rng, gap, &Catalogue::new(1, 16));
             let s = sentences(&note);
             assert_eq!(s.len(), gap + 2, "{note}");
             assert_eq!(s[0], s[gap + 1]);
@@ -1123,6 +1162,60 @@ mod tests {
         }
         // Long notes state their facts at different depths.
         assert!(leads[2..].iter().any(|&l| l != leads[2]), "{leads:?}");
+    }
+
+    #[test]
+    fn catalogue_codes_become_single_tokens_and_other_codes_pieces() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = SynthSettings {
+            out: dir.path().to_path_buf(),
+            scale: Scale::Tiny,
+            seed: 7,
+        };
+        synthesize(&settings).unwrap();
+        let catalogue = Catalogue::new(7, Scale::Tiny.sizes().catalogue);
+        // The long documents cite catalogue codes only.
+        let longdocs = fs_err::read_to_string(dir.path().join("longdocs.jsonl")).unwrap();
+        let mut cited = BTreeMap::<u32, usize>::new();
+        for fact in longdocs.split("The secret code of ").skip(1) {
+            let code: u32 = fact.split(" is ").nth(1).unwrap()[..4].parse().unwrap();
+            assert!(
+                catalogue.0.contains(&code),
+                "{code} is not in the catalogue"
+            );
+            *cited.entry(code).or_default() += 1;
+        }
+        let tokenizer =
+            tokenizers::Tokenizer::from_file(dir.path().join("tokenizer.json")).unwrap();
+        let tokens = |code: u32| tokenizer.encode(format!(" {code}"), false).unwrap().len();
+        let repeated: Vec<u32> = cited.iter().filter(|c| *c.1 >= 2).map(|c| *c.0).collect();
+        assert!(repeated.len() >= 8, "{cited:?}");
+        for &code in &repeated {
+            assert_eq!(tokens(code), 1, "catalogue code {code}");
+        }
+        let others: Vec<u32> = (1000..10000).filter(|c| !catalogue.0.contains(c)).collect();
+        assert!(others.iter().all(|&c| tokens(c) >= 2));
+    }
+
+    #[test]
+    fn a_fraction_of_ledger_items_are_catalogue_codes() {
+        let mut rng = SmallRng::seed_from_u64(4);
+        let catalogue = Catalogue::new(4, 512);
+        let items: Vec<u32> = (0..300)
+            .flat_map(|_| {
+                let note = ledger_note(&mut rng, 0, &catalogue);
+                let list = sentences(&note)[0].to_string();
+                let list = list.strip_prefix("The ledger reads ").unwrap();
+                let list = list.strip_suffix('.').unwrap();
+                list.split(' ')
+                    .map(|c| c.parse().unwrap())
+                    .collect::<Vec<u32>>()
+            })
+            .collect();
+        let common = items.iter().filter(|c| catalogue.0.contains(c)).count();
+        // 30% drawn from it, and 512 in 9,000 of the rest by chance.
+        let share = common as f64 / items.len() as f64;
+        assert!((0.27..0.38).contains(&share), "{common} of {}", items.len());
     }
 
     #[test]
