@@ -552,11 +552,11 @@ const NAMES: [&str; 16] = [
 /// Codes that recur across documents, as years and prices do in web text.
 /// The long documents cite only these, so the tokenizer makes each of them
 /// one token and reads any other 4-digit code in pieces; the code lists
-/// draw 30% of their items from them. With every code cited in the long
-/// documents instead, the tokenizer spent 2,723 entries on whole codes,
-/// each read a few times in the lists: the copy head attended to them but
-/// did not copy them, and a third of the needles failed on them
-/// (docs/trainer.md, "Needles").
+/// draw [`LEDGER_COMMON`] of their items from them. With every code cited
+/// in the long documents instead, the tokenizer spent 2,723 entries on
+/// whole codes, each read a few times in the lists: the copy head attended
+/// to them but did not copy them, and a third of the needles failed on
+/// them (docs/trainer.md, "Needles").
 struct Catalogue(Vec<u32>);
 
 impl Catalogue {
@@ -582,6 +582,9 @@ impl Catalogue {
         }
     }
 }
+
+/// The share of code-list items drawn from the [`Catalogue`].
+const LEDGER_COMMON: f64 = 0.3;
 
 /// The sentence of a planted fact; a recall repeats it, and a needle
 /// question is its prefix up to "is" ([`needle_prompt`]).
@@ -610,12 +613,12 @@ fn filler(rng: &mut SmallRng, gap: usize) -> Vec<String> {
 }
 
 /// A list of 3 to 10 codes, `gap` filler sentences, and the list again:
-/// every token of the repeat can be copied. Three in ten codes are from the
-/// catalogue: single tokens that occur once in a list, on which the copy
-/// forms; the rest are read in pieces, as most needles are.
+/// every token of the repeat can be copied. [`LEDGER_COMMON`] of the codes
+/// are from the catalogue: single tokens that occur once in a list, on
+/// which the copy forms; the rest are read in pieces, as most needles are.
 fn ledger_note(rng: &mut SmallRng, gap: usize, codes: &Catalogue) -> String {
     let n = rng.random_range(3..=10);
-    let codes: Vec<String> = (0..n).map(|_| codes.code(rng, 0.3)).collect();
+    let codes: Vec<String> = (0..n).map(|_| codes.code(rng, LEDGER_COMMON)).collect();
     let list = format!("The ledger reads {}.", codes.join(" "));
     let mut sentences = vec![list.clone()];
     sentences.extend(filler(rng, gap));
@@ -1213,7 +1216,7 @@ mod tests {
             })
             .collect();
         let common = items.iter().filter(|c| catalogue.0.contains(c)).count();
-        // 30% drawn from it, and 512 in 9,000 of the rest by chance.
+        // LEDGER_COMMON (0.3) drawn from it, and 512 in 9,000 of the rest.
         let share = common as f64 / items.len() as f64;
         assert!((0.27..0.38).contains(&share), "{common} of {}", items.len());
     }
