@@ -1,9 +1,10 @@
-//! The command line, as clap sees it. Nothing here does work.
+//! The command line as clap parses it (the low-level arguments); each
+//! command resolves them into a library's settings. Nothing here does work.
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use lvpipe_sharding::video::FramePolicy;
+use lvpipe_schemas::FramePolicy;
 
 /// Build, audit, mix and stream the training data of a long-context
 /// vision-language curriculum (LongVILA's five stages).
@@ -284,7 +285,7 @@ pub enum ShortVideosArg {
 }
 
 fn parse_frames(s: &str) -> Result<FramePolicy, String> {
-    s.parse()
+    s.parse().map_err(|e: lvpipe_schemas::Error| e.to_string())
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -345,11 +346,11 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 4)]
     pub niah_trials: usize,
     /// Frame policies of the video needles, `;`-separated (a heatmap column each).
-    #[arg(long, value_delimiter = ';', default_value = "fps:2,max:64;uniform:16")]
-    pub video_frames: Vec<String>,
+    #[arg(long, value_delimiter = ';', default_value = "fps:2,max:64;uniform:16", value_parser = parse_frames)]
+    pub video_frames: Vec<FramePolicy>,
     /// Frame policy of the questions about short clips.
-    #[arg(long, default_value = "uniform:8")]
-    pub clip_frames: String,
+    #[arg(long, default_value = "uniform:8", value_parser = parse_frames)]
+    pub clip_frames: FramePolicy,
 }
 
 #[derive(Debug, Args)]

@@ -1,17 +1,16 @@
 //! `lvpipe`: a thin command line over the lvpipe crates.
 //!
-//! Arguments are parsed with clap, resolved once into the libraries' settings
-//! types, and the libraries do the work. stdout carries data (tables, JSON),
-//! stderr carries progress and logs. Exit codes: 0 success, 1 a check failed
-//! (a `--strict` build met a bad record), 2 usage or input error.
+//! Arguments are parsed with clap (`args`), resolved once per command into
+//! the libraries' settings (`commands/`), and the libraries do the work;
+//! their events are rendered as progress bars and log lines (`progress`).
+//! stdout carries data (tables, JSON), stderr carries progress and logs.
+//! Exit codes: 0 success, 1 a check failed (a `--strict` build met a bad
+//! record, a plan has problems), 2 usage, input or the machine's files, 3 a
+//! bug in lvpipe.
 
 mod args;
 mod commands;
-mod demo;
-mod eval;
-mod plot;
 mod progress;
-mod training;
 
 use std::process::ExitCode;
 

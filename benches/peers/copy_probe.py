@@ -33,7 +33,7 @@ split by the code's token count (120 needles; HAYSTACK_TRIALS to change).
 
 With NOTES_JSONL (synth's notes.jsonl) it also prints the mean loss over
 its first 30 notes: a check that the PyTorch model is the trained one
-(it should match the run's metrics.jsonl). docs/trainer.md ("Needles").
+(it should match the run's metrics.jsonl). docs/trainer.md ("Why the tiny recipe is as it is").
 """
 import os, sys, random, json, torch, torch.nn.functional as F
 from safetensors.torch import load_file

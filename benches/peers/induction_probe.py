@@ -23,7 +23,7 @@ base (RoPE, 10000), init (normal: every matrix normal(0, 0.02) as Qwen2's
 initializer_range; uniform: PyTorch's +-1/sqrt(fan_in) as lvpipe without
 `initializer_range`; uniform-attn / uniform-mlp / uniform-vo: only q, k,
 v, o, only the MLP, or everything but q and k that way), std and estd (0.02: the normal draw's std for the
-matrices and for the embedding). docs/trainer.md ("Needles") has the runs.
+matrices and for the embedding). docs/trainer.md ("Why the tiny recipe is as it is") has the runs.
 """
 
 import random

@@ -47,7 +47,7 @@ fn prepare(dir: &Path, gib: f64) -> u64 {
         }
     }
     std::fs::create_dir_all(dir).unwrap();
-    let schema = lvpipe_pipeline::mix::samples_schema();
+    let schema = lvpipe_schemas::mix_samples_schema();
     let item = |t: DataType| Arc::new(Field::new("item", t, false));
     let batches = (0..samples).step_by(ROWS_PER_BATCH).map(|start| {
         let n = ROWS_PER_BATCH.min(samples - start);
@@ -88,7 +88,7 @@ fn prepare(dir: &Path, gib: f64) -> u64 {
         RecordBatch::try_new(schema.clone(), columns).unwrap()
     });
     write(&dir.join("samples.arrow"), batches, schema.clone());
-    let packs_schema = lvpipe_pipeline::mix::packs_schema();
+    let packs_schema = lvpipe_schemas::packs_schema();
     let context = (SAMPLE_TOKENS * PER_PACK) as u32;
     let packs_batch = RecordBatch::try_new(
         packs_schema.clone(),

@@ -28,7 +28,7 @@ impl Catalog {
     /// Opens a finished build: reads its manifest, checks the schema version,
     /// and registers exactly the files the manifest lists.
     pub async fn open(shards: &Path) -> Result<Self> {
-        let shards_err = |message: String| Error::Shards {
+        let shards_err = |message: String| Error::Folder {
             path: shards.to_path_buf(),
             message,
         };
@@ -78,7 +78,7 @@ impl Catalog {
     /// The shard build's manifest (an error for a session without shards).
     pub fn manifest(&self) -> Result<&Manifest> {
         self.manifest.as_ref().ok_or_else(|| {
-            Error::Recipe("this session has no shards: open a shard folder first".into())
+            Error::Usage("this session has no shards: open a shard folder first".into())
         })
     }
 
@@ -96,7 +96,7 @@ impl Catalog {
             .collect();
         stages.sort();
         if stages.is_empty() {
-            return Err(Error::Shards {
+            return Err(Error::Folder {
                 path: mixes.to_path_buf(),
                 message: "no stage-N folders with a mix.json: run `lvpipe mix` first".into(),
             });
@@ -119,7 +119,7 @@ impl Catalog {
     pub fn register_runs(&self, runs: &Path) -> Result<()> {
         let dirs = crate::lineage::run_dirs(runs)?;
         if dirs.is_empty() {
-            return Err(Error::Shards {
+            return Err(Error::Folder {
                 path: runs.to_path_buf(),
                 message: "no run folders with a metrics.jsonl: run `lvpipe train` first".into(),
             });
@@ -143,7 +143,7 @@ impl Catalog {
                 .iter()
                 .map(std::path::absolute)
                 .collect::<std::io::Result<_>>()?,
-            crate::lineage::lineage_schema(),
+            lvpipe_schemas::lineage_schema(),
         )
     }
 

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-/// Errors of catalog and query work.
+/// Errors of catalog, recipe, mix and loader work.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A statement that is not a query (the user can fix it).
@@ -11,9 +11,18 @@ pub enum Error {
     /// A recipe that does not parse or does not fit the data (the user can fix it).
     #[error("recipe: {0}")]
     Recipe(String),
-    /// A folder that is not a finished shard build, or of another schema version.
+    /// Arguments that do not fit the data: a world size that does not
+    /// divide the global batch, a query without shards (the user can fix it).
+    #[error("{0}")]
+    Usage(String),
+    /// A shard, mix or run folder (or a file in it) that is missing,
+    /// unfinished, of another schema version, or does not parse.
     #[error("{path}: {message}")]
-    Shards { path: PathBuf, message: String },
+    Folder { path: PathBuf, message: String },
+    /// A mix whose stored media do not decode: lvpipe encoded them, so the
+    /// file was damaged after it was written.
+    #[error("mix sample {sample}: {message} (the mix file is damaged; run `lvpipe mix` again)")]
+    CorruptMix { sample: String, message: String },
     #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error(transparent)]
@@ -24,6 +33,23 @@ pub enum Error {
     Parquet(#[from] parquet::errors::ParquetError),
     #[error(transparent)]
     Schema(#[from] lvpipe_schemas::Error),
+}
+
+impl Error {
+    /// Whether this is a bug in lvpipe rather than bad input or a failing
+    /// machine (the CLI exits with 3 for these).
+    pub fn is_internal(&self) -> bool {
+        match self {
+            // Plans and record batches lvpipe built itself; a SQL error in a
+            // user's query is a plan error.
+            Error::DataFusion(e) => matches!(
+                e.find_root(),
+                datafusion::error::DataFusionError::Internal(_)
+            ),
+            Error::Arrow(_) => true,
+            _ => false,
+        }
+    }
 }
 
 /// `Result` with the pipeline [`Error`].

@@ -1,10 +1,15 @@
-//! The SQL view of lvpipe's data, and (next) recipes, mixing, packing and the loader.
+//! The SQL view of lvpipe's data, recipes, mixing and packing, and the loader.
 //!
-//! Today this crate opens a shard folder as a DataFusion catalog with three
-//! tables: `samples` and `quarantine` over the Parquet files the manifest
-//! lists, and `manifest` itself. Only queries run: DDL, DML (INSERT, COPY)
+//! This crate sits between the shards and the trainer. [`Catalog`] opens a
+//! shard folder as a DataFusion catalog (`samples` and `quarantine` over the
+//! Parquet files the manifest lists, and `manifest` itself), and adds the
+//! tables of mixes (`mix_report`, `packs`) and runs (`metrics`,
+//! `source_tokens`, `lineage`). Only queries run: DDL, DML (INSERT, COPY)
 //! and statements (SET) are refused before planning, so auditing cannot
-//! change the data it audits.
+//! change the data it audits. A [`Recipe`] is checked and planned against
+//! the catalog ([`plan`]); [`build_mix`] selects, weighs, orders and packs a
+//! stage into Arrow IPC files; the [`Loader`] memory-maps them and hands out
+//! rank-partitioned, resumable batches.
 //!
 //! ```no_run
 //! # async fn demo() -> lvpipe_pipeline::Result<()> {

@@ -6,25 +6,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Float64Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use lvpipe_schemas::{StepMetrics, lineage_schema, metrics_schema, source_tokens_schema};
 
+use crate::Result;
 use crate::loader::Loader;
-use crate::{Error, Result};
-
-/// Schema of `lineage.parquet`: one row per sample per step.
-pub fn lineage_schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new("stage", DataType::UInt32, false),
-        Field::new("step", DataType::UInt64, false),
-        Field::new("epoch", DataType::UInt64, false),
-        Field::new("rank", DataType::UInt32, false),
-        Field::new("pack_id", DataType::UInt32, false),
-        Field::new("sample_id", DataType::Utf8, false),
-        Field::new("source", DataType::Utf8, false),
-        Field::new("chunk", DataType::UInt32, false),
-        Field::new("tokens", DataType::UInt32, false),
-    ]))
-}
 
 /// The lineage of steps `0..steps` of `loader` (its rank), replayed from
 /// the mix's order: no tokens or media are read. The k-th step here is
@@ -91,43 +76,16 @@ pub fn write_parquet(path: &Path, batch: &RecordBatch) -> Result<()> {
     Ok(())
 }
 
-/// Schema of the `metrics` table: one row per optimizer step of every run.
-pub fn metrics_schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new("run", DataType::Utf8, false),
-        Field::new("stage", DataType::UInt32, false),
-        Field::new("step", DataType::UInt64, false),
-        Field::new("loss", DataType::Float64, true),
-        Field::new("lr", DataType::Float64, true),
-        Field::new("grad_norm", DataType::Float64, true),
-        Field::new("tokens", DataType::UInt64, false),
-        Field::new("loss_tokens", DataType::Float64, true),
-        Field::new("tokens_per_s", DataType::Float64, true),
-        Field::new("elapsed_s", DataType::Float64, true),
-    ]))
-}
-
-/// Schema of the `source_tokens` table: tokens per source per step.
-pub fn source_tokens_schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new("run", DataType::Utf8, false),
-        Field::new("stage", DataType::UInt32, false),
-        Field::new("step", DataType::UInt64, false),
-        Field::new("source", DataType::Utf8, false),
-        Field::new("tokens", DataType::UInt64, false),
-    ]))
-}
-
 /// Run folders under `runs`: `runs` itself and its sub-folders that hold a
 /// `metrics.jsonl`, sorted by name.
 pub fn run_dirs(runs: &Path) -> Result<Vec<PathBuf>> {
     let mut dirs = Vec::new();
-    if runs.join("metrics.jsonl").exists() {
+    if runs.join(StepMetrics::FILE_NAME).exists() {
         dirs.push(runs.to_path_buf());
     }
     let mut subs: Vec<PathBuf> = fs_err::read_dir(runs)?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("metrics.jsonl").exists())
+        .filter(|p| p.join(StepMetrics::FILE_NAME).exists())
         .collect();
     subs.sort();
     dirs.extend(subs);
@@ -146,38 +104,25 @@ pub fn metrics_tables(dirs: &[PathBuf]) -> Result<(RecordBatch, RecordBatch)> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let path = dir.join("metrics.jsonl");
-        let text = fs_err::read_to_string(&path)?;
-        for (i, line) in text
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-        {
-            let v: serde_json::Value = serde_json::from_str(line).map_err(|e| Error::Shards {
-                path: path.clone(),
-                message: format!("line {}: {e}", i + 1),
-            })?;
-            let int = |k: &str| v[k].as_u64().unwrap_or(0);
-            let float = |k: &str| v[k].as_f64();
-            let (stage, step) = (int("stage") as u32, int("step"));
+        let path = dir.join(StepMetrics::FILE_NAME);
+        for step in StepMetrics::read(&path)? {
+            let stage = step.stage as u32;
             m.run.push(run.clone());
             m.stage.push(stage);
-            m.step.push(step);
-            m.loss.push(float("loss"));
-            m.lr.push(float("lr"));
-            m.grad_norm.push(float("grad_norm"));
-            m.tokens.push(int("tokens"));
-            m.loss_tokens.push(float("loss_tokens"));
-            m.tokens_per_s.push(float("tokens_per_s"));
-            m.elapsed_s.push(float("elapsed_s"));
-            if let Some(sources) = v["source_tokens"].as_object() {
-                for (source, tokens) in sources {
-                    s_run.push(run.clone());
-                    s_stage.push(stage);
-                    s_step.push(step);
-                    s_source.push(source.clone());
-                    s_tokens.push(tokens.as_u64().unwrap_or(0));
-                }
+            m.step.push(step.step);
+            m.loss.push(finite(step.loss));
+            m.lr.push(finite(step.lr));
+            m.grad_norm.push(finite(step.grad_norm));
+            m.tokens.push(step.tokens);
+            m.loss_tokens.push(finite(step.loss_tokens));
+            m.tokens_per_s.push(finite(step.tokens_per_s));
+            m.elapsed_s.push(finite(step.elapsed_s));
+            for (source, tokens) in step.source_tokens {
+                s_run.push(run.clone());
+                s_stage.push(stage);
+                s_step.push(step.step);
+                s_source.push(source);
+                s_tokens.push(tokens);
             }
         }
     }
@@ -207,6 +152,11 @@ pub fn metrics_tables(dirs: &[PathBuf]) -> Result<(RecordBatch, RecordBatch)> {
         ],
     )?;
     Ok((metrics, sources))
+}
+
+/// A number as SQL shows it: NaN (a diverged loss) as NULL.
+fn finite(x: f64) -> Option<f64> {
+    (!x.is_nan()).then_some(x)
 }
 
 #[derive(Default)]

@@ -21,6 +21,8 @@ use arrow::ipc::root_as_footer;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use lvpipe_sharding::media::decode_pixels;
+
 use crate::mix::MixMeta;
 use crate::recipe::Order;
 use crate::{Error, Result};
@@ -135,7 +137,7 @@ impl Mix {
         let meta_path = dir.join(MixMeta::FILE_NAME);
         let meta: MixMeta =
             serde_json::from_str(&fs_err::read_to_string(&meta_path)?).map_err(|e| {
-                Error::Shards {
+                Error::Folder {
                     path: meta_path.clone(),
                     message: e.to_string(),
                 }
@@ -144,9 +146,9 @@ impl Mix {
         let samples = MappedIpc::open(&samples_path)?;
         // `pack` reads columns by position; a file of another layout (an
         // older lvpipe) is refused here instead of being misread there.
-        let expected = crate::mix::samples_schema();
+        let expected = lvpipe_schemas::mix_samples_schema();
         if samples.schema.fields() != expected.fields() {
-            return Err(Error::Shards {
+            return Err(Error::Folder {
                 path: samples_path,
                 message: format!(
                     "columns {:?} are not the layout this lvpipe writes; rerun `lvpipe mix`",
@@ -162,7 +164,7 @@ impl Mix {
         let packs = MappedIpc::open(&dir.join("packs.arrow"))?;
         for name in ["pack_id", "first_row", "num_samples"] {
             if packs.schema.index_of(name).is_err() {
-                return Err(Error::Shards {
+                return Err(Error::Folder {
                     path: packs.path.clone(),
                     message: format!("no `{name}` column; rerun `lvpipe mix`"),
                 });
@@ -203,7 +205,7 @@ impl Mix {
         let column = |name: &str| batch.column_by_name(name).expect("checked at open");
         let id = column("pack_id").as_primitive::<UInt32Type>().value(r);
         if id != pack_id {
-            return Err(Error::Shards {
+            return Err(Error::Folder {
                 path: self.packs.path.clone(),
                 message: format!("row {pack_id} holds pack {id}: packs must be in pack_id order"),
             });
@@ -301,35 +303,14 @@ struct EncodedMedia {
 
 impl EncodedMedia {
     fn decode(&self, size: u32, sample_ids: &[String]) -> Result<Vec<f32>> {
-        decode_pixels(
-            self.items.as_binary::<i32>().value(self.index),
-            size,
-            &sample_ids[self.sample],
-        )
+        let bytes = self.items.as_binary::<i32>().value(self.index);
+        // Shards hold images that lvpipe itself encoded, so a failure here
+        // means a corrupted mix file.
+        decode_pixels(bytes, size).map_err(|message| Error::CorruptMix {
+            sample: sample_ids[self.sample].clone(),
+            message,
+        })
     }
-}
-
-/// One stored image to normalized CHW pixels (`[3, S, S]`, as SigLIP
-/// expects) at `size` x `size`: what the loader feeds the model, and how
-/// evaluation prepares media. Shards hold images that lvpipe itself
-/// encoded, so a failure here means a corrupted mix file.
-pub fn decode_pixels(bytes: &[u8], size: u32, sample_id: &str) -> Result<Vec<f32>> {
-    let n = (size * size) as usize;
-    let rgb = image::load_from_memory(bytes)
-        .map_err(|e| Error::Recipe(format!("mix sample {sample_id}: undecodable image: {e}")))?
-        .into_rgb8();
-    let rgb = if rgb.dimensions() == (size, size) {
-        rgb
-    } else {
-        image::imageops::resize(&rgb, size, size, image::imageops::FilterType::Triangle)
-    };
-    let mut out = vec![0.0f32; 3 * n];
-    for (i, px) in rgb.pixels().enumerate() {
-        for c in 0..3 {
-            out[c * n + i] = f32::from(px.0[c]) / 127.5 - 1.0;
-        }
-    }
-    Ok(out)
 }
 
 /// An Arrow IPC file over a memory map. Opening reads the footer and each
@@ -357,7 +338,7 @@ impl MappedIpc {
         #[allow(unsafe_code)]
         let map = unsafe { memmap2::Mmap::map(file.file())? };
         let buffer = Buffer::from(bytes::Bytes::from_owner(map));
-        let bad = |m: String| Error::Shards {
+        let bad = |m: String| Error::Folder {
             path: path.to_path_buf(),
             message: m,
         };
@@ -400,7 +381,7 @@ impl MappedIpc {
     /// The batch holding global row `row`, and the row within it.
     fn row(&self, row: u64) -> Result<(&RecordBatch, usize)> {
         if row >= self.rows {
-            return Err(Error::Shards {
+            return Err(Error::Folder {
                 path: self.path.clone(),
                 message: format!("row {row} of {}", self.rows),
             });
@@ -416,7 +397,7 @@ impl MappedIpc {
         let batch = self
             .decoder
             .read_record_batch(block, &data)?
-            .ok_or_else(|| Error::Shards {
+            .ok_or_else(|| Error::Folder {
                 path: self.path.clone(),
                 message: format!("batch {b} is empty"),
             })?;
@@ -451,12 +432,12 @@ impl Loader {
     pub fn new(mix: Arc<Mix>, rank: u32, world_size: u32) -> Result<Self> {
         let g = mix.meta.global_batch;
         if world_size == 0 || rank >= world_size || g % world_size != 0 {
-            return Err(Error::Recipe(format!(
+            return Err(Error::Usage(format!(
                 "rank {rank} of world size {world_size}: the world size must divide the global batch {g}"
             )));
         }
         if mix.steps_per_epoch() == 0 {
-            return Err(Error::Recipe(format!(
+            return Err(Error::Usage(format!(
                 "the mix has {} packs, fewer than one global batch of {g}",
                 mix.num_packs()
             )));

@@ -15,11 +15,21 @@
 //! assert_eq!(SCHEMA_VERSION, "1");
 //! ```
 
+mod frames;
 mod manifest;
+mod mixes;
+mod modules;
+mod registry;
+mod runs;
 mod tables;
 mod validate;
 
+pub use frames::FramePolicy;
 pub use manifest::{Manifest, ManifestShard, ManifestSource, TableKind};
+pub use mixes::{mix_report_schema, mix_samples_schema, packs_schema};
+pub use modules::TrainableModule;
+pub use registry::{Registry, RegistryEntry, SourceKind};
+pub use runs::{StepMetrics, lineage_schema, metrics_schema, source_tokens_schema};
 pub use tables::{
     MEDIA_ITEM_FIELDS, MESSAGE_FIELDS, QuarantineReason, SampleKind, manifest_schema,
     quarantine_schema, samples_schema,
@@ -48,6 +58,19 @@ pub mod meta {
     pub const RECORD_END: &str = "lvpipe.record_end";
 }
 
+/// The chat template's special tokens and the media placeholders, as they
+/// appear in text: every tokenizer lvpipe uses has them, and the synthetic
+/// tokenizer numbers them in the order of [`tokens::ALL`].
+pub mod tokens {
+    pub const IM_START: &str = "<|im_start|>";
+    pub const IM_END: &str = "<|im_end|>";
+    pub const END_OF_TEXT: &str = "<|endoftext|>";
+    pub const IMAGE: &str = "<image>";
+    pub const VIDEO: &str = "<video>";
+    /// Every special token, in the order a trained tokenizer numbers them.
+    pub const ALL: [&str; 5] = [END_OF_TEXT, IM_START, IM_END, IMAGE, VIDEO];
+}
+
 /// Errors of this crate: a batch or manifest that breaks the contract.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -72,6 +95,9 @@ pub enum Error {
         value: String,
         expected: String,
     },
+    /// A file of one of the contract's formats that does not parse.
+    #[error("{file}: {message}")]
+    Format { file: String, message: String },
     #[error(transparent)]
     Arrow(#[from] arrow::error::ArrowError),
 }

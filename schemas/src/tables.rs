@@ -283,7 +283,7 @@ mod tests {
     }
 
     #[test]
-    fn video_columns_are_present_for_the_video_issue() {
+    fn video_columns_are_present() {
         let schema = samples_schema();
         for name in ["num_frames", "duration_ms", "video_fps", "video_codec"] {
             assert!(schema.field_with_name(name).is_ok(), "{name}");

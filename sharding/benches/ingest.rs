@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use image::{ImageFormat, Rgb, RgbImage};
-use lvpipe_sharding::synth::{Scale, SynthSettings, synthesize};
 use lvpipe_sharding::{ChatTokenizer, ImageAspect, ImageSettings, process_image};
+use lvpipe_synth::{Scale, SynthSettings, synthesize};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;

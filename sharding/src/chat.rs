@@ -13,6 +13,7 @@
 
 use std::path::Path;
 
+use lvpipe_schemas::tokens;
 use tokenizers::Tokenizer;
 
 use crate::{Error, Result};
@@ -33,21 +34,15 @@ pub struct SpecialTokens {
 }
 
 impl SpecialTokens {
-    pub const IM_START: &'static str = "<|im_start|>";
-    pub const IM_END: &'static str = "<|im_end|>";
-    pub const END_OF_TEXT: &'static str = "<|endoftext|>";
-    pub const IMAGE: &'static str = "<image>";
-    pub const VIDEO: &'static str = "<video>";
+    pub const IM_START: &'static str = tokens::IM_START;
+    pub const IM_END: &'static str = tokens::IM_END;
+    pub const END_OF_TEXT: &'static str = tokens::END_OF_TEXT;
+    pub const IMAGE: &'static str = tokens::IMAGE;
+    pub const VIDEO: &'static str = tokens::VIDEO;
     /// Tokens whose literal appearance in data text would corrupt the template.
     pub const RESERVED: [&'static str; 3] = [Self::IM_START, Self::IM_END, Self::END_OF_TEXT];
     /// Every special token, in the order a trained tokenizer numbers them.
-    pub const ALL: [&'static str; 5] = [
-        Self::END_OF_TEXT,
-        Self::IM_START,
-        Self::IM_END,
-        Self::IMAGE,
-        Self::VIDEO,
-    ];
+    pub const ALL: [&'static str; 5] = tokens::ALL;
 }
 
 /// One turn of a conversation in template roles.
@@ -144,6 +139,15 @@ impl ChatTokenizer {
         Ok((ids, mask))
     }
 
+    /// Tokenizes a conversation that the model should continue: the
+    /// template applied to `turns`, then the assistant header
+    /// (`<|im_start|>assistant\n`), as generation starts from it.
+    pub fn encode_generation_prompt(&self, turns: &[Segment]) -> Result<Vec<u32>> {
+        let (mut ids, _) = self.encode_conversation(turns)?;
+        ids.extend(self.encode(&format!("{}assistant\n", SpecialTokens::IM_START))?);
+        Ok(ids)
+    }
+
     /// Tokenizes a document for language modelling: every token is trained
     /// except media placeholders; `<|endoftext|>` closes it.
     pub fn encode_document(&self, text: &str) -> Result<(Vec<u32>, Vec<u8>)> {
@@ -195,7 +199,7 @@ mod tests {
                 format!("What color is shape {i}?\nIt is red, blue or green.\n<image>\nA square.")
             })
             .collect();
-        crate::synth::train_tokenizer(&corpus, 300, &path).unwrap();
+        lvpipe_synth::train_tokenizer(&corpus, 300, &path).unwrap();
         ChatTokenizer::load(&path).unwrap()
     }
 

@@ -20,9 +20,18 @@ pub enum Error {
     /// A tokenizer file that cannot be loaded or lacks the template's tokens.
     #[error("tokenizer {path}: {message}")]
     Tokenizer { path: PathBuf, message: String },
-    /// The output folder holds a different build.
+    /// The output folder holds a different build, or files of a build that
+    /// do not parse.
     #[error("{0}")]
     Conflict(String),
+    /// The build's writer stopped taking records because another part of
+    /// the build failed; that failure is what the build returns.
+    #[error("the build stopped")]
+    Stopped,
+    /// The build stopped after this many shards, as `fail_after_shards`
+    /// asked (a crash, for testing resume).
+    #[error("stopped after {0} shards as asked (--fail-after-shards)")]
+    StoppedAsAsked(u32),
     #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error("parquet: {0}")]
@@ -34,6 +43,14 @@ pub enum Error {
     /// A bug in lvpipe.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl Error {
+    /// Whether this is a bug in lvpipe rather than bad input or a failing
+    /// machine (the CLI exits with 3 for these).
+    pub fn is_internal(&self) -> bool {
+        matches!(self, Error::Internal(_) | Error::Arrow(_) | Error::Stopped)
+    }
 }
 
 /// `Result` with the sharding [`Error`].

@@ -6,7 +6,6 @@
 //! template, tokenizes with a Hugging Face `tokenizer.json`, computes the loss
 //! mask, and writes zstd Parquet shards of the `samples` table, a `quarantine`
 //! table for every input that could not become a sample, and a manifest last.
-//! [`synth`] writes a synthetic corpus in the same formats with known answers.
 //!
 //! ```no_run
 //! use lvpipe_sharding::{BuildSettings, SourceSpec, build_shards};
@@ -31,7 +30,6 @@ mod error;
 pub mod media;
 mod readers;
 mod source;
-pub mod synth;
 pub mod video;
 mod writer;
 

@@ -1,4 +1,8 @@
-//! Image decode, resize and re-encode, with limits against decompression bombs.
+//! Media as training sees them: decode, resize and re-encode for the shards
+//! (with limits against decompression bombs), and the stored JPEG back to the
+//! model's normalized pixels. The build, the loader and evaluation all go
+//! through these functions, so what a model is evaluated on is prepared as
+//! what it trained on.
 
 use std::io::Cursor;
 
@@ -155,6 +159,57 @@ pub fn encode_rgb(
         orig_width: w,
         orig_height: h,
     })
+}
+
+/// A stored image (JPEG bytes of the `media` column) to normalized CHW
+/// pixels (`[3, S, S]`, values in [-1, 1] as SigLIP expects) at `size` x
+/// `size`: what the model is fed.
+pub fn decode_pixels(bytes: &[u8], size: u32) -> Result<Vec<f32>, String> {
+    let n = (size * size) as usize;
+    let rgb = image::load_from_memory(bytes)
+        .map_err(|e| format!("undecodable image: {e}"))?
+        .into_rgb8();
+    let rgb = if rgb.dimensions() == (size, size) {
+        rgb
+    } else {
+        image::imageops::resize(&rgb, size, size, image::imageops::FilterType::Triangle)
+    };
+    let mut out = vec![0.0f32; 3 * n];
+    for (i, px) in rgb.pixels().enumerate() {
+        for c in 0..3 {
+            out[c * n + i] = f32::from(px.0[c]) / 127.5 - 1.0;
+        }
+    }
+    Ok(out)
+}
+
+/// An image file's bytes to the pixels a model trained on shards of
+/// `size` px sees: stored as the build stores it, decoded as the loader
+/// decodes it.
+pub fn training_pixels(bytes: &[u8], size: u32) -> Result<Vec<f32>, (QuarantineReason, String)> {
+    let settings = ImageSettings {
+        size,
+        ..ImageSettings::default()
+    };
+    let stored = process_image(bytes, &settings)?;
+    decode_pixels(&stored.bytes, size).map_err(|e| (QuarantineReason::CorruptMedia, e))
+}
+
+/// A decoded video frame (packed RGB, `w` x `h`) to the pixels a model
+/// trained on shards of `size` px sees, as [`training_pixels`] does for
+/// image files.
+pub fn frame_training_pixels(
+    rgb: Vec<u8>,
+    w: u32,
+    h: u32,
+    size: u32,
+) -> Result<Vec<f32>, (QuarantineReason, String)> {
+    let settings = ImageSettings {
+        size,
+        ..ImageSettings::default()
+    };
+    let stored = encode_rgb(rgb, w, h, &settings)?;
+    decode_pixels(&stored.bytes, size).map_err(|e| (QuarantineReason::CorruptMedia, e))
 }
 
 fn has_jpeg_eoi(bytes: &[u8]) -> bool {

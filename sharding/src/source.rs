@@ -2,51 +2,10 @@
 
 use std::path::{Path, PathBuf};
 
+pub use lvpipe_schemas::{Registry, SourceKind};
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
-
-/// The format of a source file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SourceKind {
-    /// LLaVA/VILA annotations: a JSON array or JSONL of
-    /// `{"id", "image"|"video", "conversations": [{"from", "value"}]}`.
-    Llava,
-    /// JSONL of `{"text": ...}` documents (optionally with an `"id"`).
-    Text,
-    /// A WebDataset tar: members grouped by key, `KEY.jpg|png` + `KEY.txt`.
-    Wds,
-    /// MMC4-style JSONL: `{"text_list": [...], "image_info": [{"image_name",
-    /// "matched_text_index"}]}`.
-    Interleaved,
-}
-
-impl SourceKind {
-    const NAMES: &'static str = "llava, text, wds, interleaved";
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SourceKind::Llava => "llava",
-            SourceKind::Text => "text",
-            SourceKind::Wds => "wds",
-            SourceKind::Interleaved => "interleaved",
-        }
-    }
-
-    pub fn parse(value: &str) -> Result<Self> {
-        match value {
-            "llava" => Ok(SourceKind::Llava),
-            "text" => Ok(SourceKind::Text),
-            "wds" => Ok(SourceKind::Wds),
-            "interleaved" => Ok(SourceKind::Interleaved),
-            other => Err(Error::Config(format!(
-                "unknown source kind `{other}` (expected one of: {})",
-                Self::NAMES
-            ))),
-        }
-    }
-}
 
 /// One source of a build.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,7 +32,7 @@ impl SourceSpec {
         let (kind, path) = rest.split_once(':').ok_or_else(|| {
             Error::Config(format!(
                 "--source `{spec}`: expected KIND:PATH or NAME=KIND:PATH, KIND one of {}",
-                SourceKind::NAMES
+                SourceKind::ALL.map(SourceKind::as_str).join(", ")
             ))
         })?;
         let kind = SourceKind::parse(kind)
@@ -113,42 +72,12 @@ fn default_name(path: &Path) -> Result<String> {
         .ok_or_else(|| Error::Config(format!("cannot name a source after `{}`", path.display())))
 }
 
-/// A registry file: the sources of a corpus with their names, kinds, paths
-/// and media roots, the role VILA's dataset registry YAML plays.
-///
-/// ```toml
-/// [[source]]
-/// name = "sft"
-/// kind = "llava"
-/// path = "sft.json"      # relative to the registry file
-/// media_root = "."
-/// frames = "uniform:16"  # videos only; defaults to `--frames`
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Registry {
-    #[serde(rename = "source")]
-    pub sources: Vec<RegistryEntry>,
-}
-
-/// One `[[source]]` of a registry file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RegistryEntry {
-    pub name: Option<String>,
-    pub kind: SourceKind,
-    pub path: PathBuf,
-    pub media_root: Option<PathBuf>,
-    /// Frame policy of this source's videos; defaults to the build's.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub frames: Option<String>,
-}
-
-impl Registry {
-    /// Reads a registry file; relative paths resolve against its folder.
-    pub fn load(path: &Path) -> Result<Vec<SourceSpec>> {
+impl SourceSpec {
+    /// The sources of a registry file; relative paths resolve against its
+    /// folder.
+    pub fn from_registry(path: &Path) -> Result<Vec<SourceSpec>> {
         let text = fs_err::read_to_string(path)?;
-        let registry: Registry = toml::from_str(&text)
-            .map_err(|e| Error::Config(format!("registry {}: {e}", path.display())))?;
+        let registry = Registry::parse(&text, &path.display().to_string())?;
         let base = path.parent().unwrap_or(Path::new(""));
         registry
             .sources
@@ -167,16 +96,6 @@ impl Registry {
                 })
             })
             .collect()
-    }
-
-    /// The registry as TOML text, paths as given.
-    pub fn to_toml(&self) -> String {
-        let mut out = String::from(
-            "# lvpipe source registry: `lvpipe build-shards --registry THIS_FILE` reads it.\n\
-             # Paths are relative to this file's folder.\n",
-        );
-        out.push_str(&toml::to_string(self).expect("registry serializes"));
-        out
     }
 }
 
@@ -205,17 +124,12 @@ mod tests {
     fn registry_paths_resolve_against_its_folder() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("registry.toml");
-        let reg = Registry {
-            sources: vec![RegistryEntry {
-                name: None,
-                kind: SourceKind::Text,
-                path: "docs.jsonl".into(),
-                media_root: Some(".".into()),
-                frames: Some("uniform:4".into()),
-            }],
-        };
-        std::fs::write(&file, reg.to_toml()).unwrap();
-        let specs = Registry::load(&file).unwrap();
+        std::fs::write(
+            &file,
+            "[[source]]\nkind = \"text\"\npath = \"docs.jsonl\"\nmedia_root = \".\"\n",
+        )
+        .unwrap();
+        let specs = SourceSpec::from_registry(&file).unwrap();
         assert_eq!(specs[0].name, "docs");
         assert_eq!(specs[0].path, dir.path().join("docs.jsonl"));
         assert_eq!(specs[0].media_root(), dir.path().join("."));

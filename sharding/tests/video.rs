@@ -10,10 +10,10 @@ use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{Int64Type, UInt32Type};
 
 use lvpipe_schemas::QuarantineReason;
-use lvpipe_sharding::synth::{Answers, Scale, SynthSettings, synthesize};
-use lvpipe_sharding::video::encode::{self, Codec, Pixel, Spec};
 use lvpipe_sharding::video::{FramePolicy, Hints, SeekMode, ShortVideos, VideoSettings, sample};
 use lvpipe_sharding::{BuildSettings, ImageSettings, SourceKind, SourceSpec, build_shards};
+use lvpipe_synth::encode::{self, Codec, Pixel, Spec};
+use lvpipe_synth::{Answers, Scale, SynthSettings, synthesize};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 fn read_parts(dir: &Path, prefix: &str) -> Vec<RecordBatch> {

@@ -10,13 +10,16 @@ use std::time::Instant;
 use candle_core::Device;
 use candle_nn::VarMap;
 
+use lvpipe_schemas::TrainableModule;
+
+use crate::Result;
+use crate::error::TensorContext;
 use crate::model::{Config, Model, Row};
 use crate::train::{AdamW, train_step};
 
 /// Best-of and median step time and tokens/s over `steps` steps (at least
 /// one) after 2 warm-up steps, as one JSON object.
-pub fn train_step_bench(steps: usize) -> Result<serde_json::Value, String> {
-    let fail = |e: candle_core::Error| e.to_string();
+pub fn train_step_bench(steps: usize) -> Result<serde_json::Value> {
     let config = Config {
         image_size: 8,
         patch_size: 4,
@@ -40,8 +43,8 @@ pub fn train_step_bench(steps: usize) -> Result<serde_json::Value, String> {
     };
     let device = Device::Cpu;
     let vars = VarMap::new();
-    let model = Model::new(config, &vars, &device).map_err(fail)?;
-    let mut opt = AdamW::new(&vars, &["llm".to_string()]).map_err(fail)?;
+    let model = Model::new(config, &vars, &device).context("model")?;
+    let mut opt = AdamW::new(&vars, &[TrainableModule::Llm]).context("optimizer")?;
     let (rows_n, t) = (4, 512);
     let ids: Vec<Vec<u32>> = (0..rows_n)
         .map(|r| {

@@ -3,10 +3,14 @@
 //! non-finite guard that names the step and the samples.
 
 use std::collections::HashMap;
+use std::path::Path;
 
 use candle_core::{Device, Result as CandleResult, Tensor, Var};
 use candle_nn::VarMap;
 use lvpipe_pipeline::recipe::Schedule;
+use lvpipe_schemas::TrainableModule;
+
+use crate::{Error, Result};
 
 use crate::model::{Model, Row};
 use crate::ops;
@@ -16,15 +20,16 @@ use crate::ops;
 /// `llm_lora` trains the low-rank adapters of the attention projections
 /// (q, k, v, o; [`Model::attach_lora`]), not the projections themselves;
 /// the adapters are merged into them at the end of the stage.
-pub fn is_trainable(name: &str, modules: &[String]) -> bool {
-    modules.iter().any(|m| match m.as_str() {
-        "vision" => name.starts_with("vision_tower."),
-        "projector" => name.starts_with("mm_projector."),
-        "llm" => name.starts_with("llm."),
-        "llm_lora" => name.starts_with("llm.") && name.contains(".lora_"),
-        "embed" => name.starts_with("llm.model.embed_tokens.") || name.starts_with("llm.lm_head."),
-        "norm" => name.starts_with("llm.") && name.contains("norm"),
-        _ => false,
+pub fn is_trainable(name: &str, modules: &[TrainableModule]) -> bool {
+    modules.iter().any(|m| match m {
+        TrainableModule::Vision => name.starts_with("vision_tower."),
+        TrainableModule::Projector => name.starts_with("mm_projector."),
+        TrainableModule::Llm => name.starts_with("llm."),
+        TrainableModule::LlmLora => name.starts_with("llm.") && name.contains(".lora_"),
+        TrainableModule::Embed => {
+            name.starts_with("llm.model.embed_tokens.") || name.starts_with("llm.lm_head.")
+        }
+        TrainableModule::Norm => name.starts_with("llm.") && name.contains("norm"),
     })
 }
 
@@ -60,7 +65,7 @@ pub struct AdamW {
 }
 
 impl AdamW {
-    pub fn new(vars: &VarMap, modules: &[String]) -> CandleResult<Self> {
+    pub fn new(vars: &VarMap, modules: &[TrainableModule]) -> CandleResult<Self> {
         let data = vars.data().lock().expect("var map lock");
         let mut trainable: Vec<(String, Var)> = data
             .iter()
@@ -166,19 +171,29 @@ impl AdamW {
 
     /// Restores moments saved by a checkpoint (`NAME.exp_avg`,
     /// `NAME.exp_avg_sq`) and the step count.
-    pub fn restore(&mut self, moments: &HashMap<String, Tensor>, step: u64) -> Result<(), String> {
+    /// `file` names the moments' file in errors.
+    pub fn restore(
+        &mut self,
+        moments: &HashMap<String, Tensor>,
+        step: u64,
+        file: &Path,
+    ) -> Result<()> {
+        let bad = |message: String| Error::Checkpoint {
+            path: file.to_path_buf(),
+            message,
+        };
         for (name, _) in &self.vars {
             for (suffix, map) in [("exp_avg", &mut self.m), ("exp_avg_sq", &mut self.v)] {
                 let key = format!("{name}.{suffix}");
                 let t = moments
                     .get(&key)
-                    .ok_or_else(|| format!("the optimizer state has no `{key}`"))?;
+                    .ok_or_else(|| bad(format!("the optimizer state has no `{key}`")))?;
                 if t.dims() != map[name].dims() {
-                    return Err(format!(
+                    return Err(bad(format!(
                         "`{key}` has shape {:?}, the parameter {:?}",
                         t.dims(),
                         map[name].dims()
-                    ));
+                    )));
                 }
                 map.insert(name.clone(), t.clone());
             }
@@ -255,8 +270,12 @@ pub fn train_step(
     lr: f64,
     clip: f64,
     device: &Device,
-) -> Result<StepRecord, String> {
-    let fail = |e: candle_core::Error| e.to_string();
+) -> Result<StepRecord> {
+    let this_step = opt.step + 1;
+    let fail = |source: candle_core::Error| Error::Tensor {
+        context: format!("step {this_step}"),
+        source,
+    };
     let count: f32 = rows.iter().map(|(row, _)| model.loss_tokens(row)).sum();
     let tokens: u64 = rows.iter().map(|(row, _)| row.input_ids.len() as u64).sum();
     let samples = |rows: &[(Row, &[String])]| -> String {
@@ -276,11 +295,11 @@ pub fn train_step(
             .map_err(fail)?;
         let value = f64::from(part.to_scalar::<f32>().map_err(fail)?);
         if !value.is_finite() {
-            return Err(format!(
-                "step {}: loss is {value}; samples: {}",
-                opt.step + 1,
-                samples(chunk)
-            ));
+            return Err(Error::Diverged {
+                step: opt.step + 1,
+                loss: value,
+                samples: samples(chunk),
+            });
         }
         loss += value;
         passes += 1;
@@ -301,11 +320,11 @@ pub fn train_step(
     let grads = acc.unwrap_or_default();
     let norm = opt.grad_norm(&grads).map_err(fail)?;
     if !norm.is_finite() {
-        return Err(format!(
-            "step {}: gradient norm is {norm}; samples: {}",
-            opt.step + 1,
-            samples(rows)
-        ));
+        return Err(Error::Diverged {
+            step: opt.step + 1,
+            loss: norm,
+            samples: format!("{} (the gradient norm)", samples(rows)),
+        });
     }
     let scale = if clip > 0.0 && norm > clip {
         clip / norm
@@ -370,7 +389,7 @@ mod tests {
         crate::model::tests::seed_vars(&vars, 1);
         let before = snapshot(&vars);
         // Stage 1 trains the projector only.
-        let modules = vec!["projector".to_string()];
+        let modules = vec![TrainableModule::Projector];
         let mut opt = AdamW::new(&vars, &modules).unwrap();
         assert!(opt.names().all(|n| n.starts_with("mm_projector.")));
         let ids: Vec<u32> = vec![1, 19, 3, 4, 5, 6, 3, 4, 5, 6];
@@ -400,7 +419,7 @@ mod tests {
 
     #[test]
     fn module_names_select_the_hf_parameter_groups() {
-        let m = |s: &str| vec![s.to_string()];
+        let m = |s: &str| vec![TrainableModule::parse(s).unwrap()];
         assert!(is_trainable(
             "llm.model.layers.0.self_attn.q_proj.lora_A.weight",
             &m("llm_lora")
@@ -472,7 +491,7 @@ mod tests {
             let vars = VarMap::new();
             let model = Model::new(config(), &vars, &device).unwrap();
             crate::model::tests::seed_vars(&vars, 3);
-            let mut opt = AdamW::new(&vars, &["llm".to_string()]).unwrap();
+            let mut opt = AdamW::new(&vars, &[TrainableModule::Llm]).unwrap();
             let bounds: Vec<[u32; 2]> = rows_data
                 .iter()
                 .map(|(ids, _)| [0, ids.len() as u32])
@@ -524,7 +543,7 @@ mod tests {
         crate::model::tests::seed_vars(&vars, 9);
         model.attach_lora(&vars, 2, 4.0, 1).unwrap();
         let before = snapshot(&vars);
-        let modules = vec!["llm_lora".to_string()];
+        let modules = vec![TrainableModule::LlmLora];
         let mut opt = AdamW::new(&vars, &modules).unwrap();
         assert_eq!(opt.names().count(), 4 * 2, "A and B of q, k, v, o");
         assert!(opt.names().all(|n| n.contains(".lora_")));
@@ -582,7 +601,11 @@ mod tests {
         let vars = VarMap::new();
         let model = Model::new(config(), &vars, &device).unwrap();
         crate::model::tests::seed_vars(&vars, 11);
-        let modules: Vec<String> = ["vision", "projector", "llm"].map(String::from).to_vec();
+        let modules = [
+            TrainableModule::Vision,
+            TrainableModule::Projector,
+            TrainableModule::Llm,
+        ];
         let mut opt = AdamW::new(&vars, &modules).unwrap();
         let (dark, light) = (vec![-1.0f32; 3 * 64], vec![1.0f32; 3 * 64]);
         let (a, b) = (vec![1u32, 19, 2, 3, 4], vec![1u32, 19, 2, 3, 5]);
@@ -631,7 +654,7 @@ mod tests {
         .unwrap();
         vars.set_one("llm.w", Tensor::new(&theta0, &Device::Cpu).unwrap())
             .unwrap();
-        let mut opt = AdamW::new(&vars, &["llm".to_string()]).unwrap();
+        let mut opt = AdamW::new(&vars, &[TrainableModule::Llm]).unwrap();
         opt.weight_decay = 0.1;
         let grads = [[0.3f32, -0.2, 0.0, 4.0], [-0.1, 0.5, 1.0, -2.0]];
         let (lr, scale, (b1, b2, eps)) = (0.01f64, 0.5f64, (0.9f64, 0.999f64, 1e-8f64));

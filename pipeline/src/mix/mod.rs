@@ -1,0 +1,454 @@
+//! `mix --stage N`: a stage's sources selected, weighted, ordered and packed.
+//!
+//! Output, in `OUT/stage-N/`:
+//! - `samples.arrow`: one row per packed sample instance, in pack order
+//!   (`pack_id`, `sample_id`, `source`, `chunk`, `num_media`, `expanded_len`,
+//!   `input_ids`, `loss_mask`); the loader memory-maps it;
+//! - `packs.arrow`: one row per pack (`pack_id`, `first_row`, `num_samples`,
+//!   `tokens`, `waste`);
+//! - `mix_report.arrow`: target and realized share per source;
+//! - `mix.json`: what the loader needs (context, seed, global batch, steps).
+//!
+//! Same shards, recipe and stage give byte-identical files.
+
+use std::path::Path;
+
+use arrow::array::{AsArray, RecordBatch};
+use arrow::datatypes::UInt32Type;
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::Catalog;
+use crate::recipe::{LongSamples, Order, Recipe, Stage, WeightBy};
+use crate::{Error, Result};
+
+mod files;
+
+pub use files::read_ipc;
+use files::{packs_batch, report_batch, samples_batches, write_ipc};
+
+/// `mix.json`: how a mix was made and what the loader needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MixMeta {
+    pub stage: usize,
+    pub name: String,
+    pub context: u32,
+    pub seed: u64,
+    pub global_batch: u32,
+    pub epochs: Option<u32>,
+    pub steps: Option<u64>,
+    pub tokens_per_media: u32,
+    /// `sequential`: the loader visits the packs in the mix's own order.
+    #[serde(default)]
+    pub order: Order,
+    /// Side of the square pixels the loader decodes media to.
+    pub image_size: u32,
+    pub recipe_fingerprint: String,
+    pub shards_build_fingerprint: String,
+    pub tokenizer_fingerprint: String,
+    pub samples: u64,
+    pub packs: u64,
+    pub tokens: u64,
+    pub padding: u64,
+}
+
+impl MixMeta {
+    pub const FILE_NAME: &'static str = "mix.json";
+
+    /// The data a mix was made of: its shards' build and their tokenizer. A
+    /// trained stage records it; a chain retrains a stage whose data changed.
+    pub fn data_fingerprint(&self) -> String {
+        format!(
+            "{}/{}",
+            self.shards_build_fingerprint, self.tokenizer_fingerprint
+        )
+    }
+}
+
+/// One row of `mix_report`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceReport {
+    pub source: String,
+    /// Samples the query selected.
+    pub selected: u64,
+    /// Samples left out for being longer than the context (not chunkable).
+    pub too_long: u64,
+    pub target_share: f64,
+    pub realized_share: f64,
+    /// Sample instances in the mix (repeats and chunks counted).
+    pub samples: u64,
+    pub tokens: u64,
+}
+
+/// Where each sample instance comes from: its batch and row, and the token
+/// range (a chunk of a long document, or the whole sample).
+#[derive(Debug, Clone, Copy)]
+struct Unit {
+    source: usize,
+    batch: usize,
+    row: usize,
+    start: u32,
+    end: u32,
+    chunk: u32,
+    expanded: u32,
+}
+
+/// Selected rows of one stage: the query results and the units cut from them.
+pub(crate) struct Selection {
+    pub batches: Vec<RecordBatch>,
+    units: Vec<Vec<Unit>>,
+    pub reports: Vec<SourceReport>,
+}
+
+const SELECT_COLUMNS: &str =
+    "sample_id, source, kind, num_images, num_frames, input_ids, loss_mask, media";
+
+/// Runs each source's query and cuts its rows into units that fit the context.
+pub(crate) async fn select(catalog: &Catalog, recipe: &Recipe, stage: &Stage) -> Result<Selection> {
+    let tpm = recipe.model.tokens_per_media();
+    let mut batches = Vec::new();
+    let mut units = Vec::new();
+    let mut reports = Vec::new();
+    for (index, source) in stage.sources.iter().enumerate() {
+        // A stable base order, whatever order the files are scanned in.
+        let sql = format!("{} ORDER BY sample_id", source.sql(SELECT_COLUMNS));
+        let result = catalog.query(&sql).await.map_err(|e| {
+            Error::Recipe(format!(
+                "stage `{}`, source `{}`: {e}",
+                stage.name, source.name
+            ))
+        })?;
+        let mut these = Vec::new();
+        let (mut selected, mut too_long) = (0u64, 0u64);
+        for batch in result {
+            let b = batches.len();
+            let ids = batch
+                .column_by_name("input_ids")
+                .expect("selected")
+                .as_list::<i32>();
+            let kinds = batch
+                .column_by_name("kind")
+                .expect("selected")
+                .as_string::<i32>();
+            let imgs = batch
+                .column_by_name("num_images")
+                .expect("selected")
+                .as_primitive::<UInt32Type>();
+            let frames = batch
+                .column_by_name("num_frames")
+                .expect("selected")
+                .as_primitive::<UInt32Type>();
+            for row in 0..batch.num_rows() {
+                selected += 1;
+                let len = ids.value_length(row) as u32;
+                let media = imgs.value(row) + frames.value(row);
+                let expanded = len + media * tpm.saturating_sub(1);
+                if expanded <= stage.context {
+                    these.push(Unit {
+                        source: index,
+                        batch: b,
+                        row,
+                        start: 0,
+                        end: len,
+                        chunk: 0,
+                        expanded,
+                    });
+                } else if stage.long_samples == LongSamples::Chunk
+                    && media == 0
+                    && kinds.value(row) == "text"
+                {
+                    let mut start = 0;
+                    let mut chunk = 0;
+                    while start < len {
+                        let end = (start + stage.context).min(len);
+                        these.push(Unit {
+                            source: index,
+                            batch: b,
+                            row,
+                            start,
+                            end,
+                            chunk,
+                            expanded: end - start,
+                        });
+                        start = end;
+                        chunk += 1;
+                    }
+                } else {
+                    too_long += 1;
+                }
+            }
+            batches.push(batch);
+        }
+        reports.push(SourceReport {
+            source: source.name.clone(),
+            selected,
+            too_long,
+            target_share: 0.0,
+            realized_share: 0.0,
+            samples: 0,
+            tokens: 0,
+        });
+        units.push(these);
+    }
+    Ok(Selection {
+        batches,
+        units,
+        reports,
+    })
+}
+
+/// How many instances of each source's units the stage takes, and which.
+fn instances(stage: &Stage, selection: &mut Selection, rng: &mut SmallRng) -> Vec<Unit> {
+    let by_tokens = stage.weight_by == WeightBy::Tokens;
+    let size = |u: &[Unit]| -> f64 {
+        if by_tokens {
+            u.iter().map(|x| f64::from(x.expanded)).sum()
+        } else {
+            u.len() as f64
+        }
+    };
+    let natural: Vec<f64> = stage
+        .sources
+        .iter()
+        .zip(&selection.units)
+        .map(|(s, u)| size(u) * f64::from(s.repeat.unwrap_or(1)))
+        .collect();
+    let total: f64 = natural.iter().sum();
+    let weights: Vec<f64> = match stage.sources.iter().all(|s| s.weight.is_some()) {
+        true => stage
+            .sources
+            .iter()
+            .map(|s| s.weight.unwrap_or(0.0))
+            .collect(),
+        false => natural.clone(),
+    };
+    let weight_sum: f64 = weights.iter().sum::<f64>().max(f64::MIN_POSITIVE);
+    let mut out = Vec::new();
+    for (i, units) in selection.units.iter().enumerate() {
+        let target = weights[i] / weight_sum;
+        selection.reports[i].target_share = target;
+        if units.is_empty() {
+            continue;
+        }
+        // Instances needed: a share of the stage's natural size, in samples
+        // (or in tokens, through this source's mean length).
+        let mean = size(units) / units.len() as f64;
+        let want = match stage.sources[i].repeat {
+            Some(r) if stage.sources[i].weight.is_none() => units.len() * r as usize,
+            _ => (total * target / if by_tokens { mean } else { 1.0 })
+                .round()
+                .max(1.0) as usize,
+        };
+        for _ in 0..want / units.len() {
+            out.extend_from_slice(units);
+        }
+        let mut rest: Vec<Unit> = units.clone();
+        rest.shuffle(rng);
+        out.extend_from_slice(&rest[..want % units.len()]);
+    }
+    out
+}
+
+/// A stage selected, weighted, ordered and packed, in memory.
+pub(crate) struct PlannedStage {
+    pub selection: Selection,
+    order: Vec<Unit>,
+    pub packs: Vec<Pack>,
+    pub tokens: u64,
+}
+
+impl PlannedStage {
+    pub fn samples(&self) -> usize {
+        self.order.len()
+    }
+}
+
+/// Everything `mix` decides, without writing: `plan` reports it.
+pub(crate) async fn plan_stage(
+    catalog: &Catalog,
+    recipe: &Recipe,
+    stage: &Stage,
+) -> Result<PlannedStage> {
+    let mut selection = select(catalog, recipe, stage).await?;
+    let mut rng = SmallRng::seed_from_u64(stage.seed);
+    let mut order = instances(stage, &mut selection, &mut rng);
+    order.shuffle(&mut rng);
+    if stage.order == Order::Sequential {
+        // Stable: each part keeps its shuffled order.
+        order.sort_by_key(|u| stage.sources[u.source].part(u.source));
+    }
+    let packs = pack(&order, stage.context);
+    let tokens: u64 = order.iter().map(|u| u64::from(u.expanded)).sum();
+    for unit in &order {
+        let r = &mut selection.reports[unit.source];
+        r.samples += 1;
+        r.tokens += u64::from(unit.expanded);
+    }
+    let by_tokens = stage.weight_by == WeightBy::Tokens;
+    for r in &mut selection.reports {
+        r.realized_share = match (by_tokens, tokens, order.len()) {
+            (_, 0, _) | (_, _, 0) => 0.0,
+            (true, t, _) => r.tokens as f64 / t as f64,
+            (false, _, n) => r.samples as f64 / n as f64,
+        };
+    }
+    Ok(PlannedStage {
+        selection,
+        order,
+        packs,
+        tokens,
+    })
+}
+
+/// The mix of `stage_number` already in `out/stage-N/`, when it was made
+/// from this recipe and these shards: a mix is a pure function of them (same
+/// inputs, byte-identical files) and its `mix.json` is written last, so it
+/// need not be built again.
+pub fn current_mix(
+    catalog: &Catalog,
+    recipe: &Recipe,
+    stage_number: usize,
+    out: &Path,
+) -> Option<MixMeta> {
+    let path = out
+        .join(format!("stage-{stage_number}"))
+        .join(MixMeta::FILE_NAME);
+    let meta: MixMeta = serde_json::from_str(&fs_err::read_to_string(path).ok()?).ok()?;
+    let manifest = catalog.manifest().ok()?;
+    (meta.stage == stage_number
+        && meta.recipe_fingerprint == recipe.fingerprint()
+        && meta.shards_build_fingerprint == manifest.build_fingerprint
+        && meta.tokenizer_fingerprint == manifest.tokenizer_fingerprint)
+        .then_some(meta)
+}
+
+/// Builds the mix of `stage_number` into `out/stage-N/`.
+pub async fn build_mix(
+    catalog: &Catalog,
+    recipe: &Recipe,
+    stage_number: usize,
+    out: &Path,
+) -> Result<MixMeta> {
+    let problems = recipe.check();
+    if !problems.is_empty() {
+        return Err(Error::Recipe(format!(
+            "the recipe has problems (run `lvpipe plan`):\n  {}",
+            problems.join("\n  ")
+        )));
+    }
+    let stage = recipe.stage(stage_number)?;
+    let PlannedStage {
+        selection,
+        order,
+        packs,
+        tokens,
+    } = plan_stage(catalog, recipe, stage).await?;
+    if order.is_empty() {
+        return Err(Error::Recipe(format!(
+            "stage `{}` selects no samples",
+            stage.name
+        )));
+    }
+    let dir = out.join(format!("stage-{stage_number}"));
+    fs_err::create_dir_all(&dir)?;
+    // mix.json is written last and means "complete": an older one goes first,
+    // so an interrupted rebuild never looks finished.
+    match fs_err::remove_file(dir.join(MixMeta::FILE_NAME)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+        _ => {}
+    }
+    write_ipc(
+        &dir.join("samples.arrow"),
+        &samples_batches(&selection, &order, &packs)?,
+    )?;
+    write_ipc(
+        &dir.join("packs.arrow"),
+        &[packs_batch(stage_number, &packs, stage.context)?],
+    )?;
+    write_ipc(
+        &dir.join("mix_report.arrow"),
+        &[report_batch(stage_number, &selection.reports)?],
+    )?;
+    let manifest = catalog.manifest()?;
+    let meta = MixMeta {
+        stage: stage_number,
+        name: stage.name.clone(),
+        context: stage.context,
+        seed: stage.seed,
+        global_batch: stage.global_batch,
+        epochs: stage.epochs,
+        steps: stage.steps,
+        tokens_per_media: recipe.model.tokens_per_media(),
+        order: stage.order,
+        image_size: recipe.model.image_size,
+        recipe_fingerprint: recipe.fingerprint(),
+        shards_build_fingerprint: manifest.build_fingerprint.clone(),
+        tokenizer_fingerprint: manifest.tokenizer_fingerprint.clone(),
+        samples: order.len() as u64,
+        packs: packs.len() as u64,
+        tokens,
+        padding: packs
+            .iter()
+            .map(|p| u64::from(stage.context - p.tokens))
+            .sum(),
+    };
+    let json = serde_json::to_string_pretty(&meta).expect("meta serializes") + "\n";
+    fs_err::write(dir.join(MixMeta::FILE_NAME), json)?;
+    Ok(meta)
+}
+
+/// A pack: a run of consecutive instances of the ordered list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Pack {
+    pub first: usize,
+    pub count: usize,
+    pub tokens: u32,
+}
+
+/// Greedy packing in order: a sample goes into the current pack if it fits,
+/// otherwise it starts the next one. Order is kept, so the seeded
+/// permutation alone decides which samples share a row.
+fn pack(order: &[Unit], context: u32) -> Vec<Pack> {
+    let mut packs: Vec<Pack> = Vec::new();
+    for (i, unit) in order.iter().enumerate() {
+        match packs.last_mut() {
+            Some(p) if p.tokens + unit.expanded <= context => {
+                p.count += 1;
+                p.tokens += unit.expanded;
+            }
+            _ => packs.push(Pack {
+                first: i,
+                count: 1,
+                tokens: unit.expanded,
+            }),
+        }
+    }
+    packs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unit(expanded: u32) -> Unit {
+        Unit {
+            source: 0,
+            batch: 0,
+            row: 0,
+            start: 0,
+            end: expanded,
+            chunk: 0,
+            expanded,
+        }
+    }
+
+    #[test]
+    fn packing_keeps_order_and_never_overflows() {
+        let order: Vec<Unit> = [5, 4, 3, 8, 1, 1, 10].into_iter().map(unit).collect();
+        let packs = pack(&order, 10);
+        let sizes: Vec<(usize, u32)> = packs.iter().map(|p| (p.count, p.tokens)).collect();
+        assert_eq!(sizes, [(2, 9), (1, 3), (3, 10), (1, 10)]);
+    }
+}

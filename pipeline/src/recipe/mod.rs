@@ -1,0 +1,426 @@
+//! Curriculum recipes: the model's shape and one `[[stage]]` per stage.
+//!
+//! The format is documented in `recipes/README.md`; `recipes/tiny.toml` and
+//! `recipes/longvila-qwen2-7b.toml` are complete examples. Parsing checks
+//! syntax and types only; [`Recipe::check`] finds every problem a recipe has
+//! on its own, and `plan` adds the checks against shards.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use lvpipe_schemas::TrainableModule;
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+mod check;
+
+/// A whole curriculum.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    pub model: ModelConfig,
+    #[serde(rename = "stage")]
+    pub stages: Vec<Stage>,
+}
+
+/// The sizes planning needs (and the trainer will build).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Side of the square input image of the vision tower, in pixels.
+    pub image_size: u32,
+    /// Side of one vision patch, in pixels.
+    pub patch_size: u32,
+    /// Projector downsampling (2 for VILA's `mlp_downsample`: 2x2 patches per token).
+    #[serde(default = "two")]
+    pub projector_downsample: u32,
+    pub vision_hidden_size: u32,
+    pub vision_layers: u32,
+    pub vision_heads: u32,
+    pub hidden_size: u32,
+    pub intermediate_size: u32,
+    pub num_layers: u32,
+    pub num_heads: u32,
+    pub num_kv_heads: u32,
+    pub vocab_size: u32,
+    pub rope_base: f64,
+    /// The LM head reuses the token embedding (Hugging Face's
+    /// `tie_word_embeddings`, as Qwen2-0.5B and 1.5B have it); no
+    /// `lm_head.weight` is stored.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Fresh LLM matrices are drawn from normal(0, this), as Hugging Face's
+    /// Qwen2 `initializer_range` (0.02) does; absent, from PyTorch's
+    /// uniform(+-1/sqrt(fan_in)), and only the token embedding at 0.02.
+    pub initializer_range: Option<f64>,
+    /// Per-module std of the normal draw of fresh LLM matrices, by their
+    /// Hugging Face module name (`embed_tokens`, `q_proj`, `k_proj`,
+    /// `v_proj`, `o_proj`, `gate_proj`, `up_proj`, `down_proj`, `lm_head`):
+    /// overrides `initializer_range` for the modules it names.
+    #[serde(default)]
+    pub init_std: BTreeMap<String, f64>,
+    /// Share of each attention head's dimensions that RoPE rotates (Hugging
+    /// Face's `partial_rotary_factor`, as Phi and StableLM have it; default
+    /// 1): the rest match keys by content alone, at any distance.
+    #[serde(default = "full_rotary")]
+    pub partial_rotary_factor: f64,
+    /// The chat template the shards must have been tokenized with.
+    #[serde(default = "chatml")]
+    pub chat_template: String,
+}
+
+/// Dimensions of a head of `head_dim` that RoPE rotates under
+/// `partial_rotary_factor`: an even count, rounded down (Hugging Face's
+/// `int(head_dim * factor)`, kept even so that they pair up).
+pub fn rotary_dims(head_dim: usize, factor: f64) -> usize {
+    ((head_dim as f64 * factor) as usize).min(head_dim) / 2 * 2
+}
+
+/// The default `partial_rotary_factor`: every dimension pair turns.
+pub fn full_rotary() -> f64 {
+    1.0
+}
+
+/// The LLM modules whose fresh weights `init_std` may set.
+pub const INIT_STD_MODULES: [&str; 9] = [
+    "embed_tokens",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "lm_head",
+];
+
+fn two() -> u32 {
+    2
+}
+
+fn chatml() -> String {
+    "chatml".to_string()
+}
+
+impl ModelConfig {
+    /// Vision patches per image or frame.
+    pub fn patches(&self) -> u32 {
+        (self.image_size / self.patch_size.max(1)).pow(2)
+    }
+
+    /// LLM tokens per image or frame after the projector: ceil(sqrt(P)/d)^2.
+    pub fn tokens_per_media(&self) -> u32 {
+        let side = self.image_size / self.patch_size.max(1);
+        side.div_ceil(self.projector_downsample.max(1)).pow(2)
+    }
+}
+
+/// Learning-rate schedule after warmup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    Cosine,
+    Constant,
+}
+
+/// What a stage's weights count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightBy {
+    #[default]
+    Samples,
+    Tokens,
+}
+
+/// What happens to a sample longer than the stage's context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LongSamples {
+    /// Leave it out of the mix (and count it in the plan).
+    #[default]
+    Drop,
+    /// Cut text-only samples into context-sized chunks (stage 4); others are dropped.
+    Chunk,
+}
+
+/// The order in which a stage's samples reach the trainer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Order {
+    /// All sources shuffled together, in a new order every epoch.
+    #[default]
+    Shuffled,
+    /// The sources one after the other, in the order listed (or of their
+    /// `part`), each shuffled within; every epoch keeps that order (a
+    /// curriculum within the stage).
+    Sequential,
+}
+
+/// One curriculum stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stage {
+    pub name: String,
+    /// `base` (pretrained vision + LLM, fresh projector) or an earlier stage's name.
+    pub init: String,
+    pub trainable: Vec<String>,
+    /// Context length in tokens, media expanded.
+    pub context: u32,
+    /// Overrides the model's RoPE base for this stage (stage 4 raises it):
+    /// one base, or several raised progressively over equal parts of the
+    /// stage's steps (`rope_base = [40000.0, 160000.0]`).
+    pub rope_base: Option<RopeBase>,
+    /// The frame policy the stage is planned for (`uniform:N`,
+    /// `fps:F,max:N`), checked against `sequence_parallel`. Frames are
+    /// sampled when shards are built (the source's policy); a mix does not
+    /// re-sample them.
+    pub frames: Option<String>,
+    pub lr: f64,
+    pub schedule: Schedule,
+    /// Warmup as a fraction of the stage's steps.
+    #[serde(default)]
+    pub warmup: f64,
+    /// Packs per optimizer step across all ranks.
+    pub global_batch: u32,
+    pub epochs: Option<u32>,
+    pub steps: Option<u64>,
+    pub seed: u64,
+    /// Sequence-parallel degree the stage is planned for.
+    #[serde(default = "one")]
+    pub sequence_parallel: u32,
+    #[serde(default)]
+    pub weight_by: WeightBy,
+    #[serde(default)]
+    pub long_samples: LongSamples,
+    #[serde(default)]
+    pub order: Order,
+    /// Packs per forward and backward pass on one rank: gradients of the
+    /// rank's share of `global_batch` accumulate over micro-batches of this
+    /// size before one optimizer step (default: the whole share at once).
+    pub micro_batch: Option<u32>,
+    /// AdamW's second-moment decay (default 0.999, as Hugging Face's
+    /// `adam_beta2`; 0.95 adapts faster, as LLM pretraining uses).
+    pub adam_beta2: Option<f64>,
+    /// AdamW's decoupled weight decay (default 0, as LongVILA's stages).
+    pub weight_decay: Option<f64>,
+    /// Rank of the LoRA adapters of `llm_lora` (default 8).
+    pub lora_r: Option<u32>,
+    /// LoRA scaling numerator: updates are scaled by `lora_alpha / lora_r`
+    /// (default 2 x rank).
+    pub lora_alpha: Option<f64>,
+    #[serde(rename = "source")]
+    pub sources: Vec<StageSource>,
+}
+
+/// A stage's RoPE base: one value, or a progression.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RopeBase {
+    One(f64),
+    Progressive(Vec<f64>),
+}
+
+impl Stage {
+    /// The modules this stage trains ([`Recipe::check`] reports unknown ones).
+    pub fn modules(&self) -> Result<Vec<TrainableModule>> {
+        self.trainable
+            .iter()
+            .map(|m| {
+                TrainableModule::parse(m)
+                    .map_err(|e| Error::Recipe(format!("stage `{}`: {e}", self.name)))
+            })
+            .collect()
+    }
+
+    /// The RoPE base at optimizer step `step` (0-based) of `steps`: the
+    /// model's `default` when the stage sets none; with a progression, part
+    /// k of k equal parts of the steps uses the k-th base.
+    pub fn rope_base_at(&self, default: f64, step: u64, steps: u64) -> f64 {
+        match &self.rope_base {
+            None => default,
+            Some(RopeBase::One(b)) => *b,
+            Some(RopeBase::Progressive(bases)) if bases.is_empty() => default,
+            Some(RopeBase::Progressive(bases)) => {
+                let k = u128::from(step) * bases.len() as u128 / u128::from(steps.max(1));
+                bases[(k as usize).min(bases.len() - 1)]
+            }
+        }
+    }
+
+    /// The RoPE base the stage ends with (what the next stage inherits).
+    pub fn final_rope_base(&self, default: f64) -> f64 {
+        match &self.rope_base {
+            None => default,
+            Some(RopeBase::One(b)) => *b,
+            Some(RopeBase::Progressive(bases)) => bases.last().copied().unwrap_or(default),
+        }
+    }
+
+    /// AdamW's `(beta2, weight_decay)`: the recipe's, or 0.999 and 0.
+    pub fn adamw(&self) -> (f64, f64) {
+        (
+            self.adam_beta2.unwrap_or(0.999),
+            self.weight_decay.unwrap_or(0.0),
+        )
+    }
+
+    pub fn lora(&self) -> (usize, f64) {
+        let r = self.lora_r.unwrap_or(8).max(1);
+        (r as usize, self.lora_alpha.unwrap_or(2.0 * r as f64))
+    }
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// One source of a stage: which samples, and how much of them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageSource {
+    pub name: String,
+    /// A WHERE clause over `samples`, or a full query returning `sample_id`.
+    pub query: String,
+    /// Whole copies of the selection per epoch (VILA's `name*N`).
+    pub repeat: Option<u32>,
+    /// Share of the stage (by samples or tokens, as the stage says), relative
+    /// to the other sources' weights.
+    pub weight: Option<f64>,
+    /// In a `sequential` stage, the turn this source comes in (default: its
+    /// position in the list, from 1): sources of the same part are shuffled
+    /// together, parts come in increasing order.
+    pub part: Option<u32>,
+}
+
+impl StageSource {
+    /// The turn of source `index` (0-based) of a `sequential` stage.
+    pub fn part(&self, index: usize) -> u32 {
+        self.part.unwrap_or(index as u32 + 1)
+    }
+
+    /// The query as SQL selecting the rows of `samples` it names.
+    pub fn sql(&self, columns: &str) -> String {
+        let q = self.query.trim();
+        let lower = q.to_ascii_lowercase();
+        if lower.starts_with("select") || lower.starts_with("with") {
+            format!(
+                "SELECT {columns} FROM samples WHERE sample_id IN (SELECT sample_id FROM ({q}))"
+            )
+        } else {
+            format!("SELECT {columns} FROM samples WHERE {q}")
+        }
+    }
+}
+
+impl Recipe {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = fs_err::read_to_string(path)?;
+        Self::parse(&text).map_err(|e| match e {
+            Error::Recipe(m) => Error::Recipe(format!("{}: {m}", path.display())),
+            other => other,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Self> {
+        toml::from_str(text).map_err(|e| Error::Recipe(e.to_string()))
+    }
+
+    /// blake3 of the canonical recipe (for checkpoints and mixes).
+    pub fn fingerprint(&self) -> String {
+        let json = serde_json::to_string(self).expect("recipe serializes");
+        blake3::hash(json.as_bytes()).to_hex()[..16].to_string()
+    }
+
+    /// Stage by 1-based number.
+    pub fn stage(&self, number: usize) -> Result<&Stage> {
+        self.stages.get(number.wrapping_sub(1)).ok_or_else(|| {
+            Error::Recipe(format!(
+                "no stage {number}: the recipe has stages 1 to {}",
+                self.stages.len()
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_rope_progression_splits_the_steps_evenly() {
+        let mut stage: Stage = toml::from_str(
+            "name = 's'\ninit = 'base'\ntrainable = ['llm']\ncontext = 8\nlr = 1.0\n\
+             schedule = 'constant'\nglobal_batch = 1\nsteps = 9\nseed = 0\n\
+             rope_base = [1.0, 2.0, 3.0]\nsource = []",
+        )
+        .unwrap();
+        let at: Vec<f64> = (0..9).map(|s| stage.rope_base_at(7.0, s, 9)).collect();
+        assert_eq!(at, [1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 3.0, 3.0, 3.0]);
+        assert_eq!(stage.final_rope_base(7.0), 3.0);
+        stage.rope_base = Some(RopeBase::One(5.0));
+        assert_eq!(
+            (stage.rope_base_at(7.0, 4, 9), stage.final_rope_base(7.0)),
+            (5.0, 5.0)
+        );
+        stage.rope_base = None;
+        assert_eq!(stage.final_rope_base(7.0), 7.0);
+    }
+
+    #[test]
+    fn adamw_settings_default_to_hugging_faces() {
+        let stage = |extra: &str| -> Stage {
+            toml::from_str(&format!(
+                "name = 's'\ninit = 'base'\ntrainable = ['llm']\ncontext = 8\nlr = 1.0\n\
+                 schedule = 'constant'\nglobal_batch = 1\nsteps = 9\nseed = 0\n{extra}source = []"
+            ))
+            .unwrap()
+        };
+        assert_eq!(stage("").adamw(), (0.999, 0.0));
+        assert_eq!(
+            stage("adam_beta2 = 0.95\nweight_decay = 0.1\n").adamw(),
+            (0.95, 0.1)
+        );
+    }
+
+    use super::*;
+
+    #[test]
+    fn shipped_recipes_parse_and_check_clean() {
+        for file in ["tiny.toml", "longvila-qwen2-7b.toml"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../recipes")
+                .join(file);
+            let recipe = Recipe::load(&path).unwrap();
+            assert_eq!(recipe.stages.len(), 5, "{file}");
+            assert_eq!(recipe.check(), Vec::<String>::new(), "{file}");
+        }
+    }
+
+    #[test]
+    fn media_tokens_follow_vila() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes/longvila-qwen2-7b.toml");
+        let recipe = Recipe::load(&path).unwrap();
+        // SigLIP-so400m at 384 px, 14 px patches: 27x27 patches -> 196 tokens.
+        assert_eq!(recipe.model.patches(), 729);
+        assert_eq!(recipe.model.tokens_per_media(), 196);
+    }
+
+    #[test]
+    fn where_clauses_and_full_queries_become_selections() {
+        let s = |query: &str| StageSource {
+            name: "a".into(),
+            query: query.into(),
+            repeat: None,
+            weight: None,
+            part: None,
+        };
+        assert_eq!(
+            s("kind = 'text'").sql("sample_id"),
+            "SELECT sample_id FROM samples WHERE kind = 'text'"
+        );
+        assert!(
+            s("SELECT sample_id FROM samples LIMIT 3")
+                .sql("x")
+                .contains("IN (SELECT sample_id FROM (SELECT")
+        );
+    }
+}

@@ -1,0 +1,186 @@
+//! What a build is asked to do, checked before it starts, and its
+//! fingerprint: the settings and inputs that make its output what it is.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use lvpipe_schemas::SCHEMA_VERSION;
+use serde::Serialize;
+
+use crate::chat::CHAT_TEMPLATE;
+use crate::media::ImageSettings;
+use crate::source::SourceSpec;
+use crate::video::VideoSettings;
+use crate::{Error, Result};
+
+/// How images keep their aspect ratio when made square.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageAspect {
+    /// Resize the longer side to the target and pad to a square (VILA `pad`).
+    Pad,
+    /// Squash to the square, ignoring the aspect ratio (VILA `resize`).
+    Resize,
+}
+
+/// Everything a build needs, resolved and validated by the caller's CLI.
+#[derive(Debug, Clone)]
+pub struct BuildSettings {
+    pub out: PathBuf,
+    pub tokenizer: PathBuf,
+    pub sources: Vec<SourceSpec>,
+    pub image: ImageSettings,
+    /// How videos are sampled; a source's `frames` overrides the policy.
+    pub video: VideoSettings,
+    /// Approximate uncompressed bytes per shard before it is cut.
+    pub target_shard_bytes: u64,
+    /// Rows per Parquet row group (the unit of random access).
+    pub row_group_rows: usize,
+    /// Records handed to the parallel stage at once.
+    pub chunk_records: usize,
+    /// Stop at the first record that would be quarantined.
+    pub strict: bool,
+    /// Replace a different build found in `out` instead of refusing.
+    pub overwrite: bool,
+    /// Worker threads for decoding and tokenization (default: all cores).
+    pub threads: Option<usize>,
+    /// Quarantine exact duplicates (same content) within a source.
+    pub dedup: bool,
+    /// Stop with an error after writing this many shards (to test resume).
+    pub fail_after_shards: Option<u32>,
+}
+
+impl BuildSettings {
+    /// The video settings of source `index`: the build's, with the source's
+    /// own frame policy where the registry gives one.
+    pub fn video_for(&self, index: usize) -> Result<VideoSettings> {
+        let mut video = self.video;
+        if let Some(frames) = &self.sources[index].frames {
+            video.policy = frames.parse().map_err(|e| {
+                Error::Config(format!("source `{}`: {e}", self.sources[index].name))
+            })?;
+        }
+        Ok(video)
+    }
+
+    pub fn new(out: impl Into<PathBuf>, tokenizer: impl Into<PathBuf>) -> Self {
+        BuildSettings {
+            out: out.into(),
+            tokenizer: tokenizer.into(),
+            sources: Vec::new(),
+            image: ImageSettings::default(),
+            video: VideoSettings::default(),
+            target_shard_bytes: 256 << 20,
+            row_group_rows: 256,
+            chunk_records: 64,
+            strict: false,
+            overwrite: false,
+            threads: None,
+            dedup: true,
+            fail_after_shards: None,
+        }
+    }
+
+    pub fn with_sources(mut self, sources: Vec<SourceSpec>) -> Self {
+        self.sources = sources;
+        self
+    }
+
+    pub(super) fn check(&self) -> Result<()> {
+        if self.sources.is_empty() {
+            return Err(Error::Config(
+                "no sources: give --source KIND:PATH or --registry FILE".into(),
+            ));
+        }
+        for i in 0..self.sources.len() {
+            self.video_for(i)?;
+        }
+        let mut names = HashSet::new();
+        for s in &self.sources {
+            if !names.insert(&s.name) {
+                return Err(Error::Config(format!(
+                    "two sources are named `{}`: name them with NAME=KIND:PATH or in the registry",
+                    s.name
+                )));
+            }
+            if !s.path.is_file() {
+                return Err(Error::Config(format!(
+                    "source `{}`: {} is not a file",
+                    s.name,
+                    s.path.display()
+                )));
+            }
+            if let Some(root) = &s.media_root
+                && !root.is_dir()
+            {
+                return Err(Error::Config(format!(
+                    "source `{}`: media root {} is not a folder",
+                    s.name,
+                    root.display()
+                )));
+            }
+        }
+        if !(1..=100).contains(&self.image.jpeg_quality) || self.image.size == 0 {
+            return Err(Error::Config(
+                "image size must be > 0 and JPEG quality 1 to 100".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// blake3 of a file when it is at most 2 MiB, else of its first and last MiB.
+fn head_tail_hash(path: &Path, len: u64) -> Result<blake3::Hash> {
+    use std::io::{Read, Seek, SeekFrom};
+    const MIB: usize = 1 << 20;
+    let mut file = fs_err::File::open(path)?;
+    if len <= 2 * MIB as u64 {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update_reader(&mut file)?;
+        return Ok(hasher.finalize());
+    }
+    let mut buf = vec![0u8; MIB];
+    let mut hasher = blake3::Hasher::new();
+    file.read_exact(&mut buf)?;
+    hasher.update(&buf);
+    file.seek(SeekFrom::End(-(MIB as i64)))?;
+    file.read_exact(&mut buf)?;
+    hasher.update(&buf);
+    Ok(hasher.finalize())
+}
+
+/// The identity of a build: settings that change the output, and for each
+/// source its size and a hash of its first and last MiB (cheap on large
+/// tars, and enough to tell an edited file from the one a crashed run read).
+pub(super) fn build_fingerprint(
+    settings: &BuildSettings,
+    tokenizer_fingerprint: &str,
+) -> Result<(String, serde_json::Value)> {
+    let mut sources = Vec::new();
+    for s in &settings.sources {
+        let len = s.path.metadata()?.len();
+        let sample = head_tail_hash(&s.path, len)?;
+        sources.push(serde_json::json!({
+            "name": s.name,
+            "kind": s.kind,
+            "path": s.path,
+            "media_root": s.media_root(),
+            "frames": s.frames,
+            "bytes": len,
+            "blake3_head_tail": sample.to_hex().to_string(),
+        }));
+    }
+    let args = serde_json::json!({
+        "schema_version": SCHEMA_VERSION,
+        "tokenizer_fingerprint": tokenizer_fingerprint,
+        "chat_template": CHAT_TEMPLATE,
+        "image": settings.image,
+        "video": settings.video,
+        "target_shard_bytes": settings.target_shard_bytes,
+        "row_group_rows": settings.row_group_rows,
+        "dedup": settings.dedup,
+        "sources": sources,
+    });
+    let fingerprint = blake3::hash(args.to_string().as_bytes()).to_hex()[..32].to_string();
+    Ok((fingerprint, args))
+}

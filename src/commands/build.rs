@@ -1,0 +1,130 @@
+//! `lvpipe build-shards`: raw sources to Parquet shards.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use lvpipe_sharding::video::{SeekMode, ShortVideos, VideoSettings};
+use lvpipe_sharding::{
+    BuildSettings, BuildSummary, ImageAspect, ImageLimits, ImageSettings, SourceSpec, build_shards,
+};
+
+use super::out;
+use crate::args::{AspectArg, BuildArgs, FrameSeekArg, ShortVideosArg};
+use crate::progress::BuildProgress;
+
+fn build_settings(args: &BuildArgs) -> Result<BuildSettings> {
+    let mut sources = Vec::new();
+    if let Some(registry) = &args.registry {
+        sources.extend(
+            SourceSpec::from_registry(registry)
+                .with_context(|| format!("registry {}", registry.display()))?,
+        );
+    }
+    for spec in &args.sources {
+        sources.push(SourceSpec::parse(spec, args.media_root.as_deref())?);
+    }
+    let mut settings = BuildSettings::new(&args.out, &args.tokenizer).with_sources(sources);
+    settings.image = ImageSettings {
+        size: args.image_size,
+        aspect: match args.image_aspect {
+            AspectArg::Pad => ImageAspect::Pad,
+            AspectArg::Resize => ImageAspect::Resize,
+        },
+        jpeg_quality: args.jpeg_quality,
+        limits: ImageLimits {
+            max_pixels: args.max_image_pixels,
+            max_bytes: args.max_media_bytes,
+        },
+    };
+    settings.video = VideoSettings {
+        policy: args.frames,
+        seek: match args.frame_seek {
+            FrameSeekArg::Exact => SeekMode::Exact,
+            FrameSeekArg::Keyframe => SeekMode::Keyframe,
+        },
+        short: match args.short_videos {
+            ShortVideosArg::Keep => ShortVideos::Keep,
+            ShortVideosArg::Quarantine => ShortVideos::Quarantine,
+        },
+        max_pixels: args.max_video_pixels,
+    };
+    settings.target_shard_bytes = args.shard_size;
+    settings.row_group_rows = args.row_group_rows;
+    settings.strict = args.strict;
+    settings.overwrite = args.overwrite;
+    settings.threads = args.threads;
+    settings.dedup = !args.keep_duplicates;
+    settings.fail_after_shards = args.fail_after_shards;
+    Ok(settings)
+}
+
+pub fn run(args: BuildArgs) -> Result<ExitCode> {
+    let settings = build_settings(&args)?;
+    let summary = run_build(&settings)?;
+    if args.json {
+        out(&(serde_json::to_string_pretty(&summary_json(&summary))? + "\n"))?;
+    } else {
+        out(&summary_text(&summary, &settings.out))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_build(settings: &BuildSettings) -> Result<BuildSummary> {
+    let progress = BuildProgress::new();
+    let result = build_shards(settings, &|event| progress.on_event(event));
+    progress.finish();
+    Ok(result.with_context(|| format!("build-shards into {}", settings.out.display()))?)
+}
+
+fn summary_json(s: &BuildSummary) -> serde_json::Value {
+    serde_json::json!({
+        "samples": s.samples,
+        "quarantined": s.quarantined,
+        "quarantined_by_reason": s.by_reason,
+        "shards": s.shards,
+        "bytes": s.bytes,
+        "seconds": s.seconds,
+        "resumed_records": s.resumed_records,
+        "up_to_date": s.up_to_date,
+        "sources": s.manifest.sources,
+    })
+}
+
+fn summary_text(s: &BuildSummary, out_dir: &Path) -> String {
+    let mut text = String::new();
+    if s.up_to_date {
+        text.push_str(&format!(
+            "{} already holds this build (same inputs and settings); nothing to do\n",
+            out_dir.display()
+        ));
+    }
+    text.push_str(&format!(
+        "{:<14} {:>8} {:>8} {:>11}\n",
+        "source", "records", "samples", "quarantined"
+    ));
+    for src in &s.manifest.sources {
+        text.push_str(&format!(
+            "{:<14} {:>8} {:>8} {:>11}\n",
+            src.name, src.records, src.samples, src.quarantined
+        ));
+    }
+    for (reason, n) in &s.by_reason {
+        text.push_str(&format!("  quarantined {reason}: {n}\n"));
+    }
+    text.push_str(&format!(
+        "{} samples, {} quarantined, {} shards, {:.1} MB in {} in {:.1}s{}\n",
+        s.samples,
+        s.quarantined,
+        s.shards,
+        s.bytes as f64 / 1e6,
+        out_dir.display(),
+        s.seconds,
+        if s.resumed_records > 0 {
+            format!(" (resumed after {} records)", s.resumed_records)
+        } else {
+            String::new()
+        }
+    ));
+    text
+}

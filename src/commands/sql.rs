@@ -1,0 +1,33 @@
+//! `lvpipe sql`: a read-only query over shards, mixes and runs.
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use lvpipe_pipeline::{Catalog, OutputFormat, render};
+
+use super::{out, runtime};
+use crate::args::{FormatArg, SqlArgs};
+
+pub fn run(args: SqlArgs) -> Result<ExitCode> {
+    let format = match args.format {
+        FormatArg::Table => OutputFormat::Table,
+        FormatArg::Csv => OutputFormat::Csv,
+        FormatArg::Json => OutputFormat::Json,
+    };
+    let text = runtime()?.block_on(async {
+        let catalog = match &args.shards {
+            Some(shards) => Catalog::open(shards).await?,
+            None => Catalog::empty(),
+        };
+        if let Some(mixes) = &args.mixes {
+            catalog.register_mixes(mixes)?;
+        }
+        if let Some(runs) = &args.runs {
+            catalog.register_runs(runs)?;
+        }
+        let batches = catalog.query(&args.query).await?;
+        render(&batches, format)
+    })?;
+    out(&text)?;
+    Ok(ExitCode::SUCCESS)
+}

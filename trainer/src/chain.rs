@@ -1,0 +1,298 @@
+//! Stage runs as a user starts them: one stage from its mix, a chain of
+//! stages mixed from shards (`1-5`), or a resume of a run folder.
+//!
+//! Every stage folder gets a `run.json` ([`RunSpec`]) with the settings it
+//! was started with (absolute paths), which is all a resume needs, and a
+//! copy of the tokenizer, so the folder is a self-contained model
+//! (config.json, model.safetensors, tokenizer.json) for evaluation.
+//!
+//! A chain skips finished stages whose recipe, data and start weights are
+//! unchanged, retrains those whose inputs changed, and resumes a stage with
+//! checkpoints: running the same chain again continues where it stopped.
+
+use std::path::{Path, PathBuf};
+
+use lvpipe_pipeline::{Catalog, Mix, Recipe, build_mix, current_mix};
+use lvpipe_schemas::StepMetrics;
+use lvpipe_sharding::ChatTokenizer;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{TrainerState, finished, weights_fingerprint};
+use crate::run::{StageRun, Summary, run_stage};
+use crate::{Error, Result};
+
+/// `run.json`: how a stage run was started.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunSpec {
+    pub recipe: PathBuf,
+    pub stage: usize,
+    pub mix: PathBuf,
+    pub tokenizer: PathBuf,
+    /// The run folder whose weights this stage starts from.
+    pub init: Option<PathBuf>,
+    pub steps: Option<u64>,
+    pub clip: f64,
+    pub save_every: u64,
+}
+
+impl RunSpec {
+    pub const FILE_NAME: &'static str = "run.json";
+
+    /// Reads the `run.json` of a run folder.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join(Self::FILE_NAME);
+        let text = fs_err::read_to_string(&path).map_err(|e| Error::Checkpoint {
+            path: dir.to_path_buf(),
+            message: format!("not a run folder: {e}"),
+        })?;
+        serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+            path,
+            message: e.to_string(),
+        })
+    }
+}
+
+/// What happens while stages train, for a progress display.
+#[derive(Debug)]
+pub enum TrainEvent<'a> {
+    /// A stage of a chain is being mixed from the shards.
+    Mixing { stage: usize, name: &'a str },
+    /// A finished stage whose recipe, data and start are unchanged is kept.
+    Skipped {
+        stage: usize,
+        name: &'a str,
+        steps: u64,
+    },
+    /// A finished stage was trained on other data, another recipe or other
+    /// start weights: it is trained again.
+    Retraining {
+        stage: usize,
+        name: &'a str,
+        dir: &'a Path,
+    },
+    /// A resume found the stage finished: nothing to do.
+    AlreadyFinished {
+        dir: &'a Path,
+        state: &'a TrainerState,
+    },
+    /// A stage starts training.
+    Started { stage: usize, name: &'a str },
+    /// A step is done: its metrics and any checkpoint of it are on disk.
+    Step {
+        stage: usize,
+        metrics: &'a StepMetrics,
+        steps: u64,
+    },
+    /// A stage finished.
+    Finished {
+        stage: usize,
+        name: &'a str,
+        summary: &'a Summary,
+        dir: &'a Path,
+    },
+}
+
+/// A chain of stages mixed from shards and trained in order.
+pub struct Chain<'a> {
+    pub recipe: &'a Path,
+    pub shards: &'a Path,
+    pub tokenizer: &'a Path,
+    /// The folder of the stage folders (`OUT/stage-N`).
+    pub out: &'a Path,
+    /// Where the stage mixes go (default: OUT/mixes).
+    pub mixes: Option<&'a Path>,
+    /// First and last stage, 1-based.
+    pub stages: (usize, usize),
+    pub steps: Option<u64>,
+    pub clip: f64,
+    pub save_every: u64,
+}
+
+/// Mixes and trains stages `first..=last` into `out/stage-N`; returns the
+/// summaries of the stages it trained (finished ones are skipped).
+pub fn chain(c: &Chain, on_event: &mut dyn FnMut(TrainEvent)) -> Result<Vec<(usize, Summary)>> {
+    let recipe_path = absolute(c.recipe)?;
+    let tokenizer = absolute(c.tokenizer)?;
+    let recipe = Recipe::load(&recipe_path)?;
+    let problems = recipe.check();
+    if !problems.is_empty() {
+        return Err(Error::Config(format!(
+            "{}: {}",
+            c.recipe.display(),
+            problems.join("; ")
+        )));
+    }
+    let (first, last) = c.stages;
+    recipe.stage(last)?;
+    let mixes = c
+        .mixes
+        .map_or_else(|| c.out.join("mixes"), Path::to_path_buf);
+    let runtime = runtime()?;
+    let catalog = runtime.block_on(Catalog::open(c.shards))?;
+    let mut done = Vec::new();
+    for number in first..=last {
+        let stage = recipe.stage(number)?;
+        let name = stage.name.as_str();
+        let dir = c.out.join(format!("stage-{number}"));
+        let meta = match current_mix(&catalog, &recipe, number, &mixes) {
+            Some(meta) => meta,
+            None => {
+                on_event(TrainEvent::Mixing {
+                    stage: number,
+                    name,
+                });
+                runtime.block_on(build_mix(&catalog, &recipe, number, &mixes))?
+            }
+        };
+        let init = start_of(&recipe, number, c.out)?;
+        // The start's weights: a finished stage whose start has been
+        // trained again since is stale too.
+        let init_fingerprint = match &init {
+            Some(from) => weights_fingerprint(&from.join("model.safetensors"))?,
+            None => String::new(),
+        };
+        if let Some(state) = finished(&dir) {
+            if state.recipe_fingerprint == meta.recipe_fingerprint
+                && state.mix_fingerprint == meta.data_fingerprint()
+                && state.init_fingerprint == init_fingerprint
+            {
+                on_event(TrainEvent::Skipped {
+                    stage: number,
+                    name,
+                    steps: state.steps,
+                });
+                continue;
+            }
+            on_event(TrainEvent::Retraining {
+                stage: number,
+                name,
+                dir: &dir,
+            });
+            fs_err::remove_dir_all(&dir)?;
+        }
+        let spec = RunSpec {
+            recipe: recipe_path.clone(),
+            stage: number,
+            mix: absolute(&mixes.join(format!("stage-{number}")))?,
+            tokenizer: tokenizer.clone(),
+            init,
+            steps: c.steps,
+            clip: c.clip,
+            save_every: c.save_every,
+        };
+        let summary = train_stage(&spec, &dir, true, on_event)?;
+        done.push((number, summary));
+    }
+    Ok(done)
+}
+
+/// The run folder stage `number` starts from (`None`: `init = "base"`); it
+/// must have finished.
+fn start_of(recipe: &Recipe, number: usize, out: &Path) -> Result<Option<PathBuf>> {
+    let stage = recipe.stage(number)?;
+    if stage.init == "base" {
+        return Ok(None);
+    }
+    let k = recipe
+        .stages
+        .iter()
+        .position(|s| s.name == stage.init)
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "stage {number} starts from `{}`, which is no stage of the recipe",
+                stage.init
+            ))
+        })?;
+    let from = out.join(format!("stage-{}", k + 1));
+    if finished(&from).is_none() {
+        return Err(Error::Config(format!(
+            "stage {number} starts from stage {} ({}), which has not finished in {}",
+            k + 1,
+            stage.init,
+            from.display()
+        )));
+    }
+    Ok(Some(absolute(&from)?))
+}
+
+/// Continues the run in `dir` from its newest checkpoint, as its `run.json`
+/// says; a finished run is left as it is.
+pub fn resume(dir: &Path, on_event: &mut dyn FnMut(TrainEvent)) -> Result<Option<Summary>> {
+    let spec = RunSpec::load(dir)?;
+    if let Some(state) = finished(dir) {
+        on_event(TrainEvent::AlreadyFinished { dir, state: &state });
+        return Ok(None);
+    }
+    train_stage(&spec, dir, true, on_event).map(Some)
+}
+
+/// Trains one stage as `spec` says into `out` (continuing from its newest
+/// checkpoint when `resume`). Paths in `spec` are made absolute first.
+pub fn train_stage(
+    spec: &RunSpec,
+    out: &Path,
+    resume: bool,
+    on_event: &mut dyn FnMut(TrainEvent),
+) -> Result<Summary> {
+    let spec = RunSpec {
+        recipe: absolute(&spec.recipe)?,
+        mix: absolute(&spec.mix)?,
+        tokenizer: absolute(&spec.tokenizer)?,
+        init: spec.init.as_deref().map(absolute).transpose()?,
+        ..spec.clone()
+    };
+    let recipe = Recipe::load(&spec.recipe)?;
+    let mix = Mix::open(&spec.mix)?;
+    let tokenizer = ChatTokenizer::load(&spec.tokenizer)?;
+    if tokenizer.fingerprint() != mix.meta.tokenizer_fingerprint {
+        return Err(Error::Config(format!(
+            "{} is not the tokenizer the mix's shards were built with",
+            spec.tokenizer.display()
+        )));
+    }
+    fs_err::create_dir_all(out)?;
+    fs_err::write(
+        out.join(RunSpec::FILE_NAME),
+        serde_json::to_string_pretty(&spec).expect("the spec serializes") + "\n",
+    )?;
+    fs_err::copy(&spec.tokenizer, out.join("tokenizer.json"))?;
+    let name = recipe.stage(spec.stage)?.name.clone();
+    let run = StageRun {
+        recipe: &recipe,
+        stage: spec.stage,
+        mix,
+        image_token: tokenizer.special().image,
+        out: out.to_path_buf(),
+        init: spec.init.as_ref().map(|d| d.join("model.safetensors")),
+        steps: spec.steps,
+        clip: spec.clip,
+        save_every: spec.save_every,
+        resume,
+    };
+    on_event(TrainEvent::Started {
+        stage: spec.stage,
+        name: &name,
+    });
+    let summary = run_stage(&run, &mut |metrics, steps| {
+        on_event(TrainEvent::Step {
+            stage: spec.stage,
+            metrics,
+            steps,
+        });
+    })?;
+    on_event(TrainEvent::Finished {
+        stage: spec.stage,
+        name: &name,
+        summary: &summary,
+        dir: out,
+    });
+    Ok(summary)
+}
+
+fn absolute(path: &Path) -> Result<PathBuf> {
+    Ok(std::path::absolute(path)?)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().build()?)
+}

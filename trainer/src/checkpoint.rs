@@ -1,0 +1,204 @@
+//! What a stage's folder holds between and after runs: checkpoints
+//! (weights, optimizer moments, trainer state), `config.json`, and the
+//! metrics log a resume cuts back to its checkpoint.
+//!
+//! Every file is written to a temporary name and renamed into place, the
+//! state last, and an intermediate checkpoint is a temporary folder renamed
+//! to `checkpoints/step-NNNNNN`, so a kill never leaves a half-written one.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::Tensor;
+use candle_nn::VarMap;
+use lvpipe_pipeline::LoaderState;
+use lvpipe_schemas::StepMetrics;
+use serde::{Deserialize, Serialize};
+
+use crate::error::TensorContext;
+use crate::model::Config;
+use crate::train::AdamW;
+use crate::{Error, Result};
+
+/// The JSON trainer state written with every checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainerState {
+    pub stage: usize,
+    pub stage_name: String,
+    /// Optimizer steps done.
+    pub step: u64,
+    /// Steps the stage runs in all.
+    pub steps: u64,
+    pub lr: f64,
+    /// Where the loader goes on from: its batches are a pure function of the
+    /// mix and the step, so this is all a resume needs of it.
+    pub loader: LoaderState,
+    /// The trainer's randomness: fresh weights and LoRA adapters are drawn
+    /// from this seed (the stage's); nothing random runs after that.
+    pub seed: u64,
+    pub rope_base: f64,
+    pub recipe_fingerprint: String,
+    pub mix_fingerprint: String,
+    /// [`weights_fingerprint`] of the weights the stage started from (empty:
+    /// fresh weights). A chain retrains a finished stage whose start changed.
+    #[serde(default)]
+    pub init_fingerprint: String,
+}
+
+impl TrainerState {
+    pub const FILE_NAME: &'static str = "trainer_state.json";
+
+    fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join(Self::FILE_NAME);
+        let text = fs_err::read_to_string(&path)?;
+        serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+            path,
+            message: e.to_string(),
+        })
+    }
+}
+
+/// `config.json`: what loading the weights back needs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SavedConfig {
+    pub model: Config,
+    pub stage: usize,
+    pub stage_name: String,
+    pub tokenizer_fingerprint: String,
+}
+
+impl SavedConfig {
+    pub const FILE_NAME: &'static str = "config.json";
+
+    /// Reads `config.json` from a run folder.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join(Self::FILE_NAME);
+        let text = fs_err::read_to_string(&path).map_err(|e| Error::Checkpoint {
+            path: dir.to_path_buf(),
+            message: format!("not a finished run folder: {e}"),
+        })?;
+        serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+            path,
+            message: e.to_string(),
+        })
+    }
+
+    pub(crate) fn save(&self, dir: &Path) -> Result<()> {
+        let json = serde_json::to_string_pretty(self).expect("config serializes") + "\n";
+        write_atomic(&dir.join(Self::FILE_NAME), json.as_bytes())
+    }
+}
+
+/// blake3 of a weights file (16 hex digits): which weights a stage started
+/// from, so that a retrained earlier stage is noticed.
+pub fn weights_fingerprint(path: &Path) -> Result<String> {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_reader(fs_err::File::open(path)?)?;
+    Ok(hasher.finalize().to_hex()[..16].to_string())
+}
+
+/// Whether `dir` holds a finished stage: its final state has all its steps.
+pub fn finished(dir: &Path) -> Option<TrainerState> {
+    let state = TrainerState::load(dir).ok()?;
+    (state.step >= state.steps && dir.join("model.safetensors").exists()).then_some(state)
+}
+
+/// The newest complete checkpoint of a run folder and its state.
+pub(crate) fn newest_checkpoint(out: &Path) -> Result<Option<(PathBuf, TrainerState)>> {
+    let Some(dir) = checkpoint_dirs(&out.join("checkpoints")).pop() else {
+        return Ok(None);
+    };
+    let state = TrainerState::load(&dir)?;
+    Ok(Some((dir, state)))
+}
+
+/// The complete checkpoints (`step-NNNNNN`) under `root`, oldest first
+/// (none when it does not exist).
+fn checkpoint_dirs(root: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = fs_err::read_dir(root) else {
+        return vec![];
+    };
+    let mut dirs: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("step-"))
+        })
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+/// Drops the lines of steps after `step` from the metrics log (a resumed run
+/// writes them again), and a line a kill cut short.
+pub(crate) fn keep_metrics_until(path: &Path, step: u64) -> Result<()> {
+    let Ok(text) = fs_err::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|line| serde_json::from_str::<StepMetrics>(line).is_ok_and(|m| m.step <= step))
+        .flat_map(|line| [line, "\n"])
+        .collect();
+    write_atomic(path, kept.as_bytes())
+}
+
+/// An intermediate checkpoint: a temporary folder renamed to
+/// `checkpoints/step-NNNNNN`; older ones beyond the last two are removed.
+pub(crate) fn save_intermediate(
+    out: &Path,
+    vars: &VarMap,
+    opt: &AdamW,
+    state: &TrainerState,
+) -> Result<()> {
+    let root = out.join("checkpoints");
+    let tmp = root.join(format!(".tmp-step-{:06}", state.step));
+    let _ = fs_err::remove_dir_all(&tmp);
+    fs_err::create_dir_all(&tmp)?;
+    save_checkpoint(&tmp, vars, opt, state)?;
+    let dir = root.join(format!("step-{:06}", state.step));
+    let _ = fs_err::remove_dir_all(&dir);
+    fs_err::rename(&tmp, &dir)?;
+    for dir in checkpoint_dirs(&root).iter().rev().skip(2) {
+        fs_err::remove_dir_all(dir)?;
+    }
+    Ok(())
+}
+
+/// Writes weights, optimizer moments and state, each atomically (a
+/// temporary file renamed into place), the state last.
+pub fn save_checkpoint(dir: &Path, vars: &VarMap, opt: &AdamW, state: &TrainerState) -> Result<()> {
+    let tmp = |name: &str| dir.join(format!(".{name}.tmp"));
+    vars.save(tmp("model.safetensors"))
+        .context("saving model.safetensors")?;
+    let mut moments: HashMap<String, Tensor> = HashMap::new();
+    for (name, t) in &opt.m {
+        moments.insert(format!("{name}.exp_avg"), t.clone());
+    }
+    for (name, t) in &opt.v {
+        moments.insert(format!("{name}.exp_avg_sq"), t.clone());
+    }
+    candle_core::safetensors::save(&moments, tmp("optimizer.safetensors"))
+        .context("saving optimizer.safetensors")?;
+    let json = serde_json::to_string_pretty(state).expect("state serializes") + "\n";
+    fs_err::write(tmp(TrainerState::FILE_NAME), json)?;
+    for name in [
+        "model.safetensors",
+        "optimizer.safetensors",
+        TrainerState::FILE_NAME,
+    ] {
+        fs_err::rename(tmp(name), dir.join(name))?;
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to a temporary file beside `path` and renames it there.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    fs_err::write(&tmp, bytes)?;
+    fs_err::rename(&tmp, path)?;
+    Ok(())
+}

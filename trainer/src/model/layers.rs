@@ -1,0 +1,99 @@
+//! The building blocks of the networks: linear layers (with an optional
+//! LoRA adapter), LayerNorm and RMSNorm, each creating its parameters under
+//! the checkpoint's names.
+
+use candle_core::{D, Result, Tensor};
+use candle_nn::{Init, VarBuilder};
+
+use crate::ops;
+
+pub(crate) struct Linear {
+    pub(crate) w: Tensor,
+    pub(crate) b: Option<Tensor>,
+    /// Low-rank adapter (`llm_lora`): `y += scale * x A^T B^T`.
+    pub(crate) lora: Option<Lora>,
+}
+
+pub(crate) struct Lora {
+    /// `[r, in]`, `lora_A.weight` in PEFT's names.
+    pub(crate) a: Tensor,
+    /// `[out, r]`, `lora_B.weight`; zero at the start, so the adapted model
+    /// starts as the base model.
+    pub(crate) b: Tensor,
+    pub(crate) scale: f64,
+}
+
+impl Linear {
+    pub(crate) fn new(vb: &VarBuilder, inp: usize, out: usize, bias: bool) -> Result<Self> {
+        let bound = 1.0 / (inp as f64).sqrt();
+        let w = vb.get_with_hints(
+            (out, inp),
+            "weight",
+            Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        )?;
+        let b = if bias {
+            Some(vb.get_with_hints(out, "bias", Init::Const(0.0))?)
+        } else {
+            None
+        };
+        Ok(Linear { w, b, lora: None })
+    }
+
+    /// `x` is [.., inp].
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut y = x.broadcast_matmul(&self.w.t()?)?;
+        if let Some(l) = &self.lora {
+            let low = x.broadcast_matmul(&l.a.t()?)?.broadcast_matmul(&l.b.t()?)?;
+            y = (y + (low * l.scale)?)?;
+        }
+        match &self.b {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+pub(crate) struct LayerNorm {
+    w: Tensor,
+    b: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub(crate) fn new(vb: &VarBuilder, size: usize, eps: f64) -> Result<Self> {
+        Ok(LayerNorm {
+            w: vb.get_with_hints(size, "weight", Init::Const(1.0))?,
+            b: vb.get_with_hints(size, "bias", Init::Const(0.0))?,
+            eps,
+        })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centred = x.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        normed.broadcast_mul(&self.w)?.broadcast_add(&self.b)
+    }
+}
+
+pub(crate) struct RmsNorm {
+    w: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub(crate) fn new(vb: &VarBuilder, size: usize, eps: f64) -> Result<Self> {
+        Ok(RmsNorm {
+            w: vb.get_with_hints(size, "weight", Init::Const(1.0))?,
+            eps,
+        })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::rms_norm(x, &self.w, self.eps as f32)
+    }
+}

@@ -1,0 +1,280 @@
+//! The Qwen2 decoder: token embedding, layers of RMSNorm, grouped-query
+//! attention with RoPE (base per stage, optionally partial) and SwiGLU, a
+//! final RMSNorm and the LM head, under `llm.model.*` and `llm.lm_head` as in
+//! Qwen2 checkpoints inside a VILA folder. A packed row's samples stay apart:
+//! positions restart and attention is causal within each sample.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::{Init, VarBuilder, VarMap};
+use lvpipe_pipeline::recipe::rotary_dims;
+
+use super::Config;
+use super::init::reinit_one;
+use super::layers::{Linear, Lora, RmsNorm};
+use crate::attention::attention;
+use crate::ops;
+
+/// Qwen2 decoder layer: RMSNorm, grouped-query attention with RoPE, SwiGLU.
+struct DecoderLayer {
+    ln1: RmsNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    ln2: RmsNorm,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    heads: usize,
+    kv_heads: usize,
+}
+
+impl DecoderLayer {
+    pub(crate) fn new(vb: &VarBuilder, c: &Config) -> Result<Self> {
+        let (h, dh) = (c.hidden, c.hidden / c.heads);
+        let a = vb.pp("self_attn");
+        let m = vb.pp("mlp");
+        Ok(DecoderLayer {
+            ln1: RmsNorm::new(&vb.pp("input_layernorm"), h, c.eps)?,
+            q: Linear::new(&a.pp("q_proj"), h, c.heads * dh, true)?,
+            k: Linear::new(&a.pp("k_proj"), h, c.kv_heads * dh, true)?,
+            v: Linear::new(&a.pp("v_proj"), h, c.kv_heads * dh, true)?,
+            o: Linear::new(&a.pp("o_proj"), c.heads * dh, h, false)?,
+            ln2: RmsNorm::new(&vb.pp("post_attention_layernorm"), h, c.eps)?,
+            gate: Linear::new(&m.pp("gate_proj"), h, c.intermediate, false)?,
+            up: Linear::new(&m.pp("up_proj"), h, c.intermediate, false)?,
+            down: Linear::new(&m.pp("down_proj"), c.intermediate, h, false)?,
+            heads: c.heads,
+            kv_heads: c.kv_heads,
+        })
+    }
+
+    pub(crate) fn attention_mut(&mut self) -> [(&'static str, &mut Linear); 4] {
+        [
+            ("q_proj", &mut self.q),
+            ("k_proj", &mut self.k),
+            ("v_proj", &mut self.v),
+            ("o_proj", &mut self.o),
+        ]
+    }
+
+    /// `x` is [T, H]; `rope` holds the positions' angles; query `q` attends
+    /// to keys `starts[q] ..= q`.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Arc<ops::Rope>,
+        starts: &Arc<Vec<u32>>,
+    ) -> Result<Tensor> {
+        let (t, hidden) = x.dims2()?;
+        let dh = hidden / self.heads;
+        let h = self.ln1.forward(x)?;
+        let q = ops::rope_heads(&self.q.forward(&h)?, self.heads, rope)?;
+        let k = ops::rope_heads(&self.k.forward(&h)?, self.kv_heads, rope)?;
+        let v = self
+            .v
+            .forward(&h)?
+            .reshape((t, self.kv_heads, dh))?
+            .transpose(0, 1)?
+            .contiguous()?;
+        // Grouped-query attention without copying K and V per query head:
+        // the `group` query heads of a KV head (consecutive, as in Qwen2)
+        // stack into one [group * T, dh] matrix against that head's keys.
+        let group = self.heads / self.kv_heads;
+        let q = q.reshape((self.kv_heads, group * t, dh))?;
+        let y = attention(&q, &k, &v, starts, 1.0 / (dh as f32).sqrt())?
+            .reshape((self.heads, t, dh))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((t, hidden))?;
+        let x = (x + self.o.forward(&y)?)?;
+        let h = self.ln2.forward(&x)?;
+        let mlp = self.down.forward(&ops::swiglu(
+            &self.gate.forward(&h)?,
+            &self.up.forward(&h)?,
+        )?)?;
+        x + mlp
+    }
+}
+
+/// The decoder over embeddings: what the LLM of a VILA model is.
+pub(crate) struct Decoder {
+    pub(crate) embed: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope_base: f64,
+    head_dim: usize,
+    rotated: usize,
+}
+
+impl Decoder {
+    /// `vb` is at `llm`.
+    pub(crate) fn new(vb: &VarBuilder, c: &Config) -> Result<Self> {
+        let embed = vb.pp("model").pp("embed_tokens").get_with_hints(
+            (c.vocab, c.hidden),
+            "weight",
+            Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
+        )?;
+        let layers = (0..c.layers)
+            .map(|i| DecoderLayer::new(&vb.pp("model").pp("layers").pp(i), c))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::new(&vb.pp("model").pp("norm"), c.hidden, c.eps)?;
+        let lm_head = if c.tie_embeddings {
+            // One tensor in two places: both uses' gradients add up on it.
+            Linear {
+                w: embed.clone(),
+                b: None,
+                lora: None,
+            }
+        } else {
+            Linear::new(&vb.pp("lm_head"), c.hidden, c.vocab, false)?
+        };
+        let head_dim = c.hidden / c.heads;
+        Ok(Decoder {
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope_base: c.rope_base,
+            head_dim,
+            rotated: rotary_dims(head_dim, c.partial_rotary_factor),
+        })
+    }
+
+    /// Embeddings `[T, H]` of token ids.
+    pub(crate) fn embed_tokens(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
+        self.embed.index_select(&Tensor::new(ids, device)?, 0)
+    }
+
+    /// Final hidden states `[T, H]` (normed) of embeddings `x` at
+    /// `positions`, samples starting at `boundaries`.
+    pub(crate) fn forward(
+        &self,
+        mut x: Tensor,
+        positions: &[u32],
+        boundaries: &[usize],
+    ) -> Result<Tensor> {
+        let rope = Arc::new(rope_tables(
+            positions,
+            self.head_dim,
+            self.rotated,
+            self.rope_base,
+        ));
+        let starts = Arc::new(sample_starts(boundaries));
+        for layer in &self.layers {
+            x = layer.forward(&x, &rope, &starts)?;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// Logits `[T, vocab]` of hidden states `[T, H]`.
+    pub(crate) fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(hidden)
+    }
+
+    pub(crate) fn set_rope_base(&mut self, base: f64) {
+        self.rope_base = base;
+    }
+
+    /// See [`Model::attach_lora`](super::Model::attach_lora).
+    pub(crate) fn attach_lora(
+        &mut self,
+        vars: &VarMap,
+        r: usize,
+        alpha: f64,
+        seed: u64,
+    ) -> Result<()> {
+        let device = self.embed.device().clone();
+        let vb = VarBuilder::from_varmap(vars, DType::F32, &device);
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let a = vb.pp(format!("llm.model.layers.{i}.self_attn"));
+            for (name, lin) in layer.attention_mut() {
+                let (out, inp) = lin.w.dims2()?;
+                let p = a.pp(name);
+                let full = format!("llm.model.layers.{i}.self_attn.{name}.lora_A.weight");
+                let fresh = !vars
+                    .data()
+                    .lock()
+                    .expect("var map lock")
+                    .contains_key(&full);
+                let la = p
+                    .pp("lora_A")
+                    .get_with_hints((r, inp), "weight", Init::Const(0.0))?;
+                let lb = p
+                    .pp("lora_B")
+                    .get_with_hints((out, r), "weight", Init::Const(0.0))?;
+                lin.lora = Some(Lora {
+                    a: la,
+                    b: lb,
+                    scale: alpha / r as f64,
+                });
+                if fresh {
+                    // A as PEFT initializes it (Kaiming-uniform), B zero.
+                    reinit_one(vars, &full, seed, None)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// See [`Model::merge_lora`](super::Model::merge_lora).
+    pub(crate) fn merge_lora(&mut self, vars: &VarMap) -> Result<()> {
+        let mut data = vars.data().lock().expect("var map lock");
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            for (name, lin) in layer.attention_mut() {
+                let Some(l) = lin.lora.take() else {
+                    continue;
+                };
+                let base = format!("llm.model.layers.{i}.self_attn.{name}");
+                let Some(var) = data.get(&format!("{base}.weight")) else {
+                    return Err(candle_core::Error::Msg(format!("{base}.weight is missing")));
+                };
+                let merged = (var.as_tensor() + (l.b.matmul(&l.a)? * l.scale)?)?;
+                var.set(&merged)?;
+                data.remove(&format!("{base}.lora_A.weight"));
+                data.remove(&format!("{base}.lora_B.weight"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// cos and sin tables `[T, dh/2]` of the given positions' RoPE angles.
+/// Only the first `rotated / 2` dimension pairs turn, at the frequencies of a
+/// `rotated`-wide head; the rest keep angle 0 (partial rotary: Phi's layout
+/// up to a fixed permutation of the head's dimensions).
+pub(crate) fn rope_tables(positions: &[u32], dh: usize, rotated: usize, base: f64) -> ops::Rope {
+    let half = dh / 2;
+    let mut cos = Vec::with_capacity(positions.len() * half);
+    let mut sin = Vec::with_capacity(positions.len() * half);
+    let freqs: Vec<f64> = (0..half)
+        .map(|i| match 2 * i < rotated {
+            true => 1.0 / base.powf(2.0 * i as f64 / rotated as f64),
+            false => 0.0,
+        })
+        .collect();
+    for &p in positions {
+        for &freq in &freqs {
+            let a = f64::from(p) * freq;
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+    ops::Rope { cos, sin, half }
+}
+
+/// The first position of the sample each position of a packed row belongs
+/// to: query `q` attends to keys `starts[q] ..= q`.
+fn sample_starts(boundaries: &[usize]) -> Vec<u32> {
+    let mut starts = Vec::with_capacity(*boundaries.last().unwrap_or(&0));
+    for w in boundaries.windows(2) {
+        starts.extend(std::iter::repeat_n(w[0] as u32, w[1] - w[0]));
+    }
+    starts
+}

@@ -1,0 +1,138 @@
+//! The SigLIP vision tower: patch embedding (a stride-p convolution),
+//! learned position embeddings, pre-norm ViT blocks and a final LayerNorm,
+//! under `vision_tower.vision_model.*` as in SigLIP checkpoints.
+
+use candle_core::{Result, Tensor};
+use candle_nn::{Init, VarBuilder};
+
+use super::Config;
+use super::init::POSITION_EMBEDDING_STD;
+use super::layers::{LayerNorm, Linear};
+use crate::ops;
+
+/// Pre-norm ViT block (SigLIP's encoder layer).
+struct VisionBlock {
+    ln1: LayerNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    ln2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    heads: usize,
+}
+
+impl VisionBlock {
+    pub(crate) fn new(vb: &VarBuilder, c: &Config) -> Result<Self> {
+        let d = c.vision_hidden;
+        let a = vb.pp("self_attn");
+        Ok(VisionBlock {
+            ln1: LayerNorm::new(&vb.pp("layer_norm1"), d, c.eps)?,
+            q: Linear::new(&a.pp("q_proj"), d, d, true)?,
+            k: Linear::new(&a.pp("k_proj"), d, d, true)?,
+            v: Linear::new(&a.pp("v_proj"), d, d, true)?,
+            o: Linear::new(&a.pp("out_proj"), d, d, true)?,
+            ln2: LayerNorm::new(&vb.pp("layer_norm2"), d, c.eps)?,
+            fc1: Linear::new(&vb.pp("mlp").pp("fc1"), d, 4 * d, true)?,
+            fc2: Linear::new(&vb.pp("mlp").pp("fc2"), 4 * d, d, true)?,
+            heads: c.vision_heads,
+        })
+    }
+
+    /// `x` is [N, P, D].
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, p, d) = x.dims3()?;
+        let dh = d / self.heads;
+        let h = self.ln1.forward(x)?;
+        let split = |t: Tensor| -> Result<Tensor> {
+            t.reshape((n, p, self.heads, dh))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = split(self.q.forward(&h)?)?;
+        let k = split(self.k.forward(&h)?)?;
+        let v = split(self.v.forward(&h)?)?;
+        let att = ops::softmax_last_dim(&q.matmul(&k.t()?)?, 1.0 / (dh as f32).sqrt())?;
+        let y = att
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((n, p, d))?;
+        let x = (x + self.o.forward(&y)?)?;
+        let h = self.fc1.forward(&self.ln2.forward(&x)?)?.gelu()?;
+        x + self.fc2.forward(&h)?
+    }
+}
+
+/// The tower: `[N, 3, S, S]` pixels to `[N, P, Dv]` patch features.
+pub(crate) struct VisionTower {
+    patch_embedding: Tensor,
+    patch_bias: Tensor,
+    position_embedding: Tensor,
+    blocks: Vec<VisionBlock>,
+    post_layernorm: LayerNorm,
+    patch_size: usize,
+    hidden: usize,
+}
+
+impl VisionTower {
+    /// `vb` is at `vision_tower.vision_model`.
+    pub(crate) fn new(vb: &VarBuilder, c: &Config) -> Result<Self> {
+        let emb = vb.pp("embeddings");
+        let p = c.patch_size;
+        let fan_in = 3 * p * p;
+        let bound = 1.0 / (fan_in as f64).sqrt();
+        let patch_embedding = emb.pp("patch_embedding").get_with_hints(
+            (c.vision_hidden, 3, p, p),
+            "weight",
+            Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        )?;
+        let patch_bias =
+            emb.pp("patch_embedding")
+                .get_with_hints(c.vision_hidden, "bias", Init::Const(0.0))?;
+        let position_embedding = emb.pp("position_embedding").get_with_hints(
+            (c.grid() * c.grid(), c.vision_hidden),
+            "weight",
+            Init::Randn {
+                mean: 0.0,
+                stdev: POSITION_EMBEDDING_STD,
+            },
+        )?;
+        let blocks = (0..c.vision_layers)
+            .map(|i| VisionBlock::new(&vb.pp("encoder").pp("layers").pp(i), c))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(VisionTower {
+            patch_embedding,
+            patch_bias,
+            position_embedding,
+            blocks,
+            post_layernorm: LayerNorm::new(&vb.pp("post_layernorm"), c.vision_hidden, c.eps)?,
+            patch_size: p,
+            hidden: c.vision_hidden,
+        })
+    }
+
+    pub(crate) fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        let (n, _, s, _) = pixels.dims4()?;
+        let (p, g) = (self.patch_size, s / self.patch_size);
+        // A stride-p convolution as a matmul over flattened patches.
+        let patches = pixels
+            .reshape((n, 3, g, p, g, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((n, g * g, 3 * p * p))?;
+        let w = self.patch_embedding.reshape((self.hidden, 3 * p * p))?;
+        let mut x = patches
+            .broadcast_matmul(&w.t()?)?
+            .broadcast_add(&self.patch_bias)?
+            .broadcast_add(&self.position_embedding)?;
+        for block in &self.blocks {
+            x = block.forward(&x)?;
+        }
+        self.post_layernorm.forward(&x)
+    }
+}
