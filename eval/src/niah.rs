@@ -76,7 +76,7 @@ pub(crate) fn text(ev: &Evaluator, s: &EvalSettings) -> Result<NiahTextReport> {
                 .chars()
                 .take_while(char::is_ascii_digit)
                 .collect();
-            let miss = (digits != code).then(|| NiahMiss {
+            let miss = (digits != code).then_some(NiahMiss {
                 length,
                 depth,
                 answer: code,

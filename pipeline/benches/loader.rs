@@ -9,6 +9,9 @@
 //! into its pack) and a plain `memcpy` of the same number of bytes. Best of 3;
 //! the first pass also warms the page cache.
 
+// A benchmark reports its measurements on stdout.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;

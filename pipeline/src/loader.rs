@@ -431,7 +431,7 @@ pub struct Loader {
 impl Loader {
     pub fn new(mix: Arc<Mix>, rank: u32, world_size: u32) -> Result<Self> {
         let g = mix.meta.global_batch;
-        if world_size == 0 || rank >= world_size || g % world_size != 0 {
+        if world_size == 0 || rank >= world_size || !g.is_multiple_of(world_size) {
             return Err(Error::Usage(format!(
                 "rank {rank} of world size {world_size}: the world size must divide the global batch {g}"
             )));

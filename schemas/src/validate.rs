@@ -26,9 +26,7 @@ pub fn validate_batch(table: TableKind, batch: &RecordBatch) -> Result<()> {
         let missing: Vec<_> = expected
             .fields()
             .iter()
-            .filter(|f| {
-                actual.field_with_name(f.name()).ok().map(|a| a.as_ref()) != Some(f.as_ref())
-            })
+            .filter(|f| actual.field_with_name(f.name()).ok() != Some(f.as_ref()))
             .map(|f| format!("{}: {}", f.name(), f.data_type()))
             .collect();
         return Err(Error::SchemaMismatch {

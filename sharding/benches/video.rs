@@ -10,6 +10,9 @@
 //! path's cost, measured by the `ingest` bench). Prints one JSON object per
 //! measurement, best of 3, with `/proc/loadavg` and peak RSS.
 
+// A benchmark reports its measurements on stdout.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
 use std::path::PathBuf;
 use std::time::Instant;
 

@@ -74,7 +74,7 @@ fn run_build(settings: &BuildSettings) -> Result<BuildSummary> {
     let progress = BuildProgress::new();
     let result = build_shards(settings, &|event| progress.on_event(event));
     progress.finish();
-    Ok(result.with_context(|| format!("build-shards into {}", settings.out.display()))?)
+    result.with_context(|| format!("build-shards into {}", settings.out.display()))
 }
 
 fn summary_json(s: &BuildSummary) -> serde_json::Value {

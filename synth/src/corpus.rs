@@ -43,7 +43,7 @@ impl Corpus<'_> {
     /// Renders `scene` into `images/NAME.png` (even `i`) or `.jpg` (odd).
     fn image(&mut self, name: &str, scene: &Scene, i: usize) -> Result<String> {
         let (w, h) = image_dims(&mut self.rng, self.sizes.image_side);
-        let (ext, format) = if i % 2 == 0 {
+        let (ext, format) = if i.is_multiple_of(2) {
             ("png", ImageFormat::Png)
         } else {
             ("jpg", ImageFormat::Jpeg)

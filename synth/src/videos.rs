@@ -175,7 +175,7 @@ fn clip(
         id,
         video: rel,
         // Half the annotations carry VILA's optional `fps`.
-        fps: (i % 2 == 0).then_some(f64::from(CLIP_FPS)),
+        fps: i.is_multiple_of(2).then_some(f64::from(CLIP_FPS)),
         conversations,
     });
     Ok(())

@@ -6,6 +6,9 @@
 //! sets `CANDLE_BARRIER_POOL_SPIN_LIMIT=0` (src/main.rs says why); set it
 //! here too to compare the two.
 
+// A benchmark reports its measurements on stdout.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
 fn main() {
     println!(
         "{}",

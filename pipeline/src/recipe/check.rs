@@ -63,7 +63,7 @@ impl Recipe {
 /// The model's sizes and initialization.
 fn check_model(m: &ModelConfig) -> Vec<String> {
     let mut problems = Vec::new();
-    if let Some(r) = m.initializer_range.filter(|r| !(*r > 0.0)) {
+    if let Some(r) = m.initializer_range.filter(|r| !positive(*r)) {
         problems.push(format!("model: initializer_range {r} must be positive"));
     }
     for (module, std) in &m.init_std {
@@ -72,7 +72,7 @@ fn check_model(m: &ModelConfig) -> Vec<String> {
                 "model: init_std names `{module}`, not one of {}",
                 INIT_STD_MODULES.join(", ")
             ));
-        } else if !(*std > 0.0) {
+        } else if !positive(*std) {
             problems.push(format!("model: init_std.{module} {std} must be positive"));
         }
     }
@@ -92,13 +92,13 @@ fn check_model(m: &ModelConfig) -> Vec<String> {
             m.patch_size, m.image_size
         ));
     }
-    if m.num_kv_heads == 0 || m.num_heads % m.num_kv_heads.max(1) != 0 {
+    if m.num_kv_heads == 0 || !m.num_heads.is_multiple_of(m.num_kv_heads.max(1)) {
         problems.push(format!(
             "model: num_heads {} is not a multiple of num_kv_heads {}",
             m.num_heads, m.num_kv_heads
         ));
     }
-    if m.num_heads == 0 || m.hidden_size % m.num_heads.max(1) != 0 {
+    if m.num_heads == 0 || !m.hidden_size.is_multiple_of(m.num_heads.max(1)) {
         problems.push(format!(
             "model: hidden_size {} is not a multiple of num_heads {}",
             m.hidden_size, m.num_heads
@@ -135,25 +135,25 @@ fn check_stage(at: &str, stage: &Stage, m: &ModelConfig) -> Vec<String> {
         ));
     }
     let sp = stage.sequence_parallel.max(1);
-    if m.num_heads % sp != 0 {
+    if !m.num_heads.is_multiple_of(sp) {
         problems.push(format!(
             "{at}: sequence_parallel {sp} does not divide num_heads {} (Ulysses splits heads)",
             m.num_heads
         ));
     }
-    if sp > 1 && m.num_kv_heads % sp != 0 && sp % m.num_kv_heads.max(1) != 0 {
+    if sp > 1 && !m.num_kv_heads.is_multiple_of(sp) && !sp.is_multiple_of(m.num_kv_heads.max(1)) {
         problems.push(format!(
             "{at}: sequence_parallel {sp} and num_kv_heads {} neither divides the other (KV heads cannot be split or replicated)",
             m.num_kv_heads
         ));
     }
-    if let Some(mb) = stage.micro_batch {
-        if mb == 0 || stage.global_batch % mb != 0 {
-            problems.push(format!(
-                "{at}: micro_batch {mb} must divide global_batch {}",
-                stage.global_batch
-            ));
-        }
+    if let Some(mb) = stage.micro_batch
+        && (mb == 0 || !stage.global_batch.is_multiple_of(mb))
+    {
+        problems.push(format!(
+            "{at}: micro_batch {mb} must divide global_batch {}",
+            stage.global_batch
+        ));
     }
     if (stage.lora_r.is_some() || stage.lora_alpha.is_some())
         && !stage
@@ -168,7 +168,7 @@ fn check_stage(at: &str, stage: &Stage, m: &ModelConfig) -> Vec<String> {
     if let Some(b) = stage.adam_beta2.filter(|b| !(0.0..1.0).contains(b)) {
         problems.push(format!("{at}: adam_beta2 {b} must be in [0, 1)"));
     }
-    if let Some(w) = stage.weight_decay.filter(|w| !(*w >= 0.0)) {
+    if let Some(w) = stage.weight_decay.filter(|w| !(positive(*w) || *w == 0.0)) {
         problems.push(format!("{at}: weight_decay {w} must be at least 0"));
     }
     if stage.order == Order::Shuffled {
@@ -180,11 +180,11 @@ fn check_stage(at: &str, stage: &Stage, m: &ModelConfig) -> Vec<String> {
         }
     }
     match &stage.rope_base {
-        Some(RopeBase::One(b)) if !(*b > 0.0) => {
+        Some(RopeBase::One(b)) if !positive(*b) => {
             problems.push(format!("{at}: rope_base {b} must be positive"))
         }
         Some(RopeBase::Progressive(bases))
-            if bases.is_empty() || bases.iter().any(|b| !(*b > 0.0)) =>
+            if bases.is_empty() || bases.iter().any(|b| !positive(*b)) =>
         {
             problems.push(format!(
                 "{at}: rope_base list {bases:?} must be non-empty and positive"
@@ -243,4 +243,9 @@ fn check_sources(at: &str, stage: &Stage) -> Vec<String> {
         ));
     }
     problems
+}
+
+/// Greater than zero (so NaN is not).
+fn positive(x: f64) -> bool {
+    x > 0.0
 }

@@ -10,6 +10,10 @@ use super::{Emit, RawMedia, RawSample, Reject, check_reserved};
 use crate::Result;
 use crate::chat::{Segment, SpecialTokens};
 
+/// A key's members as they were read: the key, and each member's name and
+/// bytes.
+type Group = (String, Vec<(String, Vec<u8>)>);
+
 const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
 
 /// A WebDataset tar: adjacent members sharing a key form one sample.
@@ -25,7 +29,7 @@ pub(super) fn read_wds<R: Read>(reader: R, origin: &str, emit: &mut Emit) -> Res
             return emit(origin.to_string(), Err(reject));
         }
     };
-    let mut group: Option<(String, Vec<(String, Vec<u8>)>)> = None;
+    let mut group: Option<Group> = None;
     let mut last_member = String::from("(start)");
     for entry in entries {
         let mut entry = match entry {
@@ -88,11 +92,7 @@ pub(super) fn read_wds<R: Read>(reader: R, origin: &str, emit: &mut Emit) -> Res
     flush_wds(origin, group, emit)
 }
 
-fn flush_wds(
-    origin: &str,
-    group: Option<(String, Vec<(String, Vec<u8>)>)>,
-    emit: &mut Emit,
-) -> Result<()> {
+fn flush_wds(origin: &str, group: Option<Group>, emit: &mut Emit) -> Result<()> {
     let Some((key, members)) = group else {
         return Ok(());
     };

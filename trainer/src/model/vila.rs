@@ -183,12 +183,12 @@ impl Model {
         let (mut targets, mut weights, mut positions) = (Vec::new(), Vec::new(), Vec::new());
         for w in e.boundaries.windows(2) {
             for j in w[0]..w[1] - 1 {
-                if let Some(next) = e.tokens[j + 1] {
-                    if e.mask[j + 1] > 0.0 {
-                        targets.push(next);
-                        weights.push(e.mask[j + 1]);
-                        positions.push(j);
-                    }
+                if let Some(next) = e.tokens[j + 1]
+                    && e.mask[j + 1] > 0.0
+                {
+                    targets.push(next);
+                    weights.push(e.mask[j + 1]);
+                    positions.push(j);
                 }
             }
         }
