@@ -260,6 +260,11 @@ pub struct BuildArgs {
     /// quarantining them.
     #[arg(long)]
     pub keep_duplicates: bool,
+    /// Read media wherever annotations point (absolute paths, `..`,
+    /// symlinks out of the media root) instead of quarantining them as
+    /// unsafe_path; recorded in the manifest.
+    #[arg(long)]
+    pub allow_media_outside_root: bool,
     /// Worker threads for decoding and tokenization (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,

@@ -528,3 +528,207 @@ fn sql_refuses_writes_and_explains_bad_folders() {
     assert_eq!(res.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&res.stderr).contains("no manifest.json"));
 }
+
+/// Runs `lvpipe ARGS` in `cwd`, failing the test if it has not ended after
+/// `seconds` (a read that blocks on a FIFO would hang forever).
+fn lvpipe_within(cwd: &Path, args: &[&str], seconds: u64) -> std::process::Output {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_lvpipe"))
+        .args(args)
+        .current_dir(cwd)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("lvpipe runs");
+    let id = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(seconds)) {
+        Ok(out) => out.expect("lvpipe output"),
+        Err(_) => {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &id.to_string()])
+                .status();
+            panic!("lvpipe {args:?} did not end within {seconds} s");
+        }
+    }
+}
+
+/// Media that must not be read: outside the root (`..`, absolute, a
+/// symlinked folder, a symlink to a device), special files (a FIFO, a
+/// device), and a tar member whose header claims 2^62 bytes.
+fn hostile_inputs(dir: &Path) {
+    let root = dir.join("root");
+    let outside = dir.join("outside");
+    std::fs::create_dir_all(root.join("img")).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(root.join("img/ok.png"), png(32, 32)).unwrap();
+    std::fs::write(outside.join("secret.png"), png(33, 33)).unwrap();
+    std::os::unix::fs::symlink(&outside, root.join("linked")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", root.join("img/zero.png")).unwrap();
+    let fifo = root.join("img/fifo.png");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let secret = outside.join("secret.png");
+    let lines = [
+        conversation("ok", Some("img/ok.png"), "<image>\\nWhat is it?"),
+        conversation(
+            "dotdot",
+            Some("../outside/secret.png"),
+            "<image>\\nWhat is it?",
+        ),
+        conversation(
+            "absolute",
+            Some(secret.to_str().unwrap()),
+            "<image>\\nWhat is it?",
+        ),
+        conversation(
+            "symlinked",
+            Some("linked/secret.png"),
+            "<image>\\nWhat is it?",
+        ),
+        conversation("device", Some("/dev/zero"), "<image>\\nWhat is it?"),
+        conversation("device-link", Some("img/zero.png"), "<image>\\nWhat is it?"),
+        conversation("fifo", Some("img/fifo.png"), "<image>\\nWhat is it?"),
+    ];
+    std::fs::write(root.join("vqa.jsonl"), lines.join("\n") + "\n").unwrap();
+    std::fs::write(
+        root.join("docs.jsonl"),
+        r#"{"id": "doc", "text_list": ["A page.", "A picture."], "image_info": [{"image_name": "../outside/secret.png", "matched_text_index": 1}]}"#.to_string() + "\n",
+    )
+    .unwrap();
+    // A tar whose second member's header claims 2^62 bytes (written by hand:
+    // the builder would end the archive before it).
+    let member = |name: &str, size: u64| {
+        let mut header = tar::Header::new_gnu();
+        header.set_path(name).unwrap();
+        header.set_size(size);
+        header.set_mode(0o644);
+        header.set_cksum();
+        header.as_bytes().to_vec()
+    };
+    let mut bytes = member("000.txt", 13);
+    bytes.extend_from_slice(b"A red square.");
+    bytes.resize(1024, 0);
+    bytes.extend(member("001.png", 1 << 62));
+    bytes.extend_from_slice(&[0u8; 1024]);
+    std::fs::write(root.join("pairs.tar"), bytes).unwrap();
+}
+
+#[test]
+fn media_outside_the_root_special_files_and_huge_tar_members_are_quarantined() {
+    let corpus = tiny_corpus();
+    let dir = tempfile::tempdir().unwrap();
+    hostile_inputs(dir.path());
+    let root = dir.path().join("root");
+    std::fs::copy(
+        corpus.join("raw/tokenizer.json"),
+        root.join("tokenizer.json"),
+    )
+    .unwrap();
+    let build = |out: &str, extra: &[&str]| {
+        let mut args = vec![
+            "build-shards",
+            "--out",
+            out,
+            "--tokenizer",
+            "tokenizer.json",
+            "--image-size",
+            "32",
+            "--source",
+            "llava:vqa.jsonl",
+            "--source",
+            "interleaved:docs.jsonl",
+            "--source",
+            "wds:pairs.tar",
+        ];
+        args.extend(extra);
+        let started = std::time::Instant::now();
+        let out = lvpipe_within(&root, &args, 120);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (stdout, started.elapsed())
+    };
+    let (stdout, took) = build("shards", &[]);
+    // Where to look is printed with the counts.
+    assert!(
+        stdout.contains("SELECT origin, reason, detail FROM quarantine"),
+        "{stdout}"
+    );
+    assert!(took.as_secs() < 60, "{took:?}");
+    let reasons = |shards: &str| -> Vec<(String, String)> {
+        let mut rows: Vec<(String, String)> = sql_json(
+            &root,
+            shards,
+            "SELECT annotation_id AS id, reason FROM quarantine WHERE annotation_id IS NOT NULL",
+        )
+        .into_iter()
+        .map(|r| {
+            (
+                r["id"].as_str().unwrap().to_string(),
+                r["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+        rows.sort();
+        rows
+    };
+    let expect = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+        let mut v: Vec<_> = pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        reasons("shards"),
+        expect(&[
+            ("absolute", "unsafe_path"),
+            ("device", "unsafe_path"),
+            ("device-link", "unsafe_path"),
+            ("doc", "unsafe_path"),
+            ("dotdot", "unsafe_path"),
+            ("fifo", "unsupported_media"),
+            ("symlinked", "unsafe_path"),
+        ])
+    );
+    let samples = sql_json(
+        &root,
+        "shards",
+        "SELECT annotation_id AS id FROM samples WHERE source = 'vqa'",
+    );
+    assert_eq!(samples.len(), 1, "{samples:?}");
+    let tar = sql_json(
+        &root,
+        "shards",
+        "SELECT origin, reason FROM quarantine WHERE source = 'pairs'",
+    );
+    assert!(
+        tar.iter()
+            .any(|r| r["origin"].as_str().unwrap().ends_with("!001.png")
+                && r["reason"] == "media_too_large"),
+        "{tar:?}"
+    );
+    // Opting in reads media outside the root, but still no device or FIFO.
+    build(
+        "allowed",
+        &["--allow-media-outside-root", "--keep-duplicates"],
+    );
+    assert_eq!(
+        reasons("allowed"),
+        expect(&[
+            ("device", "unsupported_media"),
+            ("device-link", "unsupported_media"),
+            ("fifo", "unsupported_media"),
+        ])
+    );
+}

@@ -55,6 +55,7 @@ fn build_settings(args: &BuildArgs) -> Result<BuildSettings> {
     settings.overwrite = args.overwrite;
     settings.threads = args.threads;
     settings.dedup = !args.keep_duplicates;
+    settings.allow_media_outside_root = args.allow_media_outside_root;
     settings.fail_after_shards = args.fail_after_shards;
     Ok(settings)
 }
@@ -126,5 +127,11 @@ fn summary_text(s: &BuildSummary, out_dir: &Path) -> String {
             String::new()
         }
     ));
+    if s.quarantined > 0 {
+        text.push_str(&format!(
+            "quarantined records, with their file, line and reason: lvpipe sql --shards {} \"SELECT origin, reason, detail FROM quarantine\"\n",
+            out_dir.display()
+        ));
+    }
     text
 }

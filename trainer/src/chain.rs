@@ -17,7 +17,7 @@ use lvpipe_schemas::StepMetrics;
 use lvpipe_sharding::ChatTokenizer;
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{TrainerState, finished, weights_fingerprint};
+use crate::checkpoint::{TrainerState, finished, weights_fingerprint, write_atomic};
 use crate::run::{StageRun, Summary, run_stage};
 use crate::{Error, Result};
 
@@ -251,11 +251,10 @@ pub fn train_stage(
         )));
     }
     fs_err::create_dir_all(out)?;
-    fs_err::write(
-        out.join(RunSpec::FILE_NAME),
-        serde_json::to_string_pretty(&spec).expect("the spec serializes") + "\n",
-    )?;
-    fs_err::copy(&spec.tokenizer, out.join("tokenizer.json"))?;
+    // Rewritten on every resume: atomically, so a kill keeps the run resumable.
+    let json = serde_json::to_string_pretty(&spec).expect("the spec serializes") + "\n";
+    write_atomic(&out.join(RunSpec::FILE_NAME), json.as_bytes())?;
+    write_atomic(&out.join("tokenizer.json"), &fs_err::read(&spec.tokenizer)?)?;
     let name = recipe.stage(spec.stage)?.name.clone();
     let run = StageRun {
         recipe: &recipe,

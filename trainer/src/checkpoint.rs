@@ -193,12 +193,68 @@ pub fn save_checkpoint(dir: &Path, vars: &VarMap, opt: &AdamW, state: &TrainerSt
     Ok(())
 }
 
-/// Writes `bytes` to a temporary file beside `path` and renames it there.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Writes `bytes` to a temporary file beside `path`, syncs it and renames it
+/// there: a kill leaves the old file or the new one, never a part.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    fs_err::write(&tmp, bytes)?;
+    let mut file = fs_err::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
     fs_err::rename(&tmp, path)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(step: u64) -> String {
+        let m = StepMetrics {
+            step,
+            loss: 1.0 / step as f64,
+            lr: 1e-3,
+            grad_norm: 1.0,
+            tokens: 10,
+            loss_tokens: 5.0,
+            micro_batches: 1,
+            stage: 1,
+            rope_base: 1e4,
+            source_tokens: Default::default(),
+            tokens_per_s: 1.0,
+            elapsed_s: step as f64,
+        };
+        m.to_line() + "\n"
+    }
+
+    #[test]
+    fn a_resume_keeps_the_metrics_up_to_its_checkpoint_and_drops_a_torn_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(StepMetrics::FILE_NAME);
+        // Steps 1 to 5, then a line a kill cut short.
+        let mut text: String = (1..=5).map(line).collect();
+        text.push_str(&line(6)[..20]);
+        std::fs::write(&path, &text).unwrap();
+        keep_metrics_until(&path, 3).unwrap();
+        let kept = StepMetrics::read(&path).unwrap();
+        assert_eq!(kept.iter().map(|m| m.step).collect::<Vec<_>>(), [1, 2, 3]);
+        // Replaced by a rename: nothing is left beside it.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [std::ffi::OsString::from(StepMetrics::FILE_NAME)]);
+    }
+
+    #[test]
+    fn atomic_writes_replace_the_whole_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.json");
+        std::fs::write(&path, "old and longer than the new text").unwrap();
+        write_atomic(&path, b"new").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+        assert!(!dir.path().join("run.json.tmp").exists());
+    }
 }

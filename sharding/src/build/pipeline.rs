@@ -10,7 +10,7 @@ use std::sync::atomic::AtomicU64;
 use crossbeam_channel::{Receiver, Sender};
 use lvpipe_schemas::QuarantineReason;
 
-use super::sample::sample_row;
+use super::sample::{MediaRoot, Prep, sample_row};
 use super::{BuildEvent, BuildSettings};
 use crate::chat::ChatTokenizer;
 use crate::readers::{Body, read_source};
@@ -41,7 +41,8 @@ pub(super) fn read_all(
     let mut seq = 0u64;
     let mut chunk = Vec::with_capacity(settings.chunk_records);
     for (index, spec) in settings.sources.iter().enumerate() {
-        let result = read_source(spec, bytes_read, &mut |origin, body| {
+        let limit = settings.image.limits.max_bytes;
+        let result = read_source(spec, bytes_read, limit, &mut |origin, body| {
             if seq >= skip_until {
                 chunk.push(RawRecord {
                     seq,
@@ -145,15 +146,24 @@ pub(super) fn process(
     settings: &BuildSettings,
     tokenizer: &ChatTokenizer,
 ) -> Processed {
-    let source = &settings.sources[record.source].name;
+    let spec = &settings.sources[record.source];
+    let source = &spec.name;
     let RawRecord {
         seq, origin, body, ..
     } = record;
+    let root = spec.media_root();
     let result = body.and_then(|raw| {
-        let video = settings
-            .video_for(record.source)
-            .expect("checked when the build started");
-        sample_row(raw, seq, &origin, source, settings, &video, tokenizer)
+        let prep = Prep {
+            settings,
+            video: settings
+                .video_for(record.source)
+                .expect("checked when the build started"),
+            root: MediaRoot {
+                root: &root,
+                allow_outside: settings.allow_media_outside_root,
+            },
+        };
+        sample_row(raw, seq, &origin, source, &prep, tokenizer)
     });
     match result {
         Ok((row, id)) => Processed::Sample(Box::new(row), id),

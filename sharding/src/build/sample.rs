@@ -3,7 +3,7 @@
 //! template applied and tokenized, its content hash and sample id.
 
 use std::borrow::Cow;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use lvpipe_schemas::QuarantineReason;
 
@@ -32,8 +32,7 @@ pub(super) fn sample_row(
     seq: u64,
     origin: &str,
     source: &str,
-    settings: &BuildSettings,
-    video_settings: &VideoSettings,
+    prep: &Prep,
     tokenizer: &ChatTokenizer,
 ) -> Rejected<(SampleRow, u128)> {
     let fail = |reason, detail: String| Reject {
@@ -49,7 +48,7 @@ pub(super) fn sample_row(
             hasher.update(part.as_bytes());
         }
     }
-    let media = prepare_media(&raw, settings, video_settings, &mut hasher, &fail)?;
+    let media = prepare_media(&raw, prep, &mut hasher, &fail)?;
     let is_document = media.turns.iter().all(|t| t.role == "text");
     let encoded = if is_document {
         let text: String = media.turns.iter().map(|t| t.content.as_str()).collect();
@@ -97,8 +96,7 @@ fn sample_id(source: &str, content_hash: &str) -> u128 {
 /// Every media item of a record, prepared and hashed into `hasher`.
 fn prepare_media<'a>(
     raw: &'a RawSample,
-    settings: &BuildSettings,
-    video_settings: &VideoSettings,
+    prep: &Prep,
     hasher: &mut blake3::Hasher,
     fail: &dyn Fn(QuarantineReason, String) -> Reject,
 ) -> Rejected<Media<'a>> {
@@ -115,8 +113,7 @@ fn prepare_media<'a>(
                 hints,
             } => {
                 let label = format!("video `{written}`");
-                let frames =
-                    video_frames(path, &label, *hints, settings, video_settings, hasher, fail)?;
+                let frames = video_frames(path, &label, *hints, prep, hasher, fail)?;
                 media.items.extend(frames.0);
                 media.turns = Cow::Owned(expand_video(&raw.turns, media.items.len()));
                 media.video = Some(frames.1);
@@ -125,31 +122,138 @@ fn prepare_media<'a>(
             RawMedia::Bytes(bytes) => (Cow::Borrowed(bytes), format!("image {i}")),
             RawMedia::File { path, written } => {
                 let label = format!("image {i} (`{written}`)");
-                (Cow::Owned(read_media(path, &label, fail)?), label)
+                (Cow::Owned(read_media(path, &label, prep, fail)?), label)
             }
         };
         hasher.update(&(bytes.len() as u64).to_le_bytes());
         hasher.update(&bytes);
-        let image = process_image(&bytes, &settings.image)
+        let image = process_image(&bytes, &prep.settings.image)
             .map_err(|(reason, detail)| fail(reason, format!("{label}: {detail}")))?;
         media.items.push(MediaItem::new(image, None));
     }
     Ok(media)
 }
 
-/// A media file's bytes; a missing one is `missing_media`.
+/// How one source's records are prepared.
+pub(super) struct Prep<'a> {
+    pub(super) settings: &'a BuildSettings,
+    /// The source's video settings (its frame policy).
+    pub(super) video: VideoSettings,
+    pub(super) root: MediaRoot<'a>,
+}
+
+/// Where a media file may be read from: inside the source's media root,
+/// unless the build allows media anywhere.
+pub(super) struct MediaRoot<'a> {
+    pub(super) root: &'a Path,
+    pub(super) allow_outside: bool,
+}
+
+impl MediaRoot<'_> {
+    /// `path` (as `written` in the annotation) checked before anything is
+    /// opened: inside the root once symlinks are resolved, and a regular
+    /// file (a FIFO would block the read forever, a device never end).
+    /// Returns the resolved path and the file's size.
+    fn check(
+        &self,
+        path: &Path,
+        label: &str,
+        fail: &dyn Fn(QuarantineReason, String) -> Reject,
+    ) -> Rejected<(PathBuf, u64)> {
+        let resolved = std::fs::canonicalize(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => fail(
+                QuarantineReason::MissingMedia,
+                format!("{label}: {} not found", path.display()),
+            ),
+            _ => fail(QuarantineReason::CorruptMedia, format!("{label}: {e}")),
+        })?;
+        if !self.allow_outside {
+            // A source file named without a folder has the empty path as
+            // its root: the current folder.
+            let root = match self.root.as_os_str().is_empty() {
+                true => Path::new("."),
+                false => self.root,
+            };
+            let root = std::fs::canonicalize(root).map_err(|e| {
+                fail(
+                    QuarantineReason::MissingMedia,
+                    format!("{label}: media root {}: {e}", root.display()),
+                )
+            })?;
+            if !resolved.starts_with(&root) {
+                return Err(fail(
+                    QuarantineReason::UnsafePath,
+                    format!(
+                        "{label}: {} is outside the media root {} (--allow-media-outside-root reads it anyway)",
+                        resolved.display(),
+                        root.display()
+                    ),
+                ));
+            }
+        }
+        let meta = std::fs::metadata(&resolved)
+            .map_err(|e| fail(QuarantineReason::CorruptMedia, format!("{label}: {e}")))?;
+        if !meta.is_file() {
+            return Err(fail(
+                QuarantineReason::UnsupportedMedia,
+                format!(
+                    "{label}: {} is not a regular file ({})",
+                    resolved.display(),
+                    file_kind(&meta)
+                ),
+            ));
+        }
+        Ok((resolved, meta.len()))
+    }
+}
+
+/// What kind of file system object `meta` describes, for messages.
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    if t.is_dir() {
+        "a folder"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a file"
+    }
+}
+
+/// A media file's bytes, at most `max_bytes` of them: larger files are
+/// `media_too_large` before anything is read.
 fn read_media(
     path: &Path,
     label: &str,
+    prep: &Prep,
     fail: &dyn Fn(QuarantineReason, String) -> Reject,
 ) -> Rejected<Vec<u8>> {
-    std::fs::read(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => fail(
-            QuarantineReason::MissingMedia,
-            format!("{label}: {} not found", path.display()),
-        ),
-        _ => fail(QuarantineReason::CorruptMedia, format!("{label}: {e}")),
-    })
+    use std::io::Read;
+    let max_bytes = prep.settings.image.limits.max_bytes;
+    let (resolved, len) = prep.root.check(path, label, fail)?;
+    let too_large = |n: u64| {
+        fail(
+            QuarantineReason::MediaTooLarge,
+            format!("{label}: {n} bytes, more than the limit of {max_bytes} (--max-media-bytes)"),
+        )
+    };
+    if len > max_bytes {
+        return Err(too_large(len));
+    }
+    let file = std::fs::File::open(&resolved)
+        .map_err(|e| fail(QuarantineReason::CorruptMedia, format!("{label}: {e}")))?;
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.take(max_bytes + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| fail(QuarantineReason::CorruptMedia, format!("{label}: {e}")))?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(bytes)
 }
 
 /// A video's sampled frames, stored as images are, and what it is; its
@@ -158,29 +262,24 @@ fn video_frames(
     path: &Path,
     label: &str,
     hints: Hints,
-    settings: &BuildSettings,
-    video_settings: &VideoSettings,
+    prep: &Prep,
     hasher: &mut blake3::Hasher,
     fail: &dyn Fn(QuarantineReason, String) -> Reject,
 ) -> Rejected<(Vec<MediaItem>, VideoInfo)> {
     let at =
         |(reason, detail): (QuarantineReason, String)| fail(reason, format!("{label}: {detail}"));
-    let mut file = std::fs::File::open(path).map_err(|e| {
-        let reason = if e.kind() == std::io::ErrorKind::NotFound {
-            QuarantineReason::MissingMedia
-        } else {
-            QuarantineReason::CorruptMedia
-        };
-        fail(reason, format!("{label}: {}: {e}", path.display()))
-    })?;
+    let (path, _) = prep.root.check(path, label, fail)?;
+    let path = path.as_path();
+    let mut file = std::fs::File::open(path)
+        .map_err(|e| fail(QuarantineReason::CorruptMedia, format!("{label}: {e}")))?;
     hasher
         .update_reader(&mut file)
         .map_err(|e| fail(QuarantineReason::CorruptMedia, format!("{label}: {e}")))?;
-    let sampled = crate::video::sample(path, video_settings, hints).map_err(at)?;
+    let sampled = crate::video::sample(path, &prep.video, hints).map_err(at)?;
     let mut items = Vec::with_capacity(sampled.frames.len());
     for frame in sampled.frames {
         let image =
-            encode_rgb(frame.rgb, frame.width, frame.height, &settings.image).map_err(at)?;
+            encode_rgb(frame.rgb, frame.width, frame.height, &prep.settings.image).map_err(at)?;
         items.push(MediaItem::new(
             image,
             Some((frame.index, frame.timestamp_ms)),

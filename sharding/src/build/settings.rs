@@ -46,6 +46,9 @@ pub struct BuildSettings {
     pub threads: Option<usize>,
     /// Quarantine exact duplicates (same content) within a source.
     pub dedup: bool,
+    /// Read media files wherever annotations point, instead of quarantining
+    /// those outside their source's media root as `unsafe_path`.
+    pub allow_media_outside_root: bool,
     /// Stop with an error after writing this many shards (to test resume).
     pub fail_after_shards: Option<u32>,
 }
@@ -77,6 +80,7 @@ impl BuildSettings {
             overwrite: false,
             threads: None,
             dedup: true,
+            allow_media_outside_root: false,
             fail_after_shards: None,
         }
     }
@@ -179,6 +183,7 @@ pub(super) fn build_fingerprint(
         "target_shard_bytes": settings.target_shard_bytes,
         "row_group_rows": settings.row_group_rows,
         "dedup": settings.dedup,
+        "allow_media_outside_root": settings.allow_media_outside_root,
         "sources": sources,
     });
     let fingerprint = blake3::hash(args.to_string().as_bytes()).to_hex()[..32].to_string();

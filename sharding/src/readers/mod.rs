@@ -77,12 +77,15 @@ pub(crate) type Emit<'a> = dyn FnMut(String, Body) -> Result<()> + 'a;
 
 /// Reads one source, emitting every record in file order. `bytes_read` counts
 /// the source file's bytes consumed, for progress.
+/// `max_member_bytes` bounds what is read of one tar member into memory.
 pub(crate) fn read_source(
     spec: &SourceSpec,
     bytes_read: &Arc<AtomicU64>,
+    max_member_bytes: u64,
     emit: &mut Emit,
 ) -> Result<()> {
     let file = fs_err::File::open(&spec.path)?;
+    let file_bytes = file.metadata()?.len();
     let reader = BufReader::with_capacity(
         1 << 20,
         Counting {
@@ -100,7 +103,10 @@ pub(crate) fn read_source(
         SourceKind::Interleaved => read_jsonl(reader, &origin_path, emit, &|v| {
             interleaved_sample(v, &media_root)
         }),
-        SourceKind::Wds => read_wds(reader, &origin_path, emit),
+        SourceKind::Wds => {
+            let limit = max_member_bytes.min(file_bytes);
+            read_wds(reader, &origin_path, limit, emit)
+        }
     }
 }
 
@@ -196,7 +202,7 @@ mod tests {
             frames: None,
         };
         let mut out = Vec::new();
-        read_source(&spec, &Arc::new(AtomicU64::new(0)), &mut |o, b| {
+        read_source(&spec, &Arc::new(AtomicU64::new(0)), 1 << 20, &mut |o, b| {
             out.push((o.rsplit('/').next().unwrap().to_string(), b));
             Ok(())
         })

@@ -17,7 +17,15 @@ type Group = (String, Vec<(String, Vec<u8>)>);
 const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
 
 /// A WebDataset tar: adjacent members sharing a key form one sample.
-pub(super) fn read_wds<R: Read>(reader: R, origin: &str, emit: &mut Emit) -> Result<()> {
+/// Members larger than `max_member_bytes` (the media limit, or the archive's
+/// own size: a header claiming more is corrupt) are quarantined without
+/// reading them into memory.
+pub(super) fn read_wds<R: Read>(
+    reader: R,
+    origin: &str,
+    max_member_bytes: u64,
+    emit: &mut Emit,
+) -> Result<()> {
     let mut archive = tar::Archive::new(reader);
     let entries = match archive.entries() {
         Ok(entries) => entries,
@@ -72,7 +80,19 @@ pub(super) fn read_wds<R: Read>(reader: R, origin: &str, emit: &mut Emit) -> Res
             .unwrap_or_default();
         let (stem, ext) = file_name.split_once('.').unwrap_or((file_name, ""));
         let key = path.with_file_name(stem).to_string_lossy().into_owned();
-        let mut bytes = Vec::with_capacity(entry.size() as usize);
+        let size = entry.size();
+        if size > max_member_bytes {
+            flush_wds(origin, group.take(), emit)?;
+            let detail = format!(
+                "member claims {size} bytes, more than {max_member_bytes} (the media limit or the archive's size)"
+            );
+            emit(
+                format!("{origin}!{raw_path}"),
+                Err(Reject::new(QuarantineReason::MediaTooLarge, detail)),
+            )?;
+            continue;
+        }
+        let mut bytes = Vec::with_capacity(size as usize);
         if let Err(e) = entry.read_to_end(&mut bytes) {
             flush_wds(origin, group.take(), emit)?;
             let detail = format!("cannot read member: {e}; the rest is skipped");
