@@ -297,6 +297,45 @@ mod tests {
     }
 
     #[test]
+    fn web_formats_decode_as_pillow_reads_them() {
+        let settings = ImageSettings {
+            size: 32,
+            aspect: ImageAspect::Resize,
+            ..Default::default()
+        };
+        let img = image::RgbImage::from_pixel(40, 30, image::Rgb([20, 40, 200]));
+        for format in [
+            ImageFormat::WebP,
+            ImageFormat::Gif,
+            ImageFormat::Bmp,
+            ImageFormat::Tiff,
+        ] {
+            let mut bytes = Vec::new();
+            image::DynamicImage::ImageRgb8(img.clone())
+                .write_to(&mut Cursor::new(&mut bytes), format)
+                .unwrap();
+            let out =
+                process_image(&bytes, &settings).unwrap_or_else(|e| panic!("{format:?}: {e:?}"));
+            assert_eq!((out.orig_width, out.orig_height), (40, 30), "{format:?}");
+            let px = decode(&out.bytes).get_pixel(16, 16).0;
+            assert!(px[2] > 170 && px[0] < 60, "{format:?}: {px:?}");
+        }
+        // 16-bit and grey-alpha inputs come out as 8-bit RGB.
+        let wide = image::ImageBuffer::<image::Rgb<u16>, _>::from_pixel(
+            20,
+            20,
+            image::Rgb([60_000u16, 1_000, 1_000]),
+        );
+        let mut bytes = Vec::new();
+        wide.write_to(&mut Cursor::new(&mut bytes), ImageFormat::Png)
+            .unwrap();
+        let px = decode(&process_image(&bytes, &settings).unwrap().bytes)
+            .get_pixel(16, 16)
+            .0;
+        assert!(px[0] > 200 && px[1] < 30, "{px:?}");
+    }
+
+    #[test]
     fn bombs_and_garbage_are_refused_with_reasons() {
         let settings = ImageSettings {
             limits: ImageLimits {

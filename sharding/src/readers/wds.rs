@@ -14,7 +14,7 @@ use crate::chat::{Segment, SpecialTokens};
 /// bytes.
 type Group = (String, Vec<(String, Vec<u8>)>);
 
-const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
+const IMAGE_EXTENSIONS: [&str; 8] = ["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"];
 
 /// A WebDataset tar: adjacent members sharing a key form one sample.
 /// Members larger than `max_member_bytes` (the media limit, or the archive's
