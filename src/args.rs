@@ -223,6 +223,10 @@ pub struct BuildArgs {
     /// quarantined as media_too_large (decompression bomb guard).
     #[arg(long, default_value_t = 89_478_485)]
     pub max_image_pixels: u64,
+    /// Longest JSONL line read as a record (e.g. 64MiB); longer lines are
+    /// quarantined as record_too_large.
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    pub max_record_bytes: u64,
     /// Largest encoded media file accepted (e.g. 64MiB).
     #[arg(long, default_value = "64MiB", value_parser = parse_size)]
     pub max_media_bytes: u64,
@@ -319,6 +323,10 @@ pub struct SqlArgs {
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     pub format: FormatArg,
+    /// Memory a query may use (e.g. 2GiB; default: half of the machine's);
+    /// a query that needs more fails with "resources exhausted".
+    #[arg(long, value_parser = parse_size)]
+    pub memory_limit: Option<u64>,
     /// The query (SELECT, WITH, EXPLAIN, SHOW, DESCRIBE; writes are refused).
     pub query: String,
 }

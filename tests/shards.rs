@@ -527,6 +527,19 @@ fn sql_refuses_writes_and_explains_bad_folders() {
     let res = lvpipe(corpus, &["sql", "--shards", "raw", "SELECT 1"]);
     assert_eq!(res.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&res.stderr).contains("no manifest.json"));
+    // A query that needs more memory than it may use ends with an error.
+    let join = "SELECT a.sample_id, a.media, b.media FROM samples a CROSS JOIN samples b \
+                ORDER BY a.sample_id";
+    let res = lvpipe(
+        corpus,
+        &["sql", "--shards", out, "--memory-limit", "1MiB", join],
+    );
+    assert_eq!(res.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        stderr.to_lowercase().contains("resources exhausted"),
+        "{stderr}"
+    );
 }
 
 /// Runs `lvpipe ARGS` in `cwd`, failing the test if it has not ended after
@@ -731,4 +744,24 @@ fn media_outside_the_root_special_files_and_huge_tar_members_are_quarantined() {
             ("fifo", "unsupported_media"),
         ])
     );
+}
+
+#[test]
+fn a_second_writer_of_an_output_folder_is_refused() {
+    let corpus = tiny_corpus();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("shards");
+    // Another process (this test) is writing the folder.
+    let held = lvpipe_schemas::FolderLock::acquire(&out, "build-shards").unwrap();
+    let busy = lvpipe(corpus, &build_args(out.to_str().unwrap(), &[]));
+    assert_eq!(busy.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&busy.stderr);
+    assert!(
+        err.contains("being written by another lvpipe process"),
+        "{err}"
+    );
+    assert!(!out.join("manifest.json").exists());
+    drop(held);
+    lvpipe_ok(corpus, &build_args(out.to_str().unwrap(), &[]));
+    assert!(out.join("manifest.json").exists());
 }

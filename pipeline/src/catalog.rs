@@ -10,7 +10,8 @@ use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
-use datafusion::execution::context::{SQLOptions, SessionContext};
+use datafusion::execution::context::{SQLOptions, SessionConfig, SessionContext};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::sql::parser::{DFParser, Statement};
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 use lvpipe_schemas::{Manifest, SCHEMA_VERSION, TableKind, quarantine_schema, samples_schema};
@@ -26,8 +27,16 @@ pub struct Catalog {
 
 impl Catalog {
     /// Opens a finished build: reads its manifest, checks the schema version,
-    /// and registers exactly the files the manifest lists.
+    /// and registers exactly the files the manifest lists. Queries may use
+    /// [`default_memory_limit`] bytes.
     pub async fn open(shards: &Path) -> Result<Self> {
+        Self::open_with_limit(shards, default_memory_limit()).await
+    }
+
+    /// [`Catalog::open`] with queries bounded to `memory_limit` bytes: a
+    /// query that needs more fails with DataFusion's "resources exhausted"
+    /// (spilling first where the operator can).
+    pub async fn open_with_limit(shards: &Path, memory_limit: usize) -> Result<Self> {
         let shards_err = |message: String| Error::Folder {
             path: shards.to_path_buf(),
             message,
@@ -50,7 +59,7 @@ impl Catalog {
                 manifest.schema_version
             )));
         }
-        let ctx = SessionContext::new();
+        let ctx = session(memory_limit)?;
         let dir = std::path::absolute(shards)?;
         for (table, schema) in [
             (TableKind::Samples, samples_schema()),
@@ -148,11 +157,11 @@ impl Catalog {
     }
 
     /// A session with no shard tables, for `sql --runs` alone.
-    pub fn empty() -> Self {
-        Catalog {
-            ctx: SessionContext::new(),
+    pub fn empty(memory_limit: usize) -> Result<Self> {
+        Ok(Catalog {
+            ctx: session(memory_limit)?,
             manifest: None,
-        }
+        })
     }
 
     /// Runs one read-only statement and collects its result.
@@ -219,6 +228,31 @@ fn check_read_only(sql: &str) -> Result<()> {
         return Err(Error::NotAQuery(head));
     }
     Ok(())
+}
+
+/// Half of the machine's memory (`MemTotal` in /proc/meminfo), or 4 GiB
+/// where that cannot be read: room for the process itself and the page
+/// cache that the mapped files live in.
+pub fn default_memory_limit() -> usize {
+    let total_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+        });
+    total_kib.map_or(4 << 30, |kib| kib * 1024 / 2)
+}
+
+/// A DataFusion session whose queries are bounded to `memory_limit` bytes.
+fn session(memory_limit: usize) -> Result<SessionContext> {
+    let runtime = RuntimeEnvBuilder::new()
+        .with_memory_limit(memory_limit, 1.0)
+        .build_arc()?;
+    Ok(SessionContext::new_with_config_rt(
+        SessionConfig::new(),
+        runtime,
+    ))
 }
 
 #[cfg(test)]

@@ -69,6 +69,9 @@ pub async fn plan(recipe: &Recipe, catalog: &Catalog) -> Result<(Vec<String>, Ve
             .sources
             .retain(|s| datafusion::sql::parser::DFParser::parse_sql(&s.sql("sample_id")).is_ok());
         let stage = &stage;
+        if !crate::recipe::stage_limits(&at, stage).is_empty() {
+            continue; // reported by the recipe's check; planning would not end
+        }
         let planned = match plan_stage(catalog, recipe, stage).await {
             Ok(p) => p,
             Err(e) => {

@@ -16,6 +16,7 @@
 //! ```
 
 mod frames;
+mod lock;
 mod manifest;
 mod mixes;
 mod modules;
@@ -25,6 +26,7 @@ mod tables;
 mod validate;
 
 pub use frames::FramePolicy;
+pub use lock::FolderLock;
 pub use manifest::{Manifest, ManifestShard, ManifestSource, TableKind};
 pub use mixes::{mix_report_schema, mix_samples_schema, packs_schema};
 pub use modules::TrainableModule;
@@ -94,6 +96,14 @@ pub enum Error {
         what: &'static str,
         value: String,
         expected: String,
+    },
+    /// Another process writes the folder (it holds its [`FolderLock`]).
+    #[error(
+        "{dir} is being written by another lvpipe process ({what}); wait for it to end, or write elsewhere"
+    )]
+    Busy {
+        dir: std::path::PathBuf,
+        what: String,
     },
     /// A file of one of the contract's formats that does not parse.
     #[error("{file}: {message}")]

@@ -87,10 +87,12 @@ pub enum QuarantineReason {
     /// Fewer distinct decodable frames than the frame policy asks for (with
     /// `--short-videos quarantine`), or none at all.
     TooFewFrames,
+    /// A JSONL line longer than `--max-record-bytes`, not parsed.
+    RecordTooLarge,
 }
 
 impl QuarantineReason {
-    pub const ALL: [QuarantineReason; 17] = [
+    pub const ALL: [QuarantineReason; 18] = [
         QuarantineReason::MalformedJson,
         QuarantineReason::NonUtf8,
         QuarantineReason::MissingMedia,
@@ -108,6 +110,7 @@ impl QuarantineReason {
         QuarantineReason::UnsupportedCodec,
         QuarantineReason::UnknownDuration,
         QuarantineReason::TooFewFrames,
+        QuarantineReason::RecordTooLarge,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -129,6 +132,7 @@ impl QuarantineReason {
             QuarantineReason::UnsupportedCodec => "unsupported_codec",
             QuarantineReason::UnknownDuration => "unknown_duration",
             QuarantineReason::TooFewFrames => "too_few_frames",
+            QuarantineReason::RecordTooLarge => "record_too_large",
         }
     }
 

@@ -56,6 +56,7 @@ fn build_settings(args: &BuildArgs) -> Result<BuildSettings> {
     settings.threads = args.threads;
     settings.dedup = !args.keep_duplicates;
     settings.allow_media_outside_root = args.allow_media_outside_root;
+    settings.max_record_bytes = args.max_record_bytes;
     settings.fail_after_shards = args.fail_after_shards;
     Ok(settings)
 }

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use anyhow::Result;
-use lvpipe_pipeline::{Catalog, OutputFormat, render};
+use lvpipe_pipeline::{Catalog, OutputFormat, default_memory_limit, render};
 
 use super::{out, runtime};
 use crate::args::{FormatArg, SqlArgs};
@@ -14,10 +14,13 @@ pub fn run(args: SqlArgs) -> Result<ExitCode> {
         FormatArg::Csv => OutputFormat::Csv,
         FormatArg::Json => OutputFormat::Json,
     };
+    let limit = args
+        .memory_limit
+        .map_or_else(default_memory_limit, |bytes| bytes as usize);
     let text = runtime()?.block_on(async {
         let catalog = match &args.shards {
-            Some(shards) => Catalog::open(shards).await?,
-            None => Catalog::empty(),
+            Some(shards) => Catalog::open_with_limit(shards, limit).await?,
+            None => Catalog::empty(limit)?,
         };
         if let Some(mixes) = &args.mixes {
             catalog.register_mixes(mixes)?;

@@ -251,6 +251,7 @@ pub fn train_stage(
         )));
     }
     fs_err::create_dir_all(out)?;
+    let _lock = lvpipe_schemas::FolderLock::acquire(out, "train")?;
     // Rewritten on every resume: atomically, so a kill keeps the run resumable.
     let json = serde_json::to_string_pretty(&spec).expect("the spec serializes") + "\n";
     write_atomic(&out.join(RunSpec::FILE_NAME), json.as_bytes())?;

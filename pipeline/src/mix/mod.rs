@@ -353,6 +353,7 @@ pub async fn build_mix(
     }
     let dir = out.join(format!("stage-{stage_number}"));
     fs_err::create_dir_all(&dir)?;
+    let _lock = lvpipe_schemas::FolderLock::acquire(&dir, "mix")?;
     // mix.json is written last and means "complete": an older one goes first,
     // so an interrupted rebuild never looks finished.
     match fs_err::remove_file(dir.join(MixMeta::FILE_NAME)) {

@@ -20,6 +20,7 @@ impl Recipe {
             if !names.insert(stage.name.as_str()) {
                 problems.push(format!("{at}: another stage has the same name"));
             }
+            problems.extend(stage_limits(&at, stage));
             problems.extend(check_stage(&at, stage, &self.model));
             problems.extend(check_sources(&at, stage));
         }
@@ -60,9 +61,71 @@ impl Recipe {
     }
 }
 
+/// Largest context a stage may ask for, in tokens (LongVILA trains to 2M).
+pub const MAX_CONTEXT: u32 = 1 << 24;
+/// Largest global batch, in packs.
+pub const MAX_GLOBAL_BATCH: u32 = 1 << 20;
+/// Largest `repeat` of a source.
+pub const MAX_REPEAT: u32 = 10_000;
+
+/// Values beyond what any run needs, which would make planning or mixing
+/// allocate without bound; a stage outside them is not planned.
+pub(crate) fn stage_limits(at: &str, stage: &Stage) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut over = |what: &str, value: u64, max: u64| {
+        if value > max {
+            problems.push(format!("{at}: {what} {value} is over the limit of {max}"));
+        }
+    };
+    over("context", u64::from(stage.context), u64::from(MAX_CONTEXT));
+    over(
+        "global_batch",
+        u64::from(stage.global_batch),
+        u64::from(MAX_GLOBAL_BATCH),
+    );
+    over(
+        "sequence_parallel",
+        u64::from(stage.sequence_parallel),
+        4096,
+    );
+    over("lora_r", stage.lora_r.map_or(0, u64::from), 65_536);
+    for source in &stage.sources {
+        let name = format!("source {} repeat", source.name);
+        over(
+            &name,
+            source.repeat.map_or(0, u64::from),
+            u64::from(MAX_REPEAT),
+        );
+    }
+    for source in stage
+        .sources
+        .iter()
+        .filter_map(|s| s.weight.map(|w| (s, w)))
+    {
+        if source.1 > 1e6 {
+            problems.push(format!(
+                "{at}, source {}: weight {} is over the limit of 1e6",
+                source.0.name, source.1
+            ));
+        }
+    }
+    problems
+}
+
 /// The model's sizes and initialization.
 fn check_model(m: &ModelConfig) -> Vec<String> {
     let mut problems = Vec::new();
+    for (what, value, max) in [
+        ("image_size", m.image_size, 16_384),
+        ("hidden_size", m.hidden_size, 1 << 16),
+        ("intermediate_size", m.intermediate_size, 1 << 18),
+        ("num_layers", m.num_layers, 1024),
+        ("vocab_size", m.vocab_size, 1 << 24),
+    ] {
+        if value > max {
+            problems.push(format!("model: {what} {value} is over the limit of {max}"));
+        }
+    }
     if let Some(r) = m.initializer_range.filter(|r| !positive(*r)) {
         problems.push(format!("model: initializer_range {r} must be positive"));
     }

@@ -15,6 +15,9 @@ use crate::{Error, Result};
 
 mod check;
 
+pub(crate) use check::stage_limits;
+pub use check::{MAX_CONTEXT, MAX_GLOBAL_BATCH, MAX_REPEAT};
+
 /// A whole curriculum.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -345,6 +348,20 @@ impl Recipe {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn values_that_would_exhaust_memory_are_problems() {
+        let stage: Stage = toml::from_str(
+            "name = 's'\ninit = 'base'\ntrainable = ['llm']\ncontext = 4294967295\nlr = 1.0\n\
+             schedule = 'constant'\nglobal_batch = 4000000000\nsteps = 9\nseed = 0\n\
+             [[source]]\nname = 'a'\nquery = \"kind = 'text'\"\nrepeat = 4000000000\n",
+        )
+        .unwrap();
+        let problems = super::stage_limits("stage 1 (s)", &stage);
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(problems[0].contains("context 4294967295 is over the limit of 16777216"));
+        assert!(problems[2].contains("source a repeat"));
+    }
+
     #[test]
     fn a_rope_progression_splits_the_steps_evenly() {
         let mut stage: Stage = toml::from_str(

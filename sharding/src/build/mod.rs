@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use crossbeam_channel::bounded;
-use lvpipe_schemas::{Manifest, QuarantineReason};
+use lvpipe_schemas::{FolderLock, Manifest, QuarantineReason};
 use rayon::prelude::*;
 
 use crate::chat::{CHAT_TEMPLATE, ChatTokenizer};
@@ -81,6 +81,7 @@ pub fn build_shards(
     let tokenizer = ChatTokenizer::load(&settings.tokenizer)?;
     let (fingerprint, build_args) = build_fingerprint(settings, tokenizer.fingerprint())?;
     fs_err::create_dir_all(&settings.out)?;
+    let _lock = FolderLock::acquire(&settings.out, "build-shards")?;
     let resume = match prepare_out_dir(settings, &fingerprint)? {
         OutState::Complete(manifest) => {
             return summarize(manifest, &settings.out, started, 0, true);

@@ -13,7 +13,7 @@ use lvpipe_schemas::QuarantineReason;
 use super::sample::{MediaRoot, Prep, sample_row};
 use super::{BuildEvent, BuildSettings};
 use crate::chat::ChatTokenizer;
-use crate::readers::{Body, read_source};
+use crate::readers::{Body, ReadLimits, read_source};
 use crate::writer::{PartWriter, QuarantineRow, SampleRow};
 use crate::{Error, Result};
 
@@ -41,8 +41,11 @@ pub(super) fn read_all(
     let mut seq = 0u64;
     let mut chunk = Vec::with_capacity(settings.chunk_records);
     for (index, spec) in settings.sources.iter().enumerate() {
-        let limit = settings.image.limits.max_bytes;
-        let result = read_source(spec, bytes_read, limit, &mut |origin, body| {
+        let limits = ReadLimits {
+            record_bytes: settings.max_record_bytes,
+            member_bytes: settings.image.limits.max_bytes,
+        };
+        let result = read_source(spec, bytes_read, limits, &mut |origin, body| {
             if seq >= skip_until {
                 chunk.push(RawRecord {
                     seq,

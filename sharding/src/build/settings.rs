@@ -46,6 +46,9 @@ pub struct BuildSettings {
     pub threads: Option<usize>,
     /// Quarantine exact duplicates (same content) within a source.
     pub dedup: bool,
+    /// Longest JSONL line read as a record; longer ones are quarantined as
+    /// `record_too_large` without being held in memory.
+    pub max_record_bytes: u64,
     /// Read media files wherever annotations point, instead of quarantining
     /// those outside their source's media root as `unsafe_path`.
     pub allow_media_outside_root: bool,
@@ -81,6 +84,7 @@ impl BuildSettings {
             threads: None,
             dedup: true,
             allow_media_outside_root: false,
+            max_record_bytes: 64 << 20,
             fail_after_shards: None,
         }
     }
@@ -184,6 +188,7 @@ pub(super) fn build_fingerprint(
         "row_group_rows": settings.row_group_rows,
         "dedup": settings.dedup,
         "allow_media_outside_root": settings.allow_media_outside_root,
+        "max_record_bytes": settings.max_record_bytes,
         "sources": sources,
     });
     let fingerprint = blake3::hash(args.to_string().as_bytes()).to_hex()[..32].to_string();

@@ -7,7 +7,7 @@ use lvpipe_schemas::QuarantineReason;
 use serde::de::{DeserializeSeed, SeqAccess, Visitor};
 use serde_json::Value;
 
-use super::{Body, Emit, Reject};
+use super::{Body, Emit, ReadLimits, Reject};
 use crate::{Error, Result};
 
 pub(super) type Convert<'a> = dyn Fn(Value) -> Body + 'a;
@@ -17,6 +17,7 @@ pub(super) type Convert<'a> = dyn Fn(Value) -> Body + 'a;
 pub(super) fn read_json_records<R: BufRead>(
     mut reader: R,
     origin: &str,
+    limits: ReadLimits,
     emit: &mut Emit,
     convert: &Convert,
 ) -> Result<()> {
@@ -34,13 +35,16 @@ pub(super) fn read_json_records<R: BufRead>(
     if first == Some(b'[') {
         read_json_array(reader, origin, emit, convert)
     } else {
-        read_jsonl(reader, origin, emit, convert)
+        read_jsonl(reader, origin, limits, emit, convert)
     }
 }
 
+/// One record per line; a line longer than `limits.record_bytes` is
+/// quarantined without being held in memory whole.
 pub(super) fn read_jsonl<R: BufRead>(
     mut reader: R,
     origin: &str,
+    limits: ReadLimits,
     emit: &mut Emit,
     convert: &Convert,
 ) -> Result<()> {
@@ -48,10 +52,21 @@ pub(super) fn read_jsonl<R: BufRead>(
     let mut number = 0u64;
     loop {
         line.clear();
-        if reader.read_until(b'\n', &mut line)? == 0 {
+        let max = limits.record_bytes;
+        if (&mut reader).take(max + 1).read_until(b'\n', &mut line)? == 0 {
             return Ok(());
         }
         number += 1;
+        if line.len() as u64 > max && line.last() != Some(&b'\n') {
+            let rest = skip_line(&mut reader)?;
+            let detail = format!(
+                "the line has {} bytes, more than {max} (--max-record-bytes)",
+                line.len() as u64 + rest
+            );
+            let reject = Reject::new(QuarantineReason::RecordTooLarge, detail);
+            emit(format!("{origin}:{number}"), Err(reject))?;
+            continue;
+        }
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
@@ -70,6 +85,28 @@ pub(super) fn read_jsonl<R: BufRead>(
             },
         };
         emit(here, body)?;
+    }
+}
+
+/// Reads past the end of the current line; returns the bytes skipped.
+fn skip_line<R: BufRead>(reader: &mut R) -> Result<u64> {
+    let mut skipped = 0u64;
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(skipped);
+        }
+        match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                reader.consume(i + 1);
+                return Ok(skipped + i as u64 + 1);
+            }
+            None => {
+                let n = buf.len();
+                skipped += n as u64;
+                reader.consume(n);
+            }
+        }
     }
 }
 

@@ -77,11 +77,19 @@ pub(crate) type Emit<'a> = dyn FnMut(String, Body) -> Result<()> + 'a;
 
 /// Reads one source, emitting every record in file order. `bytes_read` counts
 /// the source file's bytes consumed, for progress.
-/// `max_member_bytes` bounds what is read of one tar member into memory.
+/// What a reader holds in memory at most, per record.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ReadLimits {
+    /// A JSONL line.
+    pub record_bytes: u64,
+    /// A tar member.
+    pub member_bytes: u64,
+}
+
 pub(crate) fn read_source(
     spec: &SourceSpec,
     bytes_read: &Arc<AtomicU64>,
-    max_member_bytes: u64,
+    limits: ReadLimits,
     emit: &mut Emit,
 ) -> Result<()> {
     let file = fs_err::File::open(&spec.path)?;
@@ -96,15 +104,15 @@ pub(crate) fn read_source(
     let origin_path = spec.path.display().to_string();
     let media_root = spec.media_root();
     match spec.kind {
-        SourceKind::Llava => read_json_records(reader, &origin_path, emit, &|v| {
+        SourceKind::Llava => read_json_records(reader, &origin_path, limits, emit, &|v| {
             llava_sample(v, &media_root)
         }),
-        SourceKind::Text => read_jsonl(reader, &origin_path, emit, &text_sample),
-        SourceKind::Interleaved => read_jsonl(reader, &origin_path, emit, &|v| {
+        SourceKind::Text => read_jsonl(reader, &origin_path, limits, emit, &text_sample),
+        SourceKind::Interleaved => read_jsonl(reader, &origin_path, limits, emit, &|v| {
             interleaved_sample(v, &media_root)
         }),
         SourceKind::Wds => {
-            let limit = max_member_bytes.min(file_bytes);
+            let limit = limits.member_bytes.min(file_bytes);
             read_wds(reader, &origin_path, limit, emit)
         }
     }
@@ -202,7 +210,11 @@ mod tests {
             frames: None,
         };
         let mut out = Vec::new();
-        read_source(&spec, &Arc::new(AtomicU64::new(0)), 1 << 20, &mut |o, b| {
+        let limits = ReadLimits {
+            record_bytes: 1 << 20,
+            member_bytes: 1 << 20,
+        };
+        read_source(&spec, &Arc::new(AtomicU64::new(0)), limits, &mut |o, b| {
             out.push((o.rsplit('/').next().unwrap().to_string(), b));
             Ok(())
         })
@@ -212,6 +224,30 @@ mod tests {
 
     fn reason(body: &Body) -> Option<QuarantineReason> {
         body.as_ref().err().map(|r| r.reason)
+    }
+
+    #[test]
+    fn a_line_over_the_record_limit_is_quarantined_and_the_next_one_read() {
+        // 2 MiB of text in one line, over the tests' 1 MiB limit.
+        let long = format!("{{\"id\": \"big\", \"text\": \"{}\"}}", "a".repeat(2 << 20));
+        let content = format!("{long}\n{{\"id\": \"small\", \"text\": \"A short one.\"}}\n");
+        let out = collect(SourceKind::Text, "docs.jsonl", content.as_bytes());
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].0, "docs.jsonl:1");
+        assert_eq!(reason(&out[0].1), Some(QuarantineReason::RecordTooLarge));
+        assert!(
+            out[0]
+                .1
+                .as_ref()
+                .err()
+                .unwrap()
+                .detail
+                .contains(&format!("{} bytes", long.len() + 1)),
+            "{:?}",
+            out[0].1.as_ref().err()
+        );
+        assert_eq!(out[1].0, "docs.jsonl:2");
+        assert!(out[1].1.is_ok());
     }
 
     #[test]
