@@ -323,6 +323,9 @@ pub struct SqlArgs {
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     pub format: FormatArg,
+    /// Check every shard against the manifest's blake3 before querying.
+    #[arg(long)]
+    pub verify: bool,
     /// Memory a query may use (e.g. 2GiB; default: half of the machine's);
     /// a query that needs more fails with "resources exhausted".
     #[arg(long, value_parser = parse_size)]

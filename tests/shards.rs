@@ -765,3 +765,56 @@ fn a_second_writer_of_an_output_folder_is_refused() {
     lvpipe_ok(corpus, &build_args(out.to_str().unwrap(), &[]));
     assert!(out.join("manifest.json").exists());
 }
+
+#[test]
+fn changed_shards_are_refused_by_size_always_and_by_checksum_on_request_and_in_mix() {
+    let corpus = tiny_corpus();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("shards");
+    let out_s = out.to_str().unwrap();
+    lvpipe_ok(corpus, &build_args(out_s, &[]));
+    let part = out.join("samples-00000.parquet");
+    let mut bytes = std::fs::read(&part).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    std::fs::write(&part, &bytes).unwrap();
+    let query = "SELECT count(*) AS n FROM samples";
+    let verified = lvpipe(corpus, &["sql", "--shards", out_s, "--verify", query]);
+    assert_eq!(verified.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&verified.stderr);
+    assert!(
+        err.contains("samples-00000.parquet") && err.contains("blake3"),
+        "{err}"
+    );
+    let recipe = dir.path().join("r.toml");
+    std::fs::write(
+        &recipe,
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/recipes/tiny.toml")).unwrap(),
+    )
+    .unwrap();
+    let mixes = dir.path().join("mixes");
+    let mixed = lvpipe(
+        corpus,
+        &[
+            "mix",
+            "--recipe",
+            recipe.to_str().unwrap(),
+            "--stage",
+            "1",
+            "--shards",
+            out_s,
+            "--out",
+            mixes.to_str().unwrap(),
+        ],
+    );
+    let err = String::from_utf8_lossy(&mixed.stderr);
+    assert_eq!(mixed.status.code(), Some(2), "{err}");
+    assert!(err.contains("samples-00000.parquet"), "{err}");
+    assert!(!mixes.join("stage-1/mix.json").exists());
+    // A shard cut short is refused by its size, without --verify.
+    std::fs::write(&part, &bytes[..middle]).unwrap();
+    let cut = lvpipe(corpus, &["sql", "--shards", out_s, query]);
+    assert_eq!(cut.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&cut.stderr);
+    assert!(err.contains("the manifest says"), "{err}");
+}

@@ -23,6 +23,8 @@ pub struct Catalog {
     ctx: SessionContext,
     /// `None` for a session over run records only ([`Catalog::empty`]).
     manifest: Option<Manifest>,
+    /// The shard folder, absolute.
+    dir: PathBuf,
 }
 
 impl Catalog {
@@ -61,6 +63,21 @@ impl Catalog {
         }
         let ctx = session(memory_limit)?;
         let dir = std::path::absolute(shards)?;
+        // Sizes always (a stat per file): a truncated or replaced shard is
+        // an error here, not a misread later. Checksums: `verify`.
+        for shard in &manifest.shards {
+            let path = dir.join(&shard.file);
+            let len = fs_err::metadata(&path)?.len();
+            if len != shard.bytes {
+                return Err(Error::Folder {
+                    path,
+                    message: format!(
+                        "{len} bytes, but the manifest says {}: the shard was changed after the build",
+                        shard.bytes
+                    ),
+                });
+            }
+        }
         for (table, schema) in [
             (TableKind::Samples, samples_schema()),
             (TableKind::Quarantine, quarantine_schema()),
@@ -81,10 +98,28 @@ impl Catalog {
         Ok(Catalog {
             ctx,
             manifest: Some(manifest),
+            dir,
         })
     }
 
     /// The shard build's manifest (an error for a session without shards).
+    /// Checks every shard file against the blake3 the manifest recorded
+    /// when it was written: a flipped byte is an error naming the file.
+    pub fn verify(&self) -> Result<()> {
+        for shard in &self.manifest()?.shards {
+            let path = self.dir.join(&shard.file);
+            let mut hasher = blake3::Hasher::new();
+            hasher.update_reader(fs_err::File::open(&path)?)?;
+            if hasher.finalize().to_hex().as_str() != shard.blake3 {
+                return Err(Error::Folder {
+                    path,
+                    message: "its blake3 is not the manifest's: the shard was changed or damaged after the build".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     pub fn manifest(&self) -> Result<&Manifest> {
         self.manifest.as_ref().ok_or_else(|| {
             Error::Usage("this session has no shards: open a shard folder first".into())
@@ -161,6 +196,7 @@ impl Catalog {
         Ok(Catalog {
             ctx: session(memory_limit)?,
             manifest: None,
+            dir: PathBuf::new(),
         })
     }
 

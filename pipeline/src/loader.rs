@@ -347,17 +347,33 @@ impl MappedIpc {
         }
         let trailer = buffer.len() - 10;
         let footer_len = read_footer_length(buffer[trailer..].try_into().expect("10 bytes"))?;
-        let footer = root_as_footer(&buffer[trailer - footer_len..trailer])
-            .map_err(|e| bad(e.to_string()))?;
-        let schema = Arc::new(fb_to_schema(
-            footer.schema().ok_or_else(|| bad("no schema".into()))?,
-        ));
+        let footer_start = trailer.checked_sub(footer_len).ok_or_else(|| {
+            bad(format!(
+                "the footer claims {footer_len} bytes of a {}-byte file: the file is damaged",
+                buffer.len()
+            ))
+        })?;
+        let footer =
+            root_as_footer(&buffer[footer_start..trailer]).map_err(|e| bad(e.to_string()))?;
+        let fb_schema = footer.schema().ok_or_else(|| bad("no schema".into()))?;
+        // arrow panics on a schema with unknown types; a damaged file is an error.
+        let schema = Arc::new(guarded(path, "schema", || Ok(fb_to_schema(fb_schema)))?);
         let decoder = FileDecoder::new(schema.clone(), footer.version());
         let blocks: Vec<arrow::ipc::Block> =
             footer.recordBatches().iter().flatten().copied().collect();
         let mut starts = Vec::with_capacity(blocks.len());
         let mut total = 0u64;
         for block in &blocks {
+            let end = u64::try_from(block.offset())
+                .ok()
+                .and_then(|o| o.checked_add(u64::try_from(block.metaDataLength()).ok()?))
+                .and_then(|o| o.checked_add(u64::try_from(block.bodyLength()).ok()?));
+            if end.is_none_or(|end| end > footer_start as u64) {
+                return Err(bad(format!(
+                    "a batch at byte {} reaches past the data: the file is damaged",
+                    block.offset()
+                )));
+            }
             starts.push(total);
             total += message_rows(&buffer, block).ok_or_else(|| {
                 bad(format!(
@@ -394,21 +410,33 @@ impl MappedIpc {
         let block = &self.blocks[b];
         let len = block.bodyLength() as usize + block.metaDataLength() as usize;
         let data = self.buffer.slice_with_length(block.offset() as usize, len);
-        let batch = self
-            .decoder
-            .read_record_batch(block, &data)?
-            .ok_or_else(|| Error::Folder {
-                path: self.path.clone(),
-                message: format!("batch {b} is empty"),
-            })?;
+        let batch = guarded(&self.path, "record batch", || {
+            Ok(self.decoder.read_record_batch(block, &data)?)
+        })?
+        .ok_or_else(|| Error::Folder {
+            path: self.path.clone(),
+            message: format!("batch {b} is empty"),
+        })?;
         Ok((self.batches[b].get_or_init(|| batch), r))
     }
 }
 
+/// Runs `read` over a memory-mapped file's bytes, turning a panic of the
+/// Arrow reader on damaged bytes into an error that names the file.
+fn guarded<T>(path: &Path, what: &str, read: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)).unwrap_or_else(|_| {
+        Err(Error::Folder {
+            path: path.to_path_buf(),
+            message: format!("its {what} cannot be read: the file is damaged; rerun `lvpipe mix`"),
+        })
+    })
+}
+
 /// Rows of the record batch message at `block`, read from its header.
 fn message_rows(buffer: &Buffer, block: &arrow::ipc::Block) -> Option<u64> {
-    let start = block.offset() as usize;
-    let meta = buffer.get(start..start + block.metaDataLength() as usize)?;
+    let start = usize::try_from(block.offset()).ok()?;
+    let meta =
+        buffer.get(start..start.checked_add(usize::try_from(block.metaDataLength()).ok()?)?)?;
     // Encapsulated messages start with 0xFFFFFFFF and the flatbuffer's size
     // (older writers omit the marker).
     let (size_at, body) = if meta.get(..4)? == [0xFF; 4] {

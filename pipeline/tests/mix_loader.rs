@@ -138,6 +138,7 @@ fn write_shards(dir: &Path, samples: &[Fake]) {
     .unwrap();
     writer.write(&batch).unwrap();
     writer.close().unwrap();
+    let written = std::fs::read(&path).unwrap();
     let manifest = Manifest {
         schema_version: lvpipe_schemas::SCHEMA_VERSION.into(),
         lvpipe_version: "test".into(),
@@ -150,8 +151,8 @@ fn write_shards(dir: &Path, samples: &[Fake]) {
             file: "samples-00000.parquet".into(),
             table: TableKind::Samples,
             rows: n as u64,
-            bytes: 0,
-            blake3: String::new(),
+            bytes: written.len() as u64,
+            blake3: blake3::hash(&written).to_hex().to_string(),
             record_start: 0,
             record_end: n as u64,
         }],
@@ -327,4 +328,53 @@ fn the_same_inputs_give_byte_identical_mixes() {
 
 fn recipe_with_seed(seed: u64) -> Recipe {
     recipe(64, 2, (2, 1), seed)
+}
+
+/// A mix whose files were damaged after they were written is an error that
+/// names the file, never a panic: a footer length past the start of the
+/// file, and every single-byte flip in the footer region.
+#[test]
+fn damaged_mix_files_are_errors_not_panics() {
+    let samples: Vec<Fake> = (0..20)
+        .map(|i| Fake {
+            source: "a",
+            tokens: 5 + i % 7,
+            images: i % 2,
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    write_shards(&dir.path().join("shards"), &samples);
+    let catalog = run(Catalog::open(&dir.path().join("shards"))).unwrap();
+    let mixes = dir.path().join("mixes");
+    run(build_mix(&catalog, &recipe_with_seed(3), 1, &mixes)).unwrap();
+    let stage = mixes.join("stage-1");
+    let good = std::fs::read(stage.join("samples.arrow")).unwrap();
+    let damaged = |bytes: &[u8]| {
+        std::fs::write(stage.join("samples.arrow"), bytes).unwrap();
+        let opened = std::panic::catch_unwind(|| {
+            Mix::open(&stage).and_then(|mix| {
+                let loader = Loader::new(mix, 0, 1)?;
+                for step in 0..2 {
+                    loader.batch(step)?;
+                }
+                Ok(())
+            })
+        });
+        opened.expect("no panic on a damaged mix")
+    };
+    // The footer length (the 4 bytes before the closing "ARROW1") says more
+    // than the file holds.
+    let mut bytes = good.clone();
+    let at = bytes.len() - 10;
+    bytes[at..at + 4].copy_from_slice(&i32::MAX.to_le_bytes());
+    let err = damaged(&bytes).unwrap_err().to_string();
+    assert!(err.contains("samples.arrow"), "{err}");
+    // Every byte of the footer flipped in turn: an error or, where the flip
+    // changes nothing the reader uses, a mix that still reads.
+    let footer = i32::from_le_bytes(good[at..at + 4].try_into().unwrap()) as usize;
+    for i in at - footer..at {
+        let mut bytes = good.clone();
+        bytes[i] ^= 0xFF;
+        let _ = damaged(&bytes);
+    }
 }

@@ -19,7 +19,13 @@ pub fn run(args: SqlArgs) -> Result<ExitCode> {
         .map_or_else(default_memory_limit, |bytes| bytes as usize);
     let text = runtime()?.block_on(async {
         let catalog = match &args.shards {
-            Some(shards) => Catalog::open_with_limit(shards, limit).await?,
+            Some(shards) => {
+                let catalog = Catalog::open_with_limit(shards, limit).await?;
+                if args.verify {
+                    catalog.verify()?;
+                }
+                catalog
+            }
             None => Catalog::empty(limit)?,
         };
         if let Some(mixes) = &args.mixes {

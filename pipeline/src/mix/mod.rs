@@ -351,6 +351,9 @@ pub async fn build_mix(
             stage.name
         )));
     }
+    // A mix's output must be trustworthy: the shards are checked against
+    // their recorded checksums first.
+    catalog.verify()?;
     let dir = out.join(format!("stage-{stage_number}"));
     fs_err::create_dir_all(&dir)?;
     let _lock = lvpipe_schemas::FolderLock::acquire(&dir, "mix")?;
