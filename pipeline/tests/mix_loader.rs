@@ -378,3 +378,25 @@ fn damaged_mix_files_are_errors_not_panics() {
         let _ = damaged(&bytes);
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Whatever the bytes of a recipe, parsing and checking it end without
+    /// a panic (starting from the shipped tiny recipe, mutated).
+    #[test]
+    fn recipes_parse_and_check_on_any_bytes(
+        flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let mut bytes = include_bytes!("../../recipes/tiny.toml").to_vec();
+        for (at, byte) in flips {
+            let i = at.index(bytes.len());
+            bytes[i] ^= byte;
+        }
+        bytes.truncate(cut.index(bytes.len()) + bytes.len() / 2);
+        if let Ok(recipe) = Recipe::parse(&String::from_utf8_lossy(&bytes)) {
+            let _ = recipe.check();
+        }
+    }
+}

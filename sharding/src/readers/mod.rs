@@ -17,6 +17,8 @@ use crate::Result;
 use crate::chat::{Segment, SpecialTokens};
 use crate::source::{SourceKind, SourceSpec};
 
+#[cfg(test)]
+mod fuzz;
 mod json;
 mod llava;
 mod text;
