@@ -133,7 +133,7 @@ fn plan_lists_every_problem_of_a_broken_recipe() {
         "stage 1 (one): init `two` is not an earlier stage",
         "model: chat template `vicuna_v1` but the shards were tokenized with `chatml`",
         "model: vocab_size 100 but the shards hold token id",
-        "stage 2 (two), source captions: 24 of 24 samples are longer than the context 64",
+        "stage 2 (two), source captions: 48 of 48 samples are longer than the context 64",
         "model: initializer_range 0 must be positive",
         "model: init_std names `wq`, not one of embed_tokens, q_proj",
         "model: init_std.k_proj -1 must be positive",

@@ -82,12 +82,12 @@ impl Scale {
     pub(crate) fn sizes(self) -> Sizes {
         match self {
             Scale::Tiny => Sizes {
-                pretrain: 24,
+                pretrain: 48,
                 sft: 16,
                 wds: 12,
                 interleaved: 6,
                 longdocs: 6,
-                notes: (40, 4),
+                notes: (40, 64),
                 image_side: (48, 96),
                 long_words: (300, 600),
                 vocab: 1024,
