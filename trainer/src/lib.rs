@@ -39,6 +39,7 @@ pub mod bench;
 pub mod chain;
 pub mod checkpoint;
 mod error;
+pub mod memory;
 pub mod model;
 pub mod ops;
 pub mod run;

@@ -28,6 +28,7 @@ use crate::checkpoint::{
     save_intermediate, weights_fingerprint,
 };
 use crate::error::TensorContext;
+use crate::memory;
 use crate::model::{Config, Model, Row, init_seeded};
 use crate::train::{AdamW, learning_rate, train_step};
 use crate::{Error, Result};
@@ -290,6 +291,7 @@ impl<'a> Training<'a> {
                     (row, p.sample_ids.as_slice())
                 })
                 .collect();
+            self.check_memory(run, &rows, micro)?;
             let record = train_step(
                 &self.model,
                 &mut self.opt,
@@ -332,6 +334,47 @@ impl<'a> Training<'a> {
             on_step(&line, self.steps);
         }
         Ok(losses)
+    }
+
+    /// Refuses a step whose micro-batches would not fit in the memory left,
+    /// by [`memory::step_bytes`], instead of letting an allocation abort it.
+    fn check_memory(&self, run: &StageRun, rows: &[(Row, &[String])], micro: usize) -> Result<()> {
+        let c = &self.config;
+        let per_media = c.tokens_per_media() as u64;
+        let mut worst = (0u64, Vec::new());
+        for chunk in rows.chunks(micro.max(1)) {
+            let mut lengths = Vec::new();
+            let mut loss = 0u64;
+            for (row, _) in chunk {
+                for w in row.boundaries.windows(2) {
+                    let ids = &row.input_ids[w[0] as usize..w[1] as usize];
+                    let media = ids.iter().filter(|&&t| t == c.image_token).count() as u64;
+                    lengths.push(ids.len() as u64 + media * per_media.saturating_sub(1));
+                    let mask = &row.loss_mask[w[0] as usize..w[1] as usize];
+                    loss += mask.iter().map(|&m| u64::from(m)).sum::<u64>();
+                }
+            }
+            let need = memory::step_bytes(c, &lengths, loss);
+            if need > worst.0 {
+                worst = (need, lengths);
+            }
+        }
+        let (need, lengths) = worst;
+        match memory::available_bytes() {
+            Some(available) if need > available => Err(Error::Config(format!(
+                "stage {} ({}): a micro-batch of {} tokens (longest sample {}, context {}) needs about {} \
+                 for attention and activations, and {} of memory is available; lower the stage's \
+                 micro_batch or context, or train on a machine with more memory",
+                run.stage,
+                self.stage.name,
+                lengths.iter().sum::<u64>(),
+                lengths.iter().max().copied().unwrap_or(0),
+                self.stage.context,
+                memory::gib(need),
+                memory::gib(available)
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// LoRA merged, lineage, `config.json` and the final checkpoint.
