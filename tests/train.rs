@@ -389,3 +389,45 @@ fn the_demo_trains_every_stage_evaluates_and_reports() {
         assert_eq!(&bytes[1..4], b"PNG", "{png}");
     }
 }
+
+#[test]
+fn a_step_that_cannot_fit_is_refused_with_an_estimate() {
+    let corpus = common::tiny_corpus();
+    let dir = tempfile::tempdir().unwrap();
+    let shards = dir.path().join("shards");
+    common::lvpipe_ok(corpus, &common::build_args(shards.to_str().unwrap(), &[]));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lvpipe"))
+        .args([
+            "train",
+            "--recipe",
+            &recipe(),
+            "--stages",
+            "1",
+            "--shards",
+            shards.to_str().unwrap(),
+            "--tokenizer",
+            "raw/tokenizer.json",
+            "--out",
+            dir.path().join("runs").to_str().unwrap(),
+        ])
+        // As if 1 MB were left: the first step cannot fit.
+        .env("LVPIPE_MEMORY_AVAILABLE", "1000000")
+        .current_dir(corpus)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("stage 1 (align): a micro-batch of")
+            && err.contains("context 512")
+            && err.contains("GiB for attention and activations"),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("runs/stage-1/metrics.jsonl").exists() || {
+            std::fs::read_to_string(dir.path().join("runs/stage-1/metrics.jsonl"))
+                .unwrap()
+                .is_empty()
+        }
+    );
+}

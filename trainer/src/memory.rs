@@ -32,10 +32,17 @@ pub fn step_bytes(config: &Config, lengths: &[u64], loss_tokens: u64) -> u64 {
     quadratic + tokens * per_token + logits
 }
 
+/// The environment variable that caps what [`available_bytes`] reports, in
+/// bytes: to leave room for other processes on a shared machine.
+pub const AVAILABLE_ENV: &str = "LVPIPE_MEMORY_AVAILABLE";
+
 /// Memory this process may still take, in bytes: `MemAvailable`, or less
-/// where a cgroup (a container's limit) allows less. `None` where neither
-/// can be read.
+/// where a cgroup (a container's limit) or [`AVAILABLE_ENV`] allows less.
+/// `None` where none of them can be read.
 pub fn available_bytes() -> Option<u64> {
+    let cap = std::env::var(AVAILABLE_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok());
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok();
     let available = meminfo.as_deref().and_then(|text| {
         text.lines()
@@ -52,10 +59,7 @@ pub fn available_bytes() -> Option<u64> {
         (Some(max), Some(current)) => Some(max.saturating_sub(current)),
         _ => None,
     };
-    match (available, cgroup) {
-        (Some(a), Some(c)) => Some(a.min(c)),
-        (a, c) => a.or(c),
-    }
+    [available, cgroup, cap].into_iter().flatten().min()
 }
 
 /// GiB with one decimal, for messages.
