@@ -193,6 +193,17 @@ fn a_killed_chain_resumes_with_the_same_losses_and_its_lineage_is_queryable() {
     assert_eq!(losses(&format!("{b}/stage-1")).len(), 3);
     assert!(std::path::Path::new(&format!("{b}/stage-1/checkpoints/step-000002")).exists());
     assert!(!std::path::Path::new(&format!("{b}/stage-1/trainer_state.json")).exists());
+    // What a kill while the resume rewrites its records leaves: half-written
+    // temporary files beside run.json, tokenizer.json and metrics.jsonl, and
+    // a metrics line cut short (files are replaced by rename, so the records
+    // themselves are whole).
+    let stage1 = std::path::Path::new(&b).join("stage-1");
+    for name in ["run.json.tmp", "tokenizer.json.tmp", "metrics.jsonl.tmp"] {
+        std::fs::write(stage1.join(name), b"{\"half").unwrap();
+    }
+    let mut metrics = std::fs::read_to_string(stage1.join("metrics.jsonl")).unwrap();
+    metrics.push_str("{\"step\": 4, \"lo");
+    std::fs::write(stage1.join("metrics.jsonl"), metrics).unwrap();
     let err = lvpipe_ok_stderr(corpus, &["train", "--resume", &format!("{b}/stage-1")]);
     assert!(err.contains("resumed after step 2"), "{err}");
     // The chain skips the finished stage 1 and trains stage 2 from it.

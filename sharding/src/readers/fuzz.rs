@@ -3,39 +3,14 @@
 //! each non-blank line exactly once, as a sample or a quarantine row. The
 //! case counts are fixed, so CI spends a bounded time on them.
 
-use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
-
 use proptest::prelude::*;
 
-use super::{Body, ReadLimits, read_source};
-use crate::source::{SourceKind, SourceSpec};
+use super::Body;
+use crate::source::SourceKind;
 
-/// Runs a reader over `content`; the origins and bodies it emitted, or the
-/// error that stopped it.
+/// A reader over `content` with 4 KiB limits.
 fn read(kind: SourceKind, name: &str, content: &[u8]) -> Result<Vec<(String, Body)>, String> {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join(name);
-    std::fs::write(&path, content).unwrap();
-    std::fs::write(dir.path().join("a.png"), b"not an image").unwrap();
-    let spec = SourceSpec {
-        name: "s".into(),
-        kind,
-        path,
-        media_root: None,
-        frames: None,
-    };
-    let limits = ReadLimits {
-        record_bytes: 4096,
-        member_bytes: 4096,
-    };
-    let mut out = Vec::new();
-    read_source(&spec, &Arc::new(AtomicU64::new(0)), limits, &mut |o, b| {
-        out.push((o, b));
-        Ok(())
-    })
-    .map(|()| out)
-    .map_err(|e| e.to_string())
+    super::tests::read_file(kind, name, content, 4096)
 }
 
 /// `seed` with some bytes flipped, a range cut out, and bytes inserted.

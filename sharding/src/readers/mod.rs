@@ -200,10 +200,20 @@ pub(super) fn check_reserved(segments: &[Segment]) -> std::result::Result<(), Re
 mod tests {
     use super::*;
 
-    fn collect(kind: SourceKind, name: &str, content: &[u8]) -> Vec<(String, Body)> {
+    /// Runs a reader over `content` written to a temporary file `name`
+    /// (beside an `a.png` that is no image), within `limit` bytes per record
+    /// and member: what it emitted (origins as file names with their line or
+    /// member), or the error that stopped it.
+    pub(super) fn read_file(
+        kind: SourceKind,
+        name: &str,
+        content: &[u8],
+        limit: u64,
+    ) -> std::result::Result<Vec<(String, Body)>, String> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(name);
         std::fs::write(&path, content).unwrap();
+        std::fs::write(dir.path().join("a.png"), b"not an image").unwrap();
         let spec = SourceSpec {
             name: "s".into(),
             kind,
@@ -211,17 +221,21 @@ mod tests {
             media_root: None,
             frames: None,
         };
-        let mut out = Vec::new();
         let limits = ReadLimits {
-            record_bytes: 1 << 20,
-            member_bytes: 1 << 20,
+            record_bytes: limit,
+            member_bytes: limit,
         };
+        let mut out = Vec::new();
         read_source(&spec, &Arc::new(AtomicU64::new(0)), limits, &mut |o, b| {
             out.push((o.rsplit('/').next().unwrap().to_string(), b));
             Ok(())
         })
-        .unwrap();
-        out
+        .map(|()| out)
+        .map_err(|e| e.to_string())
+    }
+
+    fn collect(kind: SourceKind, name: &str, content: &[u8]) -> Vec<(String, Body)> {
+        read_file(kind, name, content, 1 << 20).unwrap()
     }
 
     fn reason(body: &Body) -> Option<QuarantineReason> {
