@@ -102,6 +102,7 @@ impl Evaluator {
         };
         let sampled = lvpipe_sharding::video::sample(path, &settings, Hints::default())
             .map_err(|(_, message)| media_error(path, message))?;
+        let n = sampled.frames.len();
         let mut pixels = Vec::new();
         for f in sampled.frames {
             let frame = lvpipe_sharding::media::frame_training_pixels(
@@ -113,7 +114,6 @@ impl Evaluator {
             .map_err(|(_, message)| media_error(path, message))?;
             pixels.extend(frame);
         }
-        let n = pixels.len() / (3 * (self.image_size * self.image_size) as usize);
         Ok((n, pixels))
     }
 }

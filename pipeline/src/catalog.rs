@@ -25,6 +25,9 @@ pub struct Catalog {
     manifest: Option<Manifest>,
     /// The shard folder, absolute.
     dir: PathBuf,
+    /// Set once [`Catalog::verify`] has passed: each stage mixed from this
+    /// catalog would hash the same files again.
+    verified: std::sync::atomic::AtomicBool,
 }
 
 impl Catalog {
@@ -99,13 +102,19 @@ impl Catalog {
             ctx,
             manifest: Some(manifest),
             dir,
+            verified: Default::default(),
         })
     }
 
     /// The shard build's manifest (an error for a session without shards).
     /// Checks every shard file against the blake3 the manifest recorded
     /// when it was written: a flipped byte is an error naming the file.
+    /// Once it has passed, a catalog does not hash its files again.
     pub fn verify(&self) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        if self.verified.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         for shard in &self.manifest()?.shards {
             let path = self.dir.join(&shard.file);
             let mut hasher = blake3::Hasher::new();
@@ -117,6 +126,7 @@ impl Catalog {
                 });
             }
         }
+        self.verified.store(true, Ordering::Relaxed);
         Ok(())
     }
 
@@ -197,6 +207,7 @@ impl Catalog {
             ctx: session(memory_limit)?,
             manifest: None,
             dir: PathBuf::new(),
+            verified: Default::default(),
         })
     }
 
@@ -270,14 +281,17 @@ fn check_read_only(sql: &str) -> Result<()> {
 /// where that cannot be read: room for the process itself and the page
 /// cache that the mapped files live in.
 pub fn default_memory_limit() -> usize {
-    let total_kib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
-        });
-    total_kib.map_or(4 << 30, |kib| kib * 1024 / 2)
+    meminfo_bytes("MemTotal").map_or(4 << 30, |total| (total / 2) as usize)
+}
+
+/// A field of /proc/meminfo (`MemTotal`, `MemAvailable`, ...) in bytes.
+pub fn meminfo_bytes(field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let value = text
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?;
+    let kib: u64 = value.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// A DataFusion session whose queries are bounded to `memory_limit` bytes.

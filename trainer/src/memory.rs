@@ -43,13 +43,7 @@ pub fn available_bytes() -> Option<u64> {
     let cap = std::env::var(AVAILABLE_ENV)
         .ok()
         .and_then(|v| v.trim().parse::<u64>().ok());
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok();
-    let available = meminfo.as_deref().and_then(|text| {
-        text.lines()
-            .find_map(|l| l.strip_prefix("MemAvailable:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map(|kib| kib * 1024)
-    });
+    let available = lvpipe_pipeline::meminfo_bytes("MemAvailable");
     let read = |file: &str| {
         std::fs::read_to_string(format!("/sys/fs/cgroup/{file}"))
             .ok()

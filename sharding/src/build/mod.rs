@@ -25,6 +25,7 @@ mod settings;
 use manifest::{summarize, write_manifest};
 use pipeline::{Processed, RawRecord, process, read_all, write_all};
 use resume::{OutState, existing_sample_ids, prepare_out_dir};
+use sample::SourcePrep;
 use settings::build_fingerprint;
 pub use settings::{BuildSettings, ImageAspect};
 
@@ -116,6 +117,7 @@ pub fn build_shards(
         resume.next_index,
         resume.next_record,
     );
+    let sources = SourcePrep::all(settings)?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(settings.threads.unwrap_or(0))
         .build()
@@ -132,7 +134,7 @@ pub fn build_shards(
             let out: Vec<Processed> = pool.install(|| {
                 chunk
                     .into_par_iter()
-                    .map(|r| process(r, settings, &tokenizer))
+                    .map(|r| process(r, settings, &sources, &tokenizer))
                     .collect()
             });
             for p in &out {

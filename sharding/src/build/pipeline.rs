@@ -10,7 +10,7 @@ use std::sync::atomic::AtomicU64;
 use crossbeam_channel::{Receiver, Sender};
 use lvpipe_schemas::QuarantineReason;
 
-use super::sample::{MediaRoot, Prep, sample_row};
+use super::sample::{MediaRoot, Prep, SourcePrep, sample_row};
 use super::{BuildEvent, BuildSettings};
 use crate::chat::ChatTokenizer;
 use crate::readers::{Body, ReadLimits, read_source};
@@ -147,22 +147,19 @@ fn reject(
 pub(super) fn process(
     record: RawRecord,
     settings: &BuildSettings,
+    sources: &[SourcePrep],
     tokenizer: &ChatTokenizer,
 ) -> Processed {
-    let spec = &settings.sources[record.source];
-    let source = &spec.name;
+    let source = &settings.sources[record.source].name;
     let RawRecord {
         seq, origin, body, ..
     } = record;
-    let root = spec.media_root();
     let result = body.and_then(|raw| {
         let prep = Prep {
             settings,
-            video: settings
-                .video_for(record.source)
-                .expect("checked when the build started"),
+            video: sources[record.source].video,
             root: MediaRoot {
-                root: &root,
+                root: &sources[record.source].root,
                 allow_outside: settings.allow_media_outside_root,
             },
         };

@@ -134,7 +134,41 @@ fn prepare_media<'a>(
     Ok(media)
 }
 
-/// How one source's records are prepared.
+/// What a source's records are prepared with, resolved once per build:
+/// its video settings and its canonical media root.
+pub(super) struct SourcePrep {
+    pub(super) video: VideoSettings,
+    pub(super) root: PathBuf,
+}
+
+impl SourcePrep {
+    pub(super) fn all(settings: &BuildSettings) -> crate::Result<Vec<SourcePrep>> {
+        (0..settings.sources.len())
+            .map(|i| {
+                let root = settings.sources[i].media_root();
+                // A source file named without a folder has the empty path
+                // as its root: the current folder.
+                let root = match root.as_os_str().is_empty() {
+                    true => PathBuf::from("."),
+                    false => root,
+                };
+                let root = std::fs::canonicalize(&root).map_err(|e| {
+                    crate::Error::Config(format!(
+                        "source `{}`: media root {}: {e}",
+                        settings.sources[i].name,
+                        root.display()
+                    ))
+                })?;
+                Ok(SourcePrep {
+                    video: settings.video_for(i)?,
+                    root,
+                })
+            })
+            .collect()
+    }
+}
+
+/// How one record is prepared.
 pub(super) struct Prep<'a> {
     pub(super) settings: &'a BuildSettings,
     /// The source's video settings (its frame policy).
@@ -145,6 +179,7 @@ pub(super) struct Prep<'a> {
 /// Where a media file may be read from: inside the source's media root,
 /// unless the build allows media anywhere.
 pub(super) struct MediaRoot<'a> {
+    /// Canonical ([`SourcePrep::all`] resolves it once per build).
     pub(super) root: &'a Path,
     pub(super) allow_outside: bool,
 }
@@ -168,19 +203,8 @@ impl MediaRoot<'_> {
             _ => fail(QuarantineReason::CorruptMedia, format!("{label}: {e}")),
         })?;
         if !self.allow_outside {
-            // A source file named without a folder has the empty path as
-            // its root: the current folder.
-            let root = match self.root.as_os_str().is_empty() {
-                true => Path::new("."),
-                false => self.root,
-            };
-            let root = std::fs::canonicalize(root).map_err(|e| {
-                fail(
-                    QuarantineReason::MissingMedia,
-                    format!("{label}: media root {}: {e}", root.display()),
-                )
-            })?;
-            if !resolved.starts_with(&root) {
+            let root = self.root;
+            if !resolved.starts_with(root) {
                 return Err(fail(
                     QuarantineReason::UnsafePath,
                     format!(
