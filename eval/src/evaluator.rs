@@ -44,7 +44,7 @@ impl Evaluator {
             ))
         })?;
         Ok(Evaluator {
-            image_size: saved.model.image_size as u32,
+            image_size: saved.model.vision.as_ref().map_or(0, |v| v.image_size as u32),
             model,
             tokenizer,
             device,

@@ -14,32 +14,44 @@ use lvpipe_schemas::TrainableModule;
 
 use crate::Result;
 use crate::error::TensorContext;
-use crate::model::{Config, Model, Row};
+use crate::model::{
+    Activation, Config, Model, ProjectorConfig, Qwen2Config, Row, SelectFeature, SiglipVisionConfig,
+};
 use crate::train::{AdamW, train_step};
 
 /// Best-of and median step time and tokens/s over `steps` steps (at least
 /// one) after 2 warm-up steps, as one JSON object.
 pub fn train_step_bench(steps: usize) -> Result<serde_json::Value> {
     let config = Config {
-        image_size: 8,
-        patch_size: 4,
-        downsample: 2,
-        vision_hidden: 8,
-        vision_layers: 0,
-        vision_heads: 1,
-        hidden: 256,
-        intermediate: 1024,
-        layers: 4,
-        heads: 4,
-        kv_heads: 4,
-        vocab: 8192,
-        rope_base: 10000.0,
-        tie_embeddings: false,
-        initializer_range: None,
-        init_std: Default::default(),
-        partial_rotary_factor: 1.0,
-        eps: 1e-6,
+        llm: Qwen2Config {
+            vocab_size: 8192,
+            hidden_size: 256,
+            intermediate_size: 1024,
+            num_hidden_layers: 4,
+            num_attention_heads: 4,
+            num_key_value_heads: 4,
+            max_position_embeddings: 4096,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10000.0,
+            rope_scaling: None,
+            tie_word_embeddings: false,
+            partial_rotary_factor: 1.0,
+        },
+        vision: Some(SiglipVisionConfig {
+            hidden_size: 8,
+            intermediate_size: 32,
+            num_hidden_layers: 0,
+            num_attention_heads: 1,
+            image_size: 8,
+            patch_size: 4,
+            hidden_act: Activation::GeluTanh,
+            layer_norm_eps: 1e-6,
+        }),
+        projector: ProjectorConfig { downsample: 2 },
+        mm_vision_select_layer: -1,
+        mm_vision_select_feature: SelectFeature::ClsPatch,
         image_token: 8191,
+        init: Default::default(),
     };
     let device = Device::Cpu;
     let vars = VarMap::new();

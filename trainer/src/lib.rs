@@ -38,6 +38,7 @@ pub mod attention;
 pub mod bench;
 pub mod chain;
 pub mod checkpoint;
+pub mod hf;
 mod error;
 pub mod memory;
 pub mod model;

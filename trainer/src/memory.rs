@@ -21,14 +21,16 @@ const BYTES_PER_SQUARED_TOKEN: u64 = 3;
 /// Estimated bytes a step over samples of `lengths` tokens (media
 /// expanded), `loss_tokens` of them in the loss, adds to the process.
 pub fn step_bytes(config: &Config, lengths: &[u64], loss_tokens: u64) -> u64 {
-    let heads = (config.layers * config.heads) as u64;
+    let c = &config.llm;
+    let heads = (c.num_hidden_layers * c.num_attention_heads) as u64;
     let quadratic: u64 = lengths
         .iter()
         .map(|&n| BYTES_PER_SQUARED_TOKEN * heads * n * n)
         .sum();
     let tokens: u64 = lengths.iter().sum();
-    let per_token = (config.layers * (16 * config.hidden + 3 * config.intermediate) * 4) as u64;
-    let logits = loss_tokens * config.vocab as u64 * 8;
+    let per_token =
+        (c.num_hidden_layers * (16 * c.hidden_size + 3 * c.intermediate_size) * 4) as u64;
+    let logits = loss_tokens * c.vocab_size as u64 * 8;
     quadratic + tokens * per_token + logits
 }
 
@@ -84,11 +86,11 @@ mod tests {
         // the process's 264 MB before the first step.
         let mut config = crate::model::tests::tiny();
         (
-            config.layers,
-            config.heads,
-            config.hidden,
-            config.intermediate,
-            config.vocab,
+            config.llm.num_hidden_layers,
+            config.llm.num_attention_heads,
+            config.llm.hidden_size,
+            config.llm.intermediate_size,
+            config.llm.vocab_size,
         ) = (2, 4, 128, 256, 1792);
         for (len, peak_mb) in [(2022u64, 358u64), (4096, 651), (7352, 1501)] {
             let estimate = step_bytes(&config, &[len], len) / 1_000_000;

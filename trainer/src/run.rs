@@ -135,11 +135,12 @@ impl<'a> Training<'a> {
             .unwrap_or(u64::from(stage.epochs.unwrap_or(1)) * run.mix.steps_per_epoch());
         let steps = run.steps.unwrap_or(planned);
         let mut config = Config::from_recipe(&run.recipe.model, run.image_token);
-        config.rope_base = stage.rope_base_at(run.recipe.model.rope_base, 0, steps);
-        if config.image_size as u32 != run.mix.meta.image_size {
+        config.llm.rope_theta = stage.rope_base_at(run.recipe.model.rope_base, 0, steps);
+        let image_size = config.vision.as_ref().map_or(0, |v| v.image_size);
+        if image_size as u32 != run.mix.meta.image_size {
             return Err(Error::Config(format!(
                 "the mix decodes media at {} px but the model takes {} px",
-                run.mix.meta.image_size, config.image_size
+                run.mix.meta.image_size, image_size
             )));
         }
         let vars = VarMap::new();
@@ -172,7 +173,7 @@ impl<'a> Training<'a> {
         Ok(Training {
             stage,
             steps,
-            rope_base: config.rope_base,
+            rope_base: config.llm.rope_theta,
             config,
             device,
             vars,
@@ -386,11 +387,10 @@ impl<'a> Training<'a> {
         let loader = Loader::new(run.mix.clone(), 0, 1)?;
         let lineage = lvpipe_pipeline::lineage::lineage(&loader, run.stage, self.steps)?;
         lvpipe_pipeline::lineage::write_parquet(&run.out.join("lineage.parquet"), &lineage)?;
+        let mut model = self.config.clone();
+        model.llm.rope_theta = self.stage.final_rope_base(run.recipe.model.rope_base);
         let saved = SavedConfig {
-            model: Config {
-                rope_base: self.stage.final_rope_base(run.recipe.model.rope_base),
-                ..self.config.clone()
-            },
+            model,
             stage: run.stage,
             stage_name: self.stage.name.clone(),
             tokenizer_fingerprint: run.mix.meta.tokenizer_fingerprint.clone(),

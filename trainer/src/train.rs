@@ -350,27 +350,14 @@ mod tests {
     use candle_core::DType;
 
     fn config() -> Config {
-        Config {
-            image_size: 8,
-            patch_size: 4,
-            downsample: 2,
-            vision_hidden: 8,
-            vision_layers: 1,
-            vision_heads: 2,
-            hidden: 16,
-            intermediate: 32,
-            layers: 1,
-            heads: 2,
-            kv_heads: 1,
-            vocab: 20,
-            rope_base: 10000.0,
-            tie_embeddings: false,
-            initializer_range: None,
-            init_std: Default::default(),
-            partial_rotary_factor: 1.0,
-            eps: 1e-6,
-            image_token: 19,
-        }
+        let mut c = crate::model::tests::tiny();
+        c.vision.as_mut().unwrap().image_size = 8;
+        c.llm.intermediate_size = 32;
+        c.llm.num_hidden_layers = 1;
+        (c.llm.num_attention_heads, c.llm.num_key_value_heads) = (2, 1);
+        c.llm.vocab_size = 20;
+        c.image_token = 19;
+        c
     }
 
     #[test]

@@ -41,6 +41,18 @@ pub struct ModelConfig {
     pub vision_hidden_size: u32,
     pub vision_layers: u32,
     pub vision_heads: u32,
+    /// Width of the vision MLP (SigLIP's `intermediate_size`; default 4 x
+    /// `vision_hidden_size`).
+    #[serde(default)]
+    pub vision_intermediate_size: Option<u32>,
+    /// The vision tower's hidden state the projector takes (VILA's
+    /// `mm_vision_select_layer`: -1 the last layer's output, -2 the one
+    /// before, as LongVILA's SigLIP; never the post-LayerNorm).
+    #[serde(default = "last_layer")]
+    pub mm_vision_select_layer: i32,
+    /// LayerNorm epsilon of the vision tower (SigLIP's `layer_norm_eps`).
+    #[serde(default = "norm_eps")]
+    pub layer_norm_eps: f64,
     pub hidden_size: u32,
     pub intermediate_size: u32,
     pub num_layers: u32,
@@ -48,6 +60,13 @@ pub struct ModelConfig {
     pub num_kv_heads: u32,
     pub vocab_size: u32,
     pub rope_base: f64,
+    /// RMSNorm epsilon of the LLM (Qwen2's `rms_norm_eps`).
+    #[serde(default = "norm_eps")]
+    pub rms_norm_eps: f64,
+    /// The context the LLM's positions are made for (Qwen2's
+    /// `max_position_embeddings`; written into exported configs).
+    #[serde(default = "qwen2_positions")]
+    pub max_position_embeddings: u32,
     /// The LM head reuses the token embedding (Hugging Face's
     /// `tie_word_embeddings`, as Qwen2-0.5B and 1.5B have it); no
     /// `lm_head.weight` is stored.
@@ -100,6 +119,18 @@ pub const INIT_STD_MODULES: [&str; 9] = [
 
 fn two() -> u32 {
     2
+}
+
+fn last_layer() -> i32 {
+    -1
+}
+
+fn norm_eps() -> f64 {
+    1e-6
+}
+
+fn qwen2_positions() -> u32 {
+    32_768
 }
 
 fn chatml() -> String {

@@ -40,12 +40,12 @@ fn normal_std(config: &Config, name: &str) -> Option<f64> {
         return None;
     }
     let module = name.trim_end_matches(".weight").rsplit('.').next();
-    if let Some(std) = module.and_then(|m| config.init_std.get(m)) {
+    if let Some(std) = module.and_then(|m| config.init.init_std.get(m)) {
         return Some(*std);
     }
     match name.contains("embed_tokens") {
-        true => Some(config.initializer_range.unwrap_or(0.02)),
-        false => config.initializer_range,
+        true => Some(config.init.initializer_range.unwrap_or(0.02)),
+        false => config.init.initializer_range,
     }
 }
 

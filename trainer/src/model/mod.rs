@@ -13,90 +13,21 @@
 //! Each `<image>` placeholder is replaced by the projector's tokens for its
 //! image, so the sequence the decoder sees is longer than the token ids.
 
-use std::collections::BTreeMap;
-
-use lvpipe_pipeline::recipe::ModelConfig;
-
+mod config;
 mod init;
 mod layers;
 mod projector;
 mod qwen2;
+mod rope;
 mod siglip;
 mod vila;
 
+pub use config::{
+    Activation, Config, FieldError, Fields, InitConfig, ProjectorConfig, Qwen2Config,
+    RopeScaling, SelectFeature, SiglipVisionConfig,
+};
 pub use init::init_seeded;
-pub use vila::Model;
-
-/// Sizes of the model, from a recipe's `[model]`.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Config {
-    pub image_size: usize,
-    pub patch_size: usize,
-    pub downsample: usize,
-    pub vision_hidden: usize,
-    pub vision_layers: usize,
-    pub vision_heads: usize,
-    pub hidden: usize,
-    pub intermediate: usize,
-    pub layers: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub vocab: usize,
-    pub rope_base: f64,
-    /// The LM head is the token embedding (`tie_word_embeddings`).
-    #[serde(default)]
-    pub tie_embeddings: bool,
-    /// Std of the normal draw of fresh LLM matrices (`initializer_range`;
-    /// none: uniform(+-1/sqrt(fan_in))).
-    #[serde(default)]
-    pub initializer_range: Option<f64>,
-    /// Per-module std of that draw, by Hugging Face module name
-    /// (`init_std`; overrides `initializer_range` for those modules).
-    #[serde(default)]
-    pub init_std: BTreeMap<String, f64>,
-    /// Share of each head's dimensions that RoPE rotates
-    /// (`partial_rotary_factor`).
-    #[serde(default = "lvpipe_pipeline::recipe::full_rotary")]
-    pub partial_rotary_factor: f64,
-    pub eps: f64,
-    /// The `<image>` token id: placeholders to replace with media tokens.
-    pub image_token: u32,
-}
-
-impl Config {
-    pub fn from_recipe(m: &ModelConfig, image_token: u32) -> Self {
-        Config {
-            image_size: m.image_size as usize,
-            patch_size: m.patch_size as usize,
-            downsample: m.projector_downsample.max(1) as usize,
-            vision_hidden: m.vision_hidden_size as usize,
-            vision_layers: m.vision_layers as usize,
-            vision_heads: m.vision_heads as usize,
-            hidden: m.hidden_size as usize,
-            intermediate: m.intermediate_size as usize,
-            layers: m.num_layers as usize,
-            heads: m.num_heads as usize,
-            kv_heads: m.num_kv_heads as usize,
-            vocab: m.vocab_size as usize,
-            rope_base: m.rope_base,
-            tie_embeddings: m.tie_word_embeddings,
-            initializer_range: m.initializer_range,
-            init_std: m.init_std.clone(),
-            partial_rotary_factor: m.partial_rotary_factor,
-            eps: 1e-6,
-            image_token,
-        }
-    }
-
-    pub(crate) fn grid(&self) -> usize {
-        self.image_size / self.patch_size
-    }
-
-    /// LLM tokens per image: ceil(grid / downsample)^2.
-    pub fn tokens_per_media(&self) -> usize {
-        self.grid().div_ceil(self.downsample).pow(2)
-    }
-}
+pub use vila::{Generated, Model, Sampling};
 
 /// One packed row as the model takes it.
 #[derive(Debug, Clone)]
@@ -114,31 +45,40 @@ pub(crate) mod tests {
     use super::*;
     use candle_core::{DType, Device, Tensor};
     use candle_nn::VarMap;
-    use qwen2::rope_tables;
+    use std::collections::BTreeMap;
 
-    use crate::ops;
 
     pub(crate) fn tiny() -> Config {
         Config {
-            image_size: 12,
-            patch_size: 4,
-            downsample: 2,
-            vision_hidden: 8,
-            vision_layers: 1,
-            vision_heads: 2,
-            hidden: 16,
-            intermediate: 24,
-            layers: 2,
-            heads: 4,
-            kv_heads: 2,
-            vocab: 40,
-            rope_base: 10000.0,
-            tie_embeddings: false,
-            initializer_range: None,
-            init_std: BTreeMap::new(),
-            partial_rotary_factor: 1.0,
-            eps: 1e-6,
+            llm: Qwen2Config {
+                vocab_size: 40,
+                hidden_size: 16,
+                intermediate_size: 24,
+                num_hidden_layers: 2,
+                num_attention_heads: 4,
+                num_key_value_heads: 2,
+                max_position_embeddings: 1024,
+                rms_norm_eps: 1e-6,
+                rope_theta: 10000.0,
+                rope_scaling: None,
+                tie_word_embeddings: false,
+                partial_rotary_factor: 1.0,
+            },
+            vision: Some(SiglipVisionConfig {
+                hidden_size: 8,
+                intermediate_size: 32,
+                num_hidden_layers: 1,
+                num_attention_heads: 2,
+                image_size: 12,
+                patch_size: 4,
+                hidden_act: Activation::GeluTanh,
+                layer_norm_eps: 1e-6,
+            }),
+            projector: ProjectorConfig { downsample: 2 },
+            mm_vision_select_layer: -1,
+            mm_vision_select_feature: SelectFeature::ClsPatch,
             image_token: 39,
+            init: InitConfig::default(),
         }
     }
 
@@ -279,11 +219,11 @@ pub(crate) mod tests {
             (var.sqrt(), max)
         };
         let mut config = tiny();
-        config.hidden = 64;
-        config.intermediate = 96;
+        config.llm.hidden_size = 64;
+        config.llm.intermediate_size = 96;
         let uniform_std = 1.0 / (64f64).sqrt() / 3f64.sqrt();
         for range in [None, Some(0.02)] {
-            config.initializer_range = range;
+            config.init.initializer_range = range;
             let vars = VarMap::new();
             Model::new(config.clone(), &vars, &device).unwrap();
             init_seeded(&vars, 3, &config).unwrap();
@@ -312,8 +252,8 @@ pub(crate) mod tests {
             assert!(max <= 1.0 / 8f64.sqrt(), "vision fc1 {max}");
         }
         // `init_std` sets the modules it names; the others keep the range.
-        config.initializer_range = Some(0.02);
-        config.init_std = BTreeMap::from([("embed_tokens".into(), 0.05), ("q_proj".into(), 0.01)]);
+        config.init.initializer_range = Some(0.02);
+        config.init.init_std = BTreeMap::from([("embed_tokens".into(), 0.05), ("q_proj".into(), 0.01)]);
         let vars = VarMap::new();
         Model::new(config.clone(), &vars, &device).unwrap();
         init_seeded(&vars, 3, &config).unwrap();
@@ -328,23 +268,6 @@ pub(crate) mod tests {
                 (std / want - 1.0).abs() < 0.1,
                 "{name}: std {std}, want {want}"
             );
-        }
-    }
-
-    #[test]
-    fn partial_rotary_turns_only_the_first_pairs_at_a_narrower_heads_frequencies() {
-        let (dh, base) = (8, 100.0);
-        let full = rope_tables(&[0, 7], dh, dh, base);
-        let half = rope_tables(&[0, 7], dh, dh / 2, base);
-        let angle = |r: &ops::Rope, pair: usize| r.sin[4 + pair].atan2(r.cos[4 + pair]);
-        // Position 7: a full head's pairs turn at 1, 100^-1/4, 100^-1/2,
-        // 100^-3/4 per position; a half-rotary head's first two pairs at 1
-        // and 100^-1/2, and the other two not at all.
-        assert!((angle(&half, 0) - angle(&full, 0)).abs() < 1e-6);
-        assert!((angle(&half, 1) - 0.7).abs() < 1e-6);
-        assert!((angle(&full, 2) - 0.7).abs() < 1e-6);
-        for pair in 2..4 {
-            assert_eq!((half.cos[4 + pair], half.sin[4 + pair]), (1.0, 0.0));
         }
     }
 
@@ -366,8 +289,8 @@ pub(crate) mod tests {
         let device = Device::Cpu;
         let vars = VarMap::new();
         let mut config = tiny();
-        config.layers = 1;
-        config.tie_embeddings = tie_embeddings;
+        config.llm.num_hidden_layers = 1;
+        config.llm.tie_word_embeddings = tie_embeddings;
         let model = Model::new(config, &vars, &device).unwrap();
         seed_vars(&vars, 11);
         let mut rng = 3;
@@ -398,6 +321,11 @@ pub(crate) mod tests {
         let mut checked = 0;
         for name in names {
             let var = &data[name];
+            if name.contains("post_layernorm") {
+                // VILA takes a layer's hidden state, never the post-LayerNorm.
+                assert!(grads.get(var.as_tensor()).is_none(), "{name} is used");
+                continue;
+            }
             let g = grads
                 .get(var.as_tensor())
                 .unwrap_or_else(|| panic!("no gradient for {name}"));

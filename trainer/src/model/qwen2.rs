@@ -8,11 +8,11 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Init, VarBuilder, VarMap};
-use lvpipe_pipeline::recipe::rotary_dims;
 
 use super::Config;
 use super::init::reinit_one;
 use super::layers::{Linear, Lora, RmsNorm};
+use super::rope::RopeSpec;
 use crate::attention::attention;
 use crate::ops;
 
@@ -33,21 +33,23 @@ struct DecoderLayer {
 
 impl DecoderLayer {
     pub(crate) fn new(vb: &VarBuilder, c: &Config) -> Result<Self> {
-        let (h, dh) = (c.hidden, c.hidden / c.heads);
+        let c = &c.llm;
+        let (h, dh) = (c.hidden_size, c.head_dim());
+        let (heads, kv_heads) = (c.num_attention_heads, c.num_key_value_heads);
         let a = vb.pp("self_attn");
         let m = vb.pp("mlp");
         Ok(DecoderLayer {
-            ln1: RmsNorm::new(&vb.pp("input_layernorm"), h, c.eps)?,
-            q: Linear::new(&a.pp("q_proj"), h, c.heads * dh, true)?,
-            k: Linear::new(&a.pp("k_proj"), h, c.kv_heads * dh, true)?,
-            v: Linear::new(&a.pp("v_proj"), h, c.kv_heads * dh, true)?,
-            o: Linear::new(&a.pp("o_proj"), c.heads * dh, h, false)?,
-            ln2: RmsNorm::new(&vb.pp("post_attention_layernorm"), h, c.eps)?,
-            gate: Linear::new(&m.pp("gate_proj"), h, c.intermediate, false)?,
-            up: Linear::new(&m.pp("up_proj"), h, c.intermediate, false)?,
-            down: Linear::new(&m.pp("down_proj"), c.intermediate, h, false)?,
-            heads: c.heads,
-            kv_heads: c.kv_heads,
+            ln1: RmsNorm::new(&vb.pp("input_layernorm"), h, c.rms_norm_eps)?,
+            q: Linear::new(&a.pp("q_proj"), h, heads * dh, true)?,
+            k: Linear::new(&a.pp("k_proj"), h, kv_heads * dh, true)?,
+            v: Linear::new(&a.pp("v_proj"), h, kv_heads * dh, true)?,
+            o: Linear::new(&a.pp("o_proj"), heads * dh, h, false)?,
+            ln2: RmsNorm::new(&vb.pp("post_attention_layernorm"), h, c.rms_norm_eps)?,
+            gate: Linear::new(&m.pp("gate_proj"), h, c.intermediate_size, false)?,
+            up: Linear::new(&m.pp("up_proj"), h, c.intermediate_size, false)?,
+            down: Linear::new(&m.pp("down_proj"), c.intermediate_size, h, false)?,
+            heads,
+            kv_heads,
         })
     }
 
@@ -99,33 +101,97 @@ impl DecoderLayer {
     }
 }
 
+impl DecoderLayer {
+    /// Inference over new positions `x` `[t, H]` that follow the `cache`'s:
+    /// their keys and values join it, and each new query attends to every
+    /// cached key and the new ones up to itself (one sample, causal).
+    fn forward_cached(
+        &self,
+        x: &Tensor,
+        rope: &Arc<ops::Rope>,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let (t, hidden) = x.dims2()?;
+        let dh = hidden / self.heads;
+        let h = self.ln1.forward(x)?;
+        let q = ops::rope_heads(&self.q.forward(&h)?, self.heads, rope)?;
+        let k = ops::rope_heads(&self.k.forward(&h)?, self.kv_heads, rope)?;
+        let v = self
+            .v
+            .forward(&h)?
+            .reshape((t, self.kv_heads, dh))?
+            .transpose(0, 1)?
+            .contiguous()?;
+        let (k, v) = match cache.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?),
+            None => (k, v),
+        };
+        let total = k.dim(1)?;
+        let past = total - t;
+        let group = self.heads / self.kv_heads;
+        let q = q.reshape((self.kv_heads, group * t, dh))?;
+        let scores = (q.matmul(&k.t()?)? / (dh as f64).sqrt())?;
+        // Query row r is new position r % t, at absolute position past + r % t.
+        let mask: Vec<f32> = (0..group * t)
+            .flat_map(|r| {
+                (0..total).map(move |key| match key <= past + r % t {
+                    true => 0.0,
+                    false => f32::NEG_INFINITY,
+                })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (group * t, total), x.device())?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
+        let y = probs
+            .matmul(&v)?
+            .reshape((self.heads, t, dh))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((t, hidden))?;
+        *cache = Some((k, v));
+        let x = (x + self.o.forward(&y)?)?;
+        let h = self.ln2.forward(&x)?;
+        let mlp = self.down.forward(&ops::swiglu(
+            &self.gate.forward(&h)?,
+            &self.up.forward(&h)?,
+        )?)?;
+        x + mlp
+    }
+}
+
+/// The keys and values of the positions decoded so far, per layer.
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Positions held.
+    pub len: usize,
+}
+
 /// The decoder over embeddings: what the LLM of a VILA model is.
 pub(crate) struct Decoder {
     pub(crate) embed: Tensor,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Linear,
-    rope_base: f64,
-    head_dim: usize,
-    rotated: usize,
+    pub(crate) rope: RopeSpec,
 }
 
 impl Decoder {
     /// `vb` is at `llm`.
-    pub(crate) fn new(vb: &VarBuilder, c: &Config) -> Result<Self> {
+    pub(crate) fn new(vb: &VarBuilder, config: &Config) -> Result<Self> {
+        let c = &config.llm;
         let embed = vb.pp("model").pp("embed_tokens").get_with_hints(
-            (c.vocab, c.hidden),
+            (c.vocab_size, c.hidden_size),
             "weight",
             Init::Randn {
                 mean: 0.0,
                 stdev: 0.02,
             },
         )?;
-        let layers = (0..c.layers)
-            .map(|i| DecoderLayer::new(&vb.pp("model").pp("layers").pp(i), c))
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| DecoderLayer::new(&vb.pp("model").pp("layers").pp(i), config))
             .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::new(&vb.pp("model").pp("norm"), c.hidden, c.eps)?;
-        let lm_head = if c.tie_embeddings {
+        let norm = RmsNorm::new(&vb.pp("model").pp("norm"), c.hidden_size, c.rms_norm_eps)?;
+        let lm_head = if c.tie_word_embeddings {
             // One tensor in two places: both uses' gradients add up on it.
             Linear {
                 w: embed.clone(),
@@ -133,17 +199,14 @@ impl Decoder {
                 lora: None,
             }
         } else {
-            Linear::new(&vb.pp("lm_head"), c.hidden, c.vocab, false)?
+            Linear::new(&vb.pp("lm_head"), c.hidden_size, c.vocab_size, false)?
         };
-        let head_dim = c.hidden / c.heads;
         Ok(Decoder {
             embed,
             layers,
             norm,
             lm_head,
-            rope_base: c.rope_base,
-            head_dim,
-            rotated: rotary_dims(head_dim, c.partial_rotary_factor),
+            rope: RopeSpec::new(c),
         })
     }
 
@@ -160,16 +223,32 @@ impl Decoder {
         positions: &[u32],
         boundaries: &[usize],
     ) -> Result<Tensor> {
-        let rope = Arc::new(rope_tables(
-            positions,
-            self.head_dim,
-            self.rotated,
-            self.rope_base,
-        ));
+        let rope = Arc::new(self.rope.tables(positions));
         let starts = Arc::new(sample_starts(boundaries));
         for layer in &self.layers {
             x = layer.forward(&x, &rope, &starts)?;
         }
+        self.norm.forward(&x)
+    }
+
+    /// An empty cache for [`Decoder::forward_cached`].
+    pub(crate) fn cache(&self) -> KvCache {
+        KvCache {
+            layers: vec![None; self.layers.len()],
+            len: 0,
+        }
+    }
+
+    /// Final hidden states `[t, H]` of embeddings `x` that continue the
+    /// sequence in `cache` (inference: no gradients are kept).
+    pub(crate) fn forward_cached(&self, mut x: Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let t = x.dim(0)?;
+        let positions: Vec<u32> = (cache.len as u32..(cache.len + t) as u32).collect();
+        let rope = Arc::new(self.rope.tables(&positions));
+        for (layer, kv) in self.layers.iter().zip(&mut cache.layers) {
+            x = layer.forward_cached(&x, &rope, kv)?;
+        }
+        cache.len += t;
         self.norm.forward(&x)
     }
 
@@ -179,7 +258,7 @@ impl Decoder {
     }
 
     pub(crate) fn set_rope_base(&mut self, base: f64) {
-        self.rope_base = base;
+        self.rope.base = base;
     }
 
     /// See [`Model::attach_lora`](super::Model::attach_lora).
@@ -243,30 +322,6 @@ impl Decoder {
         }
         Ok(())
     }
-}
-
-/// cos and sin tables `[T, dh/2]` of the given positions' RoPE angles.
-/// Only the first `rotated / 2` dimension pairs turn, at the frequencies of a
-/// `rotated`-wide head; the rest keep angle 0 (partial rotary: Phi's layout
-/// up to a fixed permutation of the head's dimensions).
-pub(crate) fn rope_tables(positions: &[u32], dh: usize, rotated: usize, base: f64) -> ops::Rope {
-    let half = dh / 2;
-    let mut cos = Vec::with_capacity(positions.len() * half);
-    let mut sin = Vec::with_capacity(positions.len() * half);
-    let freqs: Vec<f64> = (0..half)
-        .map(|i| match 2 * i < rotated {
-            true => 1.0 / base.powf(2.0 * i as f64 / rotated as f64),
-            false => 0.0,
-        })
-        .collect();
-    for &p in positions {
-        for &freq in &freqs {
-            let a = f64::from(p) * freq;
-            cos.push(a.cos() as f32);
-            sin.push(a.sin() as f32);
-        }
-    }
-    ops::Rope { cos, sin, half }
 }
 
 /// The first position of the sample each position of a packed row belongs

@@ -1,12 +1,14 @@
 //! The SigLIP vision tower: patch embedding (a stride-p convolution),
 //! learned position embeddings, pre-norm ViT blocks and a final LayerNorm,
-//! under `vision_tower.vision_model.*` as in SigLIP checkpoints.
+//! under `vision_tower.vision_model.*` as in SigLIP checkpoints. VILA takes
+//! the hidden state of a chosen layer (`mm_vision_select_layer`), never the
+//! post-LayerNorm, so only the layers up to it run.
 
 use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use super::Config;
 use super::init::POSITION_EMBEDDING_STD;
+use super::{Activation, SiglipVisionConfig};
 use super::layers::{LayerNorm, Linear};
 use crate::ops;
 
@@ -20,23 +22,25 @@ struct VisionBlock {
     ln2: LayerNorm,
     fc1: Linear,
     fc2: Linear,
+    act: Activation,
     heads: usize,
 }
 
 impl VisionBlock {
-    pub(crate) fn new(vb: &VarBuilder, c: &Config) -> Result<Self> {
-        let d = c.vision_hidden;
+    pub(crate) fn new(vb: &VarBuilder, c: &SiglipVisionConfig) -> Result<Self> {
+        let (d, eps, wide) = (c.hidden_size, c.layer_norm_eps, c.intermediate_size);
         let a = vb.pp("self_attn");
         Ok(VisionBlock {
-            ln1: LayerNorm::new(&vb.pp("layer_norm1"), d, c.eps)?,
+            ln1: LayerNorm::new(&vb.pp("layer_norm1"), d, eps)?,
             q: Linear::new(&a.pp("q_proj"), d, d, true)?,
             k: Linear::new(&a.pp("k_proj"), d, d, true)?,
             v: Linear::new(&a.pp("v_proj"), d, d, true)?,
             o: Linear::new(&a.pp("out_proj"), d, d, true)?,
-            ln2: LayerNorm::new(&vb.pp("layer_norm2"), d, c.eps)?,
-            fc1: Linear::new(&vb.pp("mlp").pp("fc1"), d, 4 * d, true)?,
-            fc2: Linear::new(&vb.pp("mlp").pp("fc2"), 4 * d, d, true)?,
-            heads: c.vision_heads,
+            ln2: LayerNorm::new(&vb.pp("layer_norm2"), d, eps)?,
+            fc1: Linear::new(&vb.pp("mlp").pp("fc1"), d, wide, true)?,
+            fc2: Linear::new(&vb.pp("mlp").pp("fc2"), wide, d, true)?,
+            act: c.hidden_act,
+            heads: c.num_attention_heads,
         })
     }
 
@@ -60,7 +64,7 @@ impl VisionBlock {
             .contiguous()?
             .reshape((n, p, d))?;
         let x = (x + self.o.forward(&y)?)?;
-        let h = self.fc1.forward(&self.ln2.forward(&x)?)?.gelu()?;
+        let h = self.act.forward(&self.fc1.forward(&self.ln2.forward(&x)?)?)?;
         x + self.fc2.forward(&h)?
     }
 }
@@ -70,21 +74,23 @@ pub(crate) struct VisionTower {
     patch_embedding: Tensor,
     patch_bias: Tensor,
     position_embedding: Tensor,
+    /// The layers up to the selected hidden state.
     blocks: Vec<VisionBlock>,
-    post_layernorm: LayerNorm,
+    /// Loaded and saved with the tower, unused by VILA's feature selection.
+    _post_layernorm: LayerNorm,
     patch_size: usize,
     hidden: usize,
 }
 
 impl VisionTower {
     /// `vb` is at `vision_tower.vision_model`.
-    pub(crate) fn new(vb: &VarBuilder, c: &Config) -> Result<Self> {
+    pub(crate) fn new(vb: &VarBuilder, c: &SiglipVisionConfig, layers_run: usize) -> Result<Self> {
         let emb = vb.pp("embeddings");
         let p = c.patch_size;
         let fan_in = 3 * p * p;
         let bound = 1.0 / (fan_in as f64).sqrt();
         let patch_embedding = emb.pp("patch_embedding").get_with_hints(
-            (c.vision_hidden, 3, p, p),
+            (c.hidden_size, 3, p, p),
             "weight",
             Init::Uniform {
                 lo: -bound,
@@ -93,29 +99,37 @@ impl VisionTower {
         )?;
         let patch_bias =
             emb.pp("patch_embedding")
-                .get_with_hints(c.vision_hidden, "bias", Init::Const(0.0))?;
+                .get_with_hints(c.hidden_size, "bias", Init::Const(0.0))?;
         let position_embedding = emb.pp("position_embedding").get_with_hints(
-            (c.grid() * c.grid(), c.vision_hidden),
+            (c.grid() * c.grid(), c.hidden_size),
             "weight",
             Init::Randn {
                 mean: 0.0,
                 stdev: POSITION_EMBEDDING_STD,
             },
         )?;
-        let blocks = (0..c.vision_layers)
+        // Every layer's parameters exist (a checkpoint has them all); the
+        // ones past the selected hidden state never run.
+        let mut blocks = (0..c.num_hidden_layers)
             .map(|i| VisionBlock::new(&vb.pp("encoder").pp("layers").pp(i), c))
             .collect::<Result<Vec<_>>>()?;
+        blocks.truncate(layers_run);
         Ok(VisionTower {
             patch_embedding,
             patch_bias,
             position_embedding,
             blocks,
-            post_layernorm: LayerNorm::new(&vb.pp("post_layernorm"), c.vision_hidden, c.eps)?,
+            _post_layernorm: LayerNorm::new(
+                &vb.pp("post_layernorm"),
+                c.hidden_size,
+                c.layer_norm_eps,
+            )?,
             patch_size: p,
-            hidden: c.vision_hidden,
+            hidden: c.hidden_size,
         })
     }
 
+    /// The selected hidden state `[N, P, Dv]` of `[N, 3, S, S]` pixels.
     pub(crate) fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
         let (n, _, s, _) = pixels.dims4()?;
         let (p, g) = (self.patch_size, s / self.patch_size);
@@ -133,6 +147,6 @@ impl VisionTower {
         for block in &self.blocks {
             x = block.forward(&x)?;
         }
-        self.post_layernorm.forward(&x)
+        Ok(x)
     }
 }

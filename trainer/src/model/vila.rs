@@ -55,8 +55,8 @@ impl Expanded {
 /// The VILA model: vision tower, projector and LLM.
 pub struct Model {
     pub config: Config,
-    vision: VisionTower,
-    projector: Projector,
+    /// The tower and projector (none for a text-only LLM).
+    vision: Option<(VisionTower, Projector)>,
     llm: Decoder,
 }
 
@@ -64,10 +64,22 @@ impl Model {
     /// Creates the parameters in `vars` (randomly initialized where absent)
     /// and the model over them.
     pub fn new(config: Config, vars: &VarMap, device: &Device) -> Result<Self> {
+        config
+            .check()
+            .map_err(|e| candle_core::Error::Msg(format!("model config: {}", e.0)))?;
         let vb = VarBuilder::from_varmap(vars, DType::F32, device);
         Ok(Model {
-            vision: VisionTower::new(&vb.pp("vision_tower").pp("vision_model"), &config)?,
-            projector: Projector::new(&vb.pp("mm_projector").pp("layers"), &config)?,
+            vision: match &config.vision {
+                Some(v) => Some((
+                    VisionTower::new(
+                        &vb.pp("vision_tower").pp("vision_model"),
+                        v,
+                        config.vision_layers_run(),
+                    )?,
+                    Projector::new(&vb.pp("mm_projector").pp("layers"), &config, v)?,
+                )),
+                None => None,
+            },
             llm: Decoder::new(&vb.pp("llm"), &config)?,
             config,
         })
@@ -93,14 +105,20 @@ impl Model {
         self.llm.set_rope_base(base);
     }
 
+    fn tower(&self) -> Result<&(VisionTower, Projector)> {
+        self.vision.as_ref().ok_or_else(|| {
+            candle_core::Error::Msg("the model has no vision tower: it takes text only".into())
+        })
+    }
+
     /// Vision tower: `[N, 3, S, S]` pixels to `[N, P, Dv]` patch features.
     pub fn encode_images(&self, pixels: &Tensor) -> Result<Tensor> {
-        self.vision.forward(pixels)
+        self.tower()?.0.forward(pixels)
     }
 
     /// Projector (`mlp_downsample`): `[N, P, Dv]` to `[N, tokens_per_media, H]`.
     pub fn project(&self, features: &Tensor) -> Result<Tensor> {
-        self.projector.forward(features)
+        self.tower()?.1.forward(features)
     }
 
     /// How many tokens of `row` carry loss (what [`Model::row_loss`] counts),
@@ -127,7 +145,7 @@ impl Model {
         if n_media == 0 {
             return Ok(None);
         }
-        let s = c.image_size;
+        let s = c.vision.as_ref().map_or(0, |v| v.image_size);
         let Some(pixels) = row.pixels.get(..n_media * 3 * s * s) else {
             return Err(candle_core::Error::Msg(format!(
                 "the row has {n_media} media placeholders but pixels for {} images of {s} px",
@@ -138,12 +156,10 @@ impl Model {
         Ok(Some(self.project(&self.encode_images(&px)?)?))
     }
 
-    /// Final hidden states `[T, H]` (normed) of an expanded row whose media
-    /// tokens are `media`.
-    fn hidden(&self, e: &Expanded, media: Option<&Tensor>, device: &Device) -> Result<Tensor> {
-        let c = &self.config;
-        let per_media = c.tokens_per_media();
-        // Embeddings: runs of text tokens gathered at once, media spliced in.
+    /// Embeddings `[T, H]` of an expanded row whose media tokens are
+    /// `media`: runs of text tokens gathered at once, media spliced in.
+    fn embed(&self, e: &Expanded, media: Option<&Tensor>, device: &Device) -> Result<Tensor> {
+        let per_media = self.config.tokens_per_media();
         let mut parts = Vec::new();
         let (mut i, mut m) = (0, 0);
         while i < e.tokens.len() {
@@ -165,8 +181,24 @@ impl Model {
             let ids: Vec<u32> = e.tokens[start..i].iter().flatten().copied().collect();
             parts.push(self.llm.embed_tokens(&ids, device)?);
         }
-        let x = Tensor::cat(&parts, 0)?;
+        Tensor::cat(&parts, 0)
+    }
+
+    /// Final hidden states `[T, H]` (normed) of an expanded row whose media
+    /// tokens are `media`.
+    fn hidden(&self, e: &Expanded, media: Option<&Tensor>, device: &Device) -> Result<Tensor> {
+        let x = self.embed(e, media, device)?;
         self.llm.forward(x, &e.positions, &e.boundaries)
+    }
+
+    /// Logits `[T, vocab]` of every position of one sample (`<image>`
+    /// placeholders widened to their images' tokens, as the LLM sees them).
+    pub fn logits(&self, ids: &[u32], pixels: &[f32], device: &Device) -> Result<Tensor> {
+        let row = one_sample(ids, pixels);
+        let c = &self.config;
+        let e = Expanded::new(&row.row(), c.image_token, c.tokens_per_media());
+        let media = self.media(&row.row(), device)?;
+        self.llm.lm_head(&self.hidden(&e, media.as_ref(), device)?)
     }
 
     /// Negative log-likelihoods of the positions of a row that carry loss:
@@ -250,7 +282,7 @@ impl Model {
 
     /// Greedy decoding: the prompt `ids` (with `<image>` placeholders for
     /// `pixels`, as a sample), then up to `max_new` tokens, stopping after
-    /// any of `stop`. Returns the new tokens. Media are encoded once.
+    /// any of `stop`. Returns the new tokens.
     pub fn generate(
         &self,
         ids: &[u32],
@@ -259,36 +291,144 @@ impl Model {
         stop: &[u32],
         device: &Device,
     ) -> Result<Vec<u32>> {
+        let greedy = Sampling::default();
+        Ok(self
+            .generate_with(ids, pixels, max_new, stop, &greedy, device)?
+            .tokens)
+    }
+
+    /// Decoding with a KV cache: the prompt (media encoded once) runs
+    /// through the LLM once, then each new token alone. Tokens are chosen as
+    /// `sampling` says; each one's log-probability is under the model's
+    /// own distribution (before temperature and top-p).
+    pub fn generate_with(
+        &self,
+        ids: &[u32],
+        pixels: &[f32],
+        max_new: usize,
+        stop: &[u32],
+        sampling: &Sampling,
+        device: &Device,
+    ) -> Result<Generated> {
         let c = &self.config;
-        let mut seq = ids.to_vec();
-        let mask = vec![0u8; ids.len() + max_new];
-        let prompt_row = Row {
-            input_ids: ids,
-            loss_mask: &mask[..ids.len()],
-            boundaries: &[0, ids.len() as u32],
-            pixels,
-        };
-        let media = self.media(&prompt_row, device)?;
-        let mut out = Vec::new();
+        let prompt = one_sample(ids, pixels);
+        let e = Expanded::new(&prompt.row(), c.image_token, c.tokens_per_media());
+        let media = self.media(&prompt.row(), device)?;
+        let mut cache = self.llm.cache();
+        let mut x = self.embed(&e, media.as_ref(), device)?;
+        let mut out = Generated::default();
+        let mut rng = sampling.seed;
         for _ in 0..max_new {
-            let bounds = [0, seq.len() as u32];
-            let row = Row {
-                input_ids: &seq,
-                loss_mask: &mask[..seq.len()],
-                boundaries: &bounds,
-                pixels,
-            };
-            let e = Expanded::new(&row, c.image_token, c.tokens_per_media());
-            let h = self.hidden(&e, media.as_ref(), device)?;
+            let h = self.llm.forward_cached(x, &mut cache)?;
             let last = h.narrow(0, h.dim(0)? - 1, 1)?;
             let logits = self.llm.lm_head(&last)?.squeeze(0)?;
-            let next = logits.argmax(0)?.to_scalar::<u32>()?;
-            out.push(next);
-            seq.push(next);
+            let log_probs: Vec<f32> = candle_nn::ops::log_softmax(&logits, 0)?.to_vec1()?;
+            let next = sampling.pick(&log_probs, &mut rng);
+            out.tokens.push(next);
+            out.logprobs.push(log_probs[next as usize]);
             if stop.contains(&next) {
                 break;
             }
+            x = self.llm.embed_tokens(&[next], device)?;
         }
         Ok(out)
+    }
+}
+
+/// The tokens a generation made and their log-probabilities.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Generated {
+    pub tokens: Vec<u32>,
+    pub logprobs: Vec<f32>,
+}
+
+/// How the next token is chosen: greedy at temperature 0 (the default),
+/// else drawn (seeded) from the softmax at `temperature` within the
+/// smallest set of tokens whose probability reaches `top_p`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampling {
+    pub temperature: f64,
+    pub top_p: f64,
+    pub seed: u64,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling {
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+impl Sampling {
+    fn pick(&self, log_probs: &[f32], rng: &mut u64) -> u32 {
+        let argmax = || {
+            log_probs
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map_or(0, |(i, _)| i as u32)
+        };
+        if self.temperature <= 0.0 {
+            return argmax();
+        }
+        let mut weighted: Vec<(u32, f64)> = log_probs
+            .iter()
+            .enumerate()
+            .map(|(i, &lp)| (i as u32, (f64::from(lp) / self.temperature).exp()))
+            .collect();
+        weighted.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let total: f64 = weighted.iter().map(|w| w.1).sum();
+        let mut kept = 0.0;
+        let mut cut = weighted.len();
+        for (i, w) in weighted.iter().enumerate() {
+            kept += w.1 / total;
+            if kept >= self.top_p {
+                cut = i + 1;
+                break;
+            }
+        }
+        weighted.truncate(cut);
+        let mass: f64 = weighted.iter().map(|w| w.1).sum();
+        *rng = rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let u = (lvpipe_pipeline::splitmix(*rng) >> 11) as f64 / (1u64 << 53) as f64 * mass;
+        let mut acc = 0.0;
+        for (id, w) in &weighted {
+            acc += w;
+            if u < acc {
+                return *id;
+            }
+        }
+        weighted.last().map_or_else(argmax, |w| w.0)
+    }
+}
+
+/// One sample's ids and pixels, owning the mask and bounds a [`Row`] borrows.
+struct OneSample<'a> {
+    ids: &'a [u32],
+    pixels: &'a [f32],
+    mask: Vec<u8>,
+    bounds: [u32; 2],
+}
+
+fn one_sample<'a>(ids: &'a [u32], pixels: &'a [f32]) -> OneSample<'a> {
+    OneSample {
+        ids,
+        pixels,
+        mask: vec![0; ids.len()],
+        bounds: [0, ids.len() as u32],
+    }
+}
+
+impl OneSample<'_> {
+    fn row(&self) -> Row<'_> {
+        Row {
+            input_ids: self.ids,
+            loss_mask: &self.mask,
+            boundaries: &self.bounds,
+            pixels: self.pixels,
+        }
     }
 }
