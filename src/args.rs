@@ -35,6 +35,12 @@ pub enum Command {
     Eval(EvalArgs),
     /// Run the whole chain on the synthetic corpus and write a report.
     Demo(DemoArgs),
+    /// Answer a prompt (with images or videos) with a model folder: a run's,
+    /// or a Hugging Face or VILA folder.
+    Generate(GenerateArgs),
+    /// Write a run as a folder transformers loads: the LLM alone (`hf`) or
+    /// VILA's llm/, vision_tower/, mm_projector/ layout (`vila`).
+    Export(ExportArgs),
     /// Time training steps of the reference decoder (4 layers, d256, 4 x 512
     /// tokens) for the PyTorch comparison in docs/benchmarks.md.
     #[command(hide = true)]
@@ -123,9 +129,10 @@ pub struct TrainArgs {
     /// Run folder (one stage), or folder of stage-N run folders (--stages).
     #[arg(long, required_unless_present = "resume")]
     pub out: Option<PathBuf>,
-    /// The previous stage's run folder (its model.safetensors is the start;
-    /// default: none, fresh seeded weights).
-    #[arg(long, conflicts_with = "stages")]
+    /// The model the stage starts from: the previous stage's run folder, or
+    /// `hf:DIR`, a Hugging Face folder (Qwen2 LLM, SigLIP tower) or a VILA
+    /// folder, whose parts replace the fresh seeded weights.
+    #[arg(long, conflicts_with = "stages", value_parser = parse_init)]
     pub init: Option<PathBuf>,
     /// Steps to run per stage (default: the stage's `steps`, or `epochs` x
     /// steps per epoch); the learning-rate schedule spans them.
@@ -145,6 +152,70 @@ pub struct TrainArgs {
     /// Abort the process right after this step, as a kill would (crash tests).
     #[arg(long, hide = true)]
     pub abort_after: Option<u64>,
+}
+
+/// A model folder, with or without the `hf:` prefix.
+fn parse_init(s: &str) -> Result<PathBuf, String> {
+    Ok(PathBuf::from(s.strip_prefix("hf:").unwrap_or(s)))
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// A run folder, or a Hugging Face (`hf:DIR` or DIR) or VILA folder.
+    #[arg(long, value_parser = parse_init)]
+    pub model: PathBuf,
+    /// The user's message.
+    #[arg(long)]
+    pub prompt: String,
+    /// An image to show the model (repeatable; before the prompt).
+    #[arg(long)]
+    pub image: Vec<PathBuf>,
+    /// A video to show the model (repeatable), sampled as --frames says.
+    #[arg(long)]
+    pub video: Vec<PathBuf>,
+    /// How frames are taken from each video: `uniform:N`, `fps:F,max:N`.
+    #[arg(long, default_value = "uniform:8", value_parser = parse_frames)]
+    pub frames: FramePolicy,
+    /// Tokenizer (default: the model folder's tokenizer.json or llm/tokenizer.json).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// 0 decodes greedily; above, tokens are drawn at this temperature.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Draw only from the most likely tokens whose probabilities reach this.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Seed of the draws (with --temperature).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Tokenize the prompt as it is, without the chat template.
+    #[arg(long)]
+    pub raw: bool,
+    /// Print one JSON object: prompt_tokens, tokens, text, logprobs.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ExportFormatArg {
+    /// The LLM as a Qwen2ForCausalLM folder.
+    Hf,
+    /// VILA's folder: llm/, vision_tower/, mm_projector/, config.json.
+    Vila,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// A finished run folder (or any model folder lvpipe loads).
+    #[arg(long)]
+    pub run: PathBuf,
+    #[arg(long, value_enum)]
+    pub format: ExportFormatArg,
+    /// New folder to write (must not exist or be empty).
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 /// `3` or `1-5`.

@@ -7,7 +7,6 @@ use candle_core::Device;
 use candle_nn::VarMap;
 use lvpipe_schemas::FramePolicy;
 use lvpipe_sharding::{ChatTokenizer, Segment, SpecialTokens};
-use lvpipe_trainer::SavedConfig;
 use lvpipe_trainer::model::Model;
 
 use crate::{Error, Result};
@@ -22,33 +21,54 @@ pub struct Evaluator {
 }
 
 impl Evaluator {
-    /// Loads a run folder: `config.json`, `model.safetensors` and the
-    /// `tokenizer.json` it trained with.
+    /// Loads a model folder: a run folder (`config.json`, `model.safetensors`
+    /// and the `tokenizer.json` it trained with), or a Hugging Face or VILA
+    /// folder with its tokenizer (`tokenizer.json`, or `llm/tokenizer.json`).
     pub fn load(run: &Path) -> Result<Self> {
-        let saved = SavedConfig::load(run)?;
-        let tokenizer = ChatTokenizer::load(&run.join("tokenizer.json"))?;
-        if tokenizer.fingerprint() != saved.tokenizer_fingerprint {
+        Self::load_with(run, None)
+    }
+
+    /// [`Evaluator::load`] with another tokenizer than the folder's.
+    pub fn load_with(run: &Path, tokenizer: Option<&Path>) -> Result<Self> {
+        let folder = lvpipe_trainer::hf::open(run)?;
+        let path = match tokenizer {
+            Some(p) => p.to_path_buf(),
+            None => ["tokenizer.json", "llm/tokenizer.json"]
+                .iter()
+                .map(|f| run.join(f))
+                .find(|p| p.exists())
+                .ok_or_else(|| {
+                    Error::Input(format!(
+                        "{}: no tokenizer.json (or llm/tokenizer.json); give one with --tokenizer",
+                        run.display()
+                    ))
+                })?,
+        };
+        let tokenizer = ChatTokenizer::load(&path)?;
+        if let Some(saved) = &folder.saved
+            && tokenizer.fingerprint() != saved.tokenizer_fingerprint
+        {
             return Err(Error::Input(format!(
-                "{}: tokenizer.json is not the one the run trained with",
-                run.display()
+                "{}: not the tokenizer the run trained with",
+                path.display()
             )));
         }
+        let mut config = folder.config(Some(tokenizer.special().image))?;
+        if folder.saved.is_none() && tokenizer.vocab_size() > config.llm.vocab_size {
+            // A stock tokenizer that gained media tokens: the model's
+            // embedding grows to hold them, as for training.
+            config.llm.vocab_size = tokenizer.vocab_size();
+        }
         let device = Device::Cpu;
-        let mut vars = VarMap::new();
-        let model = Model::new(saved.model.clone(), &vars, &device)?;
-        let weights = run.join("model.safetensors");
-        vars.load(&weights).map_err(|e| {
-            Error::Input(format!(
-                "{}: cannot load the weights: {e}",
-                weights.display()
-            ))
-        })?;
+        let vars = VarMap::new();
+        let model = Model::new(config.clone(), &vars, &device)?;
+        lvpipe_trainer::hf::load_into(&vars, &folder)?;
         Ok(Evaluator {
-            image_size: saved.model.vision.as_ref().map_or(0, |v| v.image_size as u32),
+            image_size: config.vision.as_ref().map_or(0, |v| v.image_size as u32),
             model,
             tokenizer,
             device,
-            stage: saved.stage,
+            stage: folder.saved.as_ref().map_or(0, |s| s.stage),
         })
     }
 

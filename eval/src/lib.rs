@@ -22,6 +22,7 @@ pub mod charts;
 pub mod demo;
 mod error;
 mod evaluator;
+pub mod generate;
 mod niah;
 pub mod plot;
 mod ppl;

@@ -143,6 +143,7 @@ fn write_shards(dir: &Path, samples: &[Fake]) {
         schema_version: lvpipe_schemas::SCHEMA_VERSION.into(),
         lvpipe_version: "test".into(),
         tokenizer_fingerprint: "t".into(),
+        added_tokens: vec![],
         chat_template: "chatml".into(),
         build_fingerprint: "b".into(),
         build_args: serde_json::json!({}),

@@ -63,6 +63,11 @@ pub struct Manifest {
     pub schema_version: String,
     pub lvpipe_version: String,
     pub tokenizer_fingerprint: String,
+    /// Special tokens the given tokenizer lacked and the build added (a
+    /// stock Qwen2 or Llama tokenizer gets `<image>` and `<video>`); the
+    /// tokenizer with them is the folder's `tokenizer.json`.
+    #[serde(default)]
+    pub added_tokens: Vec<String>,
     pub chat_template: String,
     pub build_fingerprint: String,
     /// The resolved build settings, as given (for provenance).
@@ -122,6 +127,7 @@ mod tests {
             schema_version: "1".into(),
             lvpipe_version: "0.1.0".into(),
             tokenizer_fingerprint: "abc".into(),
+            added_tokens: vec![],
             chat_template: "chatml".into(),
             build_fingerprint: "f".into(),
             build_args: serde_json::json!({"image_size": 384}),

@@ -6,15 +6,15 @@
 //! assistant content plus its closing `<|im_end|>` and nothing else.
 //!
 //! VILA finds the mask by tokenizing twice and aligning the results, and masks
-//! the whole sample when alignment fails. Here the text is tokenized in pieces
-//! that start and end at special tokens or newlines, where the byte-level
-//! pre-tokenizer splits anyway, so the concatenation equals tokenizing the
-//! whole string and every token's mask is known by construction.
+//! the whole sample when alignment fails. Here the whole text is tokenized
+//! once with byte offsets, and a token is in the loss when it starts inside
+//! an assistant answer: the ids are exactly the tokenizer's on the whole
+//! text, whatever its pre-tokenizer does at piece boundaries.
 
 use std::path::Path;
 
 use lvpipe_schemas::tokens;
-use tokenizers::Tokenizer;
+use tokenizers::{AddedToken, Tokenizer};
 
 use crate::{Error, Result};
 
@@ -58,46 +58,86 @@ pub struct ChatTokenizer {
     tokenizer: Tokenizer,
     special: SpecialTokens,
     fingerprint: String,
+    /// The `tokenizer.json` in effect: the file's bytes, or, where special
+    /// tokens were added, the tokenizer serialized with them.
+    json: Vec<u8>,
+    /// Special tokens the file lacked and loading added.
+    added: Vec<&'static str>,
 }
 
 impl ChatTokenizer {
-    /// Loads a `tokenizer.json` and checks that it has the template's tokens.
+    /// Loads a `tokenizer.json`. A stock tokenizer (Qwen2's, Llama's) that
+    /// lacks the template's or the media placeholders' tokens gets them added
+    /// as special tokens after its vocabulary, as VILA adds `<image>` and
+    /// `<video>`; [`ChatTokenizer::added`] says which, and
+    /// [`ChatTokenizer::json`] is the tokenizer with them, to write beside
+    /// shards and models.
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = fs_err::read(path)?;
-        let tokenizer = Tokenizer::from_bytes(&bytes).map_err(|e| Error::Tokenizer {
+        let mut tokenizer = Tokenizer::from_bytes(&bytes).map_err(|e| Error::Tokenizer {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
-        let id = |tok: &str| tokenizer.token_to_id(tok);
-        let missing: Vec<_> = SpecialTokens::ALL
+        let added: Vec<&'static str> = SpecialTokens::ALL
             .into_iter()
-            .filter(|t| id(t).is_none())
+            .filter(|t| tokenizer.token_to_id(t).is_none())
             .collect();
-        if !missing.is_empty() {
-            return Err(Error::Tokenizer {
-                path: path.to_path_buf(),
-                message: format!(
-                    "lacks the special tokens {} that the {CHAT_TEMPLATE} template and media \
-                     placeholders need (refusing to fall back to another template)",
-                    missing.join(", ")
-                ),
-            });
-        }
+        let json = if added.is_empty() {
+            bytes
+        } else {
+            let new: Vec<AddedToken> = added
+                .iter()
+                .map(|t| AddedToken::from(*t, true))
+                .collect();
+            tokenizer
+                .add_special_tokens(new)
+                .map_err(|e| Error::Tokenizer {
+                    path: path.to_path_buf(),
+                    message: format!("cannot add {}: {e}", added.join(", ")),
+                })?;
+            tokenizer
+                .to_string(false)
+                .map_err(|e| Error::Tokenizer {
+                    path: path.to_path_buf(),
+                    message: format!("cannot serialize it with the added tokens: {e}"),
+                })?
+                .into_bytes()
+        };
+        let id = |tok: &str| tokenizer.token_to_id(tok).unwrap_or_default();
         let special = SpecialTokens {
-            im_start: id(SpecialTokens::IM_START).unwrap_or_default(),
-            im_end: id(SpecialTokens::IM_END).unwrap_or_default(),
-            end_of_text: id(SpecialTokens::END_OF_TEXT).unwrap_or_default(),
-            image: id(SpecialTokens::IMAGE).unwrap_or_default(),
-            video: id(SpecialTokens::VIDEO).unwrap_or_default(),
+            im_start: id(SpecialTokens::IM_START),
+            im_end: id(SpecialTokens::IM_END),
+            end_of_text: id(SpecialTokens::END_OF_TEXT),
+            image: id(SpecialTokens::IMAGE),
+            video: id(SpecialTokens::VIDEO),
         };
         Ok(ChatTokenizer {
             tokenizer,
             special,
-            fingerprint: blake3::hash(&bytes).to_hex().to_string(),
+            fingerprint: blake3::hash(&json).to_hex().to_string(),
+            json,
+            added,
         })
     }
 
-    /// blake3 of the tokenizer.json bytes.
+    /// The special tokens loading added (none for a tokenizer that has them).
+    pub fn added(&self) -> &[&'static str] {
+        &self.added
+    }
+
+    /// The `tokenizer.json` in effect (with any added tokens): loading it
+    /// gives the same tokenizer and fingerprint.
+    pub fn json(&self) -> &[u8] {
+        &self.json
+    }
+
+    /// Tokens in the vocabulary, added ones included: the least vocabulary
+    /// a model needs.
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
+    /// blake3 of the tokenizer.json in effect ([`ChatTokenizer::json`]).
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
     }
@@ -112,31 +152,40 @@ impl ChatTokenizer {
 
     /// Tokenizes a conversation with the template. Returns the token ids and
     /// the loss mask (1 on assistant content and its `<|im_end|>`).
+    ///
+    /// The templated text is tokenized once, whole, as the Python
+    /// `tokenizers` package and `apply_chat_template` do (tokenizing it in
+    /// pieces differs where a tokenizer prepends `▁` to every piece, as
+    /// Llama's does); a token is in the loss when its first byte is in an
+    /// assistant answer.
     pub fn encode_conversation(&self, turns: &[Segment]) -> Result<(Vec<u32>, Vec<u8>)> {
         let (system, turns) = match turns.first() {
             Some(first) if first.role == "system" => (first.content.as_str(), &turns[1..]),
             _ => (DEFAULT_SYSTEM_PROMPT, turns),
         };
         let (start, end) = (SpecialTokens::IM_START, SpecialTokens::IM_END);
-        let mut ids = Vec::new();
-        let mut mask = Vec::new();
-        // Untrained text accumulates in `prompt` until an assistant answer
-        // starts, so the tokenizer runs once per prompt and once per answer.
-        let mut prompt = format!("{start}system\n{system}{end}\n");
+        let mut text = format!("{start}system\n{system}{end}\n");
+        let mut answers = Vec::new();
         for turn in turns {
-            prompt.push_str(&format!("{start}{}\n", turn.role));
+            text.push_str(&format!("{start}{}\n", turn.role));
+            let from = text.len();
+            text.push_str(&turn.content);
+            text.push_str(end);
             if turn.role == "assistant" {
-                self.push(&mut ids, &mut mask, &prompt, 0)?;
-                self.push(&mut ids, &mut mask, &format!("{}{end}", turn.content), 1)?;
-                prompt = "\n".to_string();
-            } else {
-                prompt.push_str(&turn.content);
-                prompt.push_str(end);
-                prompt.push('\n');
+                answers.push(from..text.len());
             }
+            text.push('\n');
         }
-        self.push(&mut ids, &mut mask, &prompt, 0)?;
-        Ok((ids, mask))
+        let encoding = self
+            .tokenizer
+            .encode(text.as_str(), false)
+            .map_err(|e| Error::Internal(format!("tokenization failed: {e}")))?;
+        let mask = encoding
+            .get_offsets()
+            .iter()
+            .map(|&(from, _)| u8::from(answers.iter().any(|a| a.contains(&from))))
+            .collect();
+        Ok((encoding.get_ids().to_vec(), mask))
     }
 
     /// Tokenizes a conversation that the model should continue: the
@@ -176,15 +225,6 @@ impl ChatTokenizer {
             .map_err(|e| Error::Internal(format!("decoding failed: {e}")))
     }
 
-    fn push(&self, ids: &mut Vec<u32>, mask: &mut Vec<u8>, text: &str, trained: u8) -> Result<()> {
-        if text.is_empty() {
-            return Ok(());
-        }
-        let piece = self.encode(text)?;
-        mask.extend(std::iter::repeat_n(trained, piece.len()));
-        ids.extend(piece);
-        Ok(())
-    }
 }
 
 #[cfg(test)]

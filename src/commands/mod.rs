@@ -5,6 +5,8 @@
 mod build;
 mod demo;
 mod eval;
+mod export;
+mod generate;
 mod mix;
 mod plan;
 mod sql;
@@ -30,6 +32,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Generate(args) => generate::run(args),
+        Command::Export(args) => export::run(args),
         Command::BenchStep { steps } => {
             let report = lvpipe_trainer::bench::train_step_bench(steps)?;
             out(&format!("{report}\n"))?;

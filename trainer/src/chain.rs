@@ -28,7 +28,8 @@ pub struct RunSpec {
     pub stage: usize,
     pub mix: PathBuf,
     pub tokenizer: PathBuf,
-    /// The run folder whose weights this stage starts from.
+    /// The model folder this stage starts from: a finished run's, or a
+    /// Hugging Face or VILA folder (`hf:DIR` on the command line).
     pub init: Option<PathBuf>,
     pub steps: Option<u64>,
     pub clip: f64,
@@ -148,7 +149,7 @@ pub fn chain(c: &Chain, on_event: &mut dyn FnMut(TrainEvent)) -> Result<Vec<(usi
         // The start's weights: a finished stage whose start has been
         // trained again since is stale too.
         let init_fingerprint = match &init {
-            Some(from) => weights_fingerprint(&from.join("model.safetensors"))?,
+            Some(from) => weights_fingerprint(from)?,
             None => String::new(),
         };
         if let Some(state) = finished(&dir) {
@@ -255,7 +256,7 @@ pub fn train_stage(
     // Rewritten on every resume: atomically, so a kill keeps the run resumable.
     let json = serde_json::to_string_pretty(&spec).expect("the spec serializes") + "\n";
     write_atomic(&out.join(RunSpec::FILE_NAME), json.as_bytes())?;
-    write_atomic(&out.join("tokenizer.json"), &fs_err::read(&spec.tokenizer)?)?;
+    write_atomic(&out.join("tokenizer.json"), tokenizer.json())?;
     let name = recipe.stage(spec.stage)?.name.clone();
     let run = StageRun {
         recipe: &recipe,
@@ -263,7 +264,8 @@ pub fn train_stage(
         mix,
         image_token: tokenizer.special().image,
         out: out.to_path_buf(),
-        init: spec.init.as_ref().map(|d| d.join("model.safetensors")),
+        init: spec.init.clone(),
+        vocab: tokenizer.vocab_size(),
         steps: spec.steps,
         clip: spec.clip,
         save_every: spec.save_every,

@@ -89,11 +89,34 @@ impl SavedConfig {
     }
 }
 
-/// blake3 of a weights file (16 hex digits): which weights a stage started
-/// from, so that a retrained earlier stage is noticed.
-pub fn weights_fingerprint(path: &Path) -> Result<String> {
+/// blake3 of a model folder's weights (16 hex digits): which weights a
+/// stage started from, so that a retrained earlier stage is noticed. A run
+/// folder's is its `model.safetensors`'s; a Hugging Face or VILA folder's
+/// covers every safetensors file in it, by name.
+pub fn weights_fingerprint(dir: &Path) -> Result<String> {
     let mut hasher = blake3::Hasher::new();
-    hasher.update_reader(fs_err::File::open(path)?)?;
+    let single = dir.join("model.safetensors");
+    if single.exists() && dir.join(SavedConfig::FILE_NAME).exists() && !dir.join("llm").exists() {
+        hasher.update_reader(fs_err::File::open(&single)?)?;
+        return Ok(hasher.finalize().to_hex()[..16].to_string());
+    }
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(d) = pending.pop() {
+        for entry in fs_err::read_dir(&d)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if path.extension().is_some_and(|e| e == "safetensors") {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    for file in files {
+        hasher.update(file.strip_prefix(dir).unwrap_or(&file).to_string_lossy().as_bytes());
+        hasher.update_reader(fs_err::File::open(&file)?)?;
+    }
     Ok(hasher.finalize().to_hex()[..16].to_string())
 }
 

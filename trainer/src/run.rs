@@ -42,9 +42,12 @@ pub struct StageRun<'a> {
     /// The `<image>` token id of the shards' tokenizer.
     pub image_token: u32,
     pub out: PathBuf,
-    /// `model.safetensors` of the stage this one starts from (`None`: fresh
-    /// seeded weights, as `init = "base"` without pretrained checkpoints).
+    /// The model folder this stage starts from (a run's, Hugging Face's or
+    /// VILA's; `None`: fresh seeded weights, as `init = "base"`).
     pub init: Option<PathBuf>,
+    /// Tokens of the shards' tokenizer, media tokens included: the model's
+    /// vocabulary must hold them.
+    pub vocab: usize,
     /// Steps to run instead of the recipe's (the loader continues into
     /// further epochs as needed); the schedule spans them.
     pub steps: Option<u64>,
@@ -147,13 +150,17 @@ impl<'a> Training<'a> {
         let mut model = Model::new(config.clone(), &vars, &device).context("model")?;
         init_seeded(&vars, stage.seed, &config).context("initializing")?;
         let mut init_fingerprint = String::new();
+        if run.vocab > config.llm.vocab_size {
+            return Err(Error::Config(format!(
+                "the tokenizer has {} tokens but the model's vocab_size is {}; raise vocab_size in the recipe's [model]",
+                run.vocab, config.llm.vocab_size
+            )));
+        }
         if let Some(init) = &run.init {
             init_fingerprint = weights_fingerprint(init)?;
-            let mut vars = vars.clone();
-            vars.load(init).map_err(|e| Error::Checkpoint {
-                path: init.clone(),
-                message: format!("cannot load the start weights: {e}"),
-            })?;
+            let folder = crate::hf::open(init)?;
+            crate::hf::check_fits(&folder, &config)?;
+            crate::hf::load_into(&vars, &folder)?;
         }
         let modules = stage.modules()?;
         let lora = modules.contains(&TrainableModule::LlmLora);

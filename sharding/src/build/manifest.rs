@@ -80,12 +80,16 @@ pub(super) fn write_manifest(
         schema_version: SCHEMA_VERSION.to_string(),
         lvpipe_version: env!("CARGO_PKG_VERSION").to_string(),
         tokenizer_fingerprint: tokenizer.fingerprint().to_string(),
+        added_tokens: tokenizer.added().iter().map(|t| t.to_string()).collect(),
         chat_template: CHAT_TEMPLATE.to_string(),
         build_fingerprint,
         build_args,
         sources,
         shards,
     };
+    // The tokenizer the shards were made with (with any tokens it gained):
+    // what `train` and `generate` take to read them.
+    write_atomic(&out.join("tokenizer.json"), tokenizer.json())?;
     let path = out.join(Manifest::FILE_NAME);
     write_atomic(&path, manifest.to_json().as_bytes())?;
     Ok(manifest)

@@ -412,6 +412,47 @@ pub fn load_into(vars: &VarMap, folder: &Folder) -> Result<BTreeSet<Part>> {
     Ok(parts)
 }
 
+/// Checks that the settings of a folder's parts that are not shapes (norm
+/// epsilons, activations, rotary share, feature selection) are the model's:
+/// the recipe's `[model]` must say what the checkpoint was trained with.
+pub fn check_fits(folder: &Folder, config: &Config) -> Result<()> {
+    let mut problems = Vec::new();
+    let mut differ = |what: &str, ours: String, theirs: String| {
+        if ours != theirs {
+            problems.push(format!("{what}: the model has {ours}, the checkpoint {theirs}"));
+        }
+    };
+    if let Some(l) = &folder.llm {
+        differ("rms_norm_eps", config.llm.rms_norm_eps.to_string(), l.rms_norm_eps.to_string());
+        differ(
+            "partial_rotary_factor",
+            config.llm.partial_rotary_factor.to_string(),
+            l.partial_rotary_factor.to_string(),
+        );
+    }
+    if let (Some(v), Some(ours)) = (&folder.vision, &config.vision) {
+        differ("vision layer_norm_eps", ours.layer_norm_eps.to_string(), v.layer_norm_eps.to_string());
+        differ("vision hidden_act", format!("{:?}", ours.hidden_act), format!("{:?}", v.hidden_act));
+    }
+    if let Some(layer) = folder.select_layer {
+        differ(
+            "mm_vision_select_layer",
+            config.mm_vision_select_layer.to_string(),
+            layer.to_string(),
+        );
+    }
+    match problems.is_empty() {
+        true => Ok(()),
+        false => Err(bad(
+            &folder.path,
+            format!(
+                "was trained with other settings than the recipe's [model] ({}); set them in the recipe",
+                problems.join("; ")
+            ),
+        )),
+    }
+}
+
 /// `t` `[r, d]` with rows appended up to `rows`, each the mean of `t`'s.
 fn grow_rows(t: &Tensor, rows: usize) -> candle_core::Result<Tensor> {
     let (r, d) = t.dims2()?;

@@ -11,4 +11,4 @@ mod export;
 mod load;
 
 pub use export::{ExportFormat, export};
-pub use load::{Folder, Part, load_into, open, read_safetensors};
+pub use load::{Folder, Part, check_fits, load_into, open, read_safetensors};
