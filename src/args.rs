@@ -179,6 +179,7 @@ pub struct GenerateArgs {
     /// Tokenizer (default: the model folder's tokenizer.json or llm/tokenizer.json).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
+    /// Tokens to generate at most (fewer where the answer ends).
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
     /// 0 decodes greedily; above, tokens are drawn at this temperature.
@@ -211,6 +212,7 @@ pub struct ExportArgs {
     /// A finished run folder (or any model folder lvpipe loads).
     #[arg(long)]
     pub run: PathBuf,
+    /// What to write: the LLM alone (hf) or the whole VILA model (vila).
     #[arg(long, value_enum)]
     pub format: ExportFormatArg,
     /// New folder to write (must not exist or be empty).

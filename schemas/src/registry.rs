@@ -22,14 +22,23 @@ pub enum SourceKind {
     /// MMC4-style JSONL: `{"text_list": [...], "image_info": [{"image_name",
     /// "matched_text_index"}]}`.
     Interleaved,
+    /// Pre-tokenized documents (LongVILA's stage-4 SlimPajama): rows with an
+    /// `input_ids` list, in Parquet, Arrow IPC or JSONL; every token in the
+    /// loss.
+    Tokens,
+    /// LLaVA/VILA annotations as Parquet columns (`id`, `image` or `video`,
+    /// `conversations` as a list of `{from, value}`).
+    LlavaParquet,
 }
 
 impl SourceKind {
-    pub const ALL: [SourceKind; 4] = [
+    pub const ALL: [SourceKind; 6] = [
         SourceKind::Llava,
         SourceKind::Text,
         SourceKind::Wds,
         SourceKind::Interleaved,
+        SourceKind::Tokens,
+        SourceKind::LlavaParquet,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -38,6 +47,8 @@ impl SourceKind {
             SourceKind::Text => "text",
             SourceKind::Wds => "wds",
             SourceKind::Interleaved => "interleaved",
+            SourceKind::Tokens => "tokens",
+            SourceKind::LlavaParquet => "llava-parquet",
         }
     }
 

@@ -89,10 +89,16 @@ pub enum QuarantineReason {
     TooFewFrames,
     /// A JSONL line longer than `--max-record-bytes`, not parsed.
     RecordTooLarge,
+    /// Pre-tokenized ids that are missing, not integers, empty, or outside
+    /// the tokenizer's vocabulary.
+    InvalidTokens,
+    /// Rows of a Parquet or Arrow file (a row group or batch) that cannot be
+    /// decoded; the file's other rows are read.
+    UnreadableRows,
 }
 
 impl QuarantineReason {
-    pub const ALL: [QuarantineReason; 18] = [
+    pub const ALL: [QuarantineReason; 20] = [
         QuarantineReason::MalformedJson,
         QuarantineReason::NonUtf8,
         QuarantineReason::MissingMedia,
@@ -111,6 +117,8 @@ impl QuarantineReason {
         QuarantineReason::UnknownDuration,
         QuarantineReason::TooFewFrames,
         QuarantineReason::RecordTooLarge,
+        QuarantineReason::InvalidTokens,
+        QuarantineReason::UnreadableRows,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -133,6 +141,8 @@ impl QuarantineReason {
             QuarantineReason::UnknownDuration => "unknown_duration",
             QuarantineReason::TooFewFrames => "too_few_frames",
             QuarantineReason::RecordTooLarge => "record_too_large",
+            QuarantineReason::InvalidTokens => "invalid_tokens",
+            QuarantineReason::UnreadableRows => "unreadable_rows",
         }
     }
 

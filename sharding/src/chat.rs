@@ -292,17 +292,30 @@ mod tests {
     }
 
     #[test]
-    fn a_tokenizer_without_the_template_tokens_is_refused() {
+    fn a_tokenizer_without_the_template_tokens_gets_them_added() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("plain.json");
         let mut tok = tokenizers::Tokenizer::new(tokenizers::models::bpe::BPE::default());
         tok.add_special_tokens(vec![tokenizers::AddedToken::from("<|im_start|>", true)])
             .unwrap();
         tok.save(&path, false).unwrap();
-        let err = ChatTokenizer::load(&path).err().unwrap().to_string();
-        assert!(
-            err.contains("<|im_end|>") && err.contains("<image>"),
-            "{err}"
+        let loaded = ChatTokenizer::load(&path).unwrap();
+        assert_eq!(
+            loaded.added(),
+            ["<|endoftext|>", "<|im_end|>", "<image>", "<video>"]
+        );
+        let s = loaded.special();
+        assert_eq!(s.im_start, 0, "the tokenizer's own token keeps its id");
+        assert_eq!(
+            [s.end_of_text, s.im_end, s.image, s.video],
+            [1, 2, 3, 4],
+            "added after the vocabulary, in order"
+        );
+        assert_eq!(loaded.vocab_size(), 5);
+        // The fingerprint is the tokenizer's with the added tokens, not the file's.
+        assert_ne!(
+            loaded.fingerprint(),
+            blake3::hash(&std::fs::read(&path).unwrap()).to_hex().to_string()
         );
     }
 }

@@ -40,6 +40,9 @@ pub(super) fn sample_row(
         detail,
         annotation_id: raw.annotation_id.clone(),
     };
+    if let Some(ids) = &raw.tokens {
+        return token_row(&raw, ids, seq, origin, source, tokenizer.vocab_size());
+    }
     let mut hasher = blake3::Hasher::new();
     hasher.update(raw.kind.as_str().as_bytes());
     for turn in &raw.turns {
@@ -77,6 +80,51 @@ pub(super) fn sample_row(
         media: items,
         input_ids,
         loss_mask,
+    };
+    Ok((row, sample_id))
+}
+
+/// The sample of a pre-tokenized record: its ids as they are, every token
+/// in the loss; ids outside the tokenizer's vocabulary are rejected.
+fn token_row(
+    raw: &RawSample,
+    ids: &[u32],
+    seq: u64,
+    origin: &str,
+    source: &str,
+    vocab: usize,
+) -> Rejected<(SampleRow, u128)> {
+    if let Some((i, id)) = ids.iter().enumerate().find(|(_, id)| **id as usize >= vocab) {
+        return Err(Reject {
+            reason: QuarantineReason::InvalidTokens,
+            detail: format!(
+                "`input_ids`[{i}] is {id}, outside the tokenizer's vocabulary of {vocab}"
+            ),
+            annotation_id: raw.annotation_id.clone(),
+        });
+    }
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"tokens");
+    for id in ids {
+        hasher.update(&id.to_le_bytes());
+    }
+    let content_hash = hasher.finalize().to_hex()[..32].to_string();
+    let sample_id = sample_id(source, &content_hash);
+    let row = SampleRow {
+        seq,
+        sample_id: format!("{sample_id:032x}"),
+        source: source.to_string(),
+        kind: raw.kind,
+        origin: origin.to_string(),
+        annotation_id: raw.annotation_id.clone(),
+        content_hash,
+        messages: vec![],
+        num_images: 0,
+        num_frames: 0,
+        video: None,
+        media: vec![],
+        input_ids: ids.to_vec(),
+        loss_mask: vec![1; ids.len()],
     };
     Ok((row, sample_id))
 }

@@ -91,6 +91,7 @@ fn llava_inner(value: &Value, media_root: &Path) -> Body {
         },
         turns: segments,
         media,
+        tokens: None,
     })
 }
 
@@ -193,5 +194,6 @@ fn llava_video(obj: &serde_json::Map<String, Value>, key: &str, media_root: &Pat
             written,
             hints,
         }],
+        tokens: None,
     })
 }

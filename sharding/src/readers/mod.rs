@@ -17,6 +17,7 @@ use crate::Result;
 use crate::chat::{Segment, SpecialTokens};
 use crate::source::{SourceKind, SourceSpec};
 
+mod columnar;
 #[cfg(test)]
 mod fuzz;
 mod json;
@@ -24,6 +25,7 @@ mod llava;
 mod text;
 mod wds;
 
+use columnar::{is_columnar, json_tokens, read_columnar, row_json, row_tokens};
 use json::{read_json_records, read_jsonl};
 use llava::llava_sample;
 use text::{interleaved_sample, text_sample};
@@ -37,6 +39,9 @@ pub(crate) struct RawSample {
     /// Template roles; documents are one `text` segment.
     pub turns: Vec<Segment>,
     pub media: Vec<RawMedia>,
+    /// Pre-tokenized ids (a `tokens` source): used as they are, every one in
+    /// the loss; `turns` is then empty.
+    pub tokens: Option<Vec<u32>>,
 }
 
 /// Where a media item's bytes are.
@@ -116,6 +121,15 @@ pub(crate) fn read_source(
         SourceKind::Wds => {
             let limit = limits.member_bytes.min(file_bytes);
             read_wds(reader, &origin_path, limit, emit)
+        }
+        SourceKind::Tokens if is_columnar(&spec.path) => {
+            read_columnar(&spec.path, &origin_path, bytes_read, emit, &row_tokens)
+        }
+        SourceKind::Tokens => read_jsonl(reader, &origin_path, limits, emit, &json_tokens),
+        SourceKind::LlavaParquet => {
+            read_columnar(&spec.path, &origin_path, bytes_read, emit, &|batch, row| {
+                llava_sample(row_json(batch, row), &media_root)
+            })
         }
     }
 }

@@ -35,6 +35,7 @@ pub(super) fn text_sample(value: Value) -> Body {
         kind: SampleKind::Text,
         turns,
         media: vec![],
+        tokens: None,
     })
 }
 
@@ -110,5 +111,6 @@ pub(super) fn interleaved_sample(value: Value, media_root: &Path) -> Body {
         kind: SampleKind::Interleaved,
         turns,
         media,
+        tokens: None,
     })
 }

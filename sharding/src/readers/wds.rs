@@ -155,6 +155,7 @@ fn flush_wds(origin: &str, group: Option<Group>, emit: &mut Emit) -> Result<()> 
                     kind: SampleKind::ImageText,
                     turns,
                     media: vec![RawMedia::Bytes(image.clone())],
+                    tokens: None,
                 })
             }
         },
