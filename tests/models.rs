@@ -108,6 +108,22 @@ fn a_run_generates_exports_and_starts_a_stage_from_its_export() {
     train(&from_export, Some(&format!("hf:{vila}")));
     let (a, b) = (first_loss(&from_run), first_loss(&from_export));
     assert!((a - b).abs() < 1e-6 * a.abs(), "{a} vs {b}");
+    // The recipe form: stage 3 of a chain starts from the export's parts.
+    let text = std::fs::read_to_string(&recipe).unwrap().replace(
+        "init = \"pretrain\"",
+        &format!(
+            "init = {{ llm = \"hf:{vila}/llm\", vision = \"hf:{vila}/vision_tower\", projector = \"hf:{vila}/mm_projector\" }}"
+        ),
+    );
+    let parts_recipe = d("parts.toml");
+    std::fs::write(&parts_recipe, text).unwrap();
+    lvpipe_ok(
+        corpus,
+        &["train", "--recipe", &parts_recipe, "--stages", "3", "--shards", &d("shards"),
+          "--tokenizer", "raw/tokenizer.json", "--out", &d("chain"), "--steps", "2"],
+    );
+    let c = first_loss(&d("chain/stage-3"));
+    assert!((c - b).abs() < 1e-6 * b.abs(), "{c} vs {b}");
 
     // What Qwen2 cannot express is refused, naming the setting.
     let edited = d("runs/partial");
@@ -170,4 +186,26 @@ fn a_stock_tokenizer_builds_shards_with_its_media_tokens_added() {
         &format!("SELECT count(*) AS n FROM samples WHERE array_has(input_ids, {image})"),
     );
     assert!(rows[0]["n"].as_u64().unwrap() > 0, "{rows:?}");
+    // The tiny recipe's vocabulary cannot hold Qwen2's: a clear error, exit 2.
+    let recipe = format!("{}/recipes/tiny.toml", env!("CARGO_MANIFEST_DIR"));
+    let mixes = dir.path().join("mixes");
+    let out = lvpipe(
+        corpus,
+        &["mix", "--recipe", &recipe, "--stage", "2", "--shards", shards, "--out", mixes.to_str().unwrap()],
+    );
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    let err = if out.status.success() {
+        let mix = mixes.join("stage-2");
+        let run = dir.path().join("run");
+        let out = lvpipe(
+            corpus,
+            &["train", "--recipe", &recipe, "--stage", "2", "--mix", mix.to_str().unwrap(),
+              "--tokenizer", &format!("{shards}/tokenizer.json"), "--out", run.to_str().unwrap()],
+        );
+        assert_eq!(out.status.code(), Some(2));
+        String::from_utf8_lossy(&out.stderr).to_string()
+    } else {
+        err
+    };
+    assert!(err.contains("vocab"), "{err}");
 }

@@ -4,6 +4,7 @@
 use std::process::ExitCode;
 
 use anyhow::{Result, bail};
+use lvpipe_trainer::chain::StartFolder;
 use lvpipe_trainer::{Chain, RunSpec, TrainEvent, chain, resume, train_stage};
 
 use crate::args::TrainArgs;
@@ -51,7 +52,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         stage,
         mix: mix.clone(),
         tokenizer: tokenizer.clone(),
-        init: args.init.clone(),
+        init: args.init.iter().map(StartFolder::all).collect(),
         steps: args.steps,
         clip: args.clip,
         save_every: args.save_every,

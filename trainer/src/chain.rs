@@ -28,9 +28,11 @@ pub struct RunSpec {
     pub stage: usize,
     pub mix: PathBuf,
     pub tokenizer: PathBuf,
-    /// The model folder this stage starts from: a finished run's, or a
-    /// Hugging Face or VILA folder (`hf:DIR` on the command line).
-    pub init: Option<PathBuf>,
+    /// The model folders this stage starts from: a finished run's, or
+    /// Hugging Face or VILA folders, each for one part or all it has (none:
+    /// fresh seeded weights).
+    #[serde(default)]
+    pub init: Vec<StartFolder>,
     pub steps: Option<u64>,
     pub clip: f64,
     pub save_every: u64,
@@ -145,13 +147,10 @@ pub fn chain(c: &Chain, on_event: &mut dyn FnMut(TrainEvent)) -> Result<Vec<(usi
                 runtime.block_on(build_mix(&catalog, &recipe, number, &mixes))?
             }
         };
-        let init = start_of(&recipe, number, c.out)?;
+        let init = start_of(&recipe, &recipe_path, number, c.out)?;
         // The start's weights: a finished stage whose start has been
         // trained again since is stale too.
-        let init_fingerprint = match &init {
-            Some(from) => weights_fingerprint(from)?,
-            None => String::new(),
-        };
+        let init_fingerprint = start_fingerprint(&init)?;
         if let Some(state) = finished(&dir) {
             if state.recipe_fingerprint == meta.recipe_fingerprint
                 && state.mix_fingerprint == meta.data_fingerprint()
@@ -187,21 +186,60 @@ pub fn chain(c: &Chain, on_event: &mut dyn FnMut(TrainEvent)) -> Result<Vec<(usi
     Ok(done)
 }
 
-/// The run folder stage `number` starts from (`None`: `init = "base"`); it
-/// must have finished.
-fn start_of(recipe: &Recipe, number: usize, out: &Path) -> Result<Option<PathBuf>> {
-    let stage = recipe.stage(number)?;
-    if stage.init == "base" {
-        return Ok(None);
+/// A model folder a stage starts from, and the part it is loaded for
+/// (`llm`, `vision`, `projector`; none: every part it has).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StartFolder {
+    pub path: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<String>,
+}
+
+impl StartFolder {
+    /// A whole folder.
+    pub fn all(path: impl Into<PathBuf>) -> Self {
+        StartFolder {
+            path: path.into(),
+            part: None,
+        }
     }
+}
+
+/// The fingerprint of the weights a stage starts from (empty: fresh).
+pub(crate) fn start_fingerprint(init: &[StartFolder]) -> Result<String> {
+    let prints = init
+        .iter()
+        .map(|f| weights_fingerprint(&f.path))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(prints.join("+"))
+}
+
+/// The folders stage `number` starts from (none: `init = "base"`): a
+/// finished earlier stage's run folder, or the model folders the recipe
+/// names (relative to the recipe's folder).
+fn start_of(
+    recipe: &Recipe,
+    recipe_path: &Path,
+    number: usize,
+    out: &Path,
+) -> Result<Vec<StartFolder>> {
+    let stage = recipe.stage(number)?;
+    let recipe_dir = recipe_path.parent().unwrap_or(Path::new("."));
+    let Some(name) = stage.init.stage() else {
+        return stage
+            .init
+            .folders(recipe_dir)
+            .into_iter()
+            .map(|(part, path)| Ok(StartFolder { path: absolute(&path)?, part }))
+            .collect();
+    };
     let k = recipe
         .stages
         .iter()
-        .position(|s| s.name == stage.init)
+        .position(|s| s.name == name)
         .ok_or_else(|| {
             Error::Config(format!(
-                "stage {number} starts from `{}`, which is no stage of the recipe",
-                stage.init
+                "stage {number} starts from `{name}`, which is no stage of the recipe"
             ))
         })?;
     let from = out.join(format!("stage-{}", k + 1));
@@ -213,7 +251,7 @@ fn start_of(recipe: &Recipe, number: usize, out: &Path) -> Result<Option<PathBuf
             from.display()
         )));
     }
-    Ok(Some(absolute(&from)?))
+    Ok(vec![StartFolder::all(absolute(&from)?)])
 }
 
 /// Continues the run in `dir` from its newest checkpoint, as its `run.json`
@@ -239,7 +277,16 @@ pub fn train_stage(
         recipe: absolute(&spec.recipe)?,
         mix: absolute(&spec.mix)?,
         tokenizer: absolute(&spec.tokenizer)?,
-        init: spec.init.as_deref().map(absolute).transpose()?,
+        init: spec
+            .init
+            .iter()
+            .map(|f| {
+                Ok(StartFolder {
+                    path: absolute(&f.path)?,
+                    part: f.part.clone(),
+                })
+            })
+            .collect::<Result<_>>()?,
         ..spec.clone()
     };
     let recipe = Recipe::load(&spec.recipe)?;

@@ -25,7 +25,7 @@ use lvpipe_schemas::{StepMetrics, TrainableModule};
 
 use crate::checkpoint::{
     SavedConfig, TrainerState, keep_metrics_until, newest_checkpoint, save_checkpoint,
-    save_intermediate, weights_fingerprint,
+    save_intermediate,
 };
 use crate::error::TensorContext;
 use crate::memory;
@@ -42,9 +42,10 @@ pub struct StageRun<'a> {
     /// The `<image>` token id of the shards' tokenizer.
     pub image_token: u32,
     pub out: PathBuf,
-    /// The model folder this stage starts from (a run's, Hugging Face's or
-    /// VILA's; `None`: fresh seeded weights, as `init = "base"`).
-    pub init: Option<PathBuf>,
+    /// The model folders this stage starts from (a run's, Hugging Face's or
+    /// VILA's, for one part or all; none: fresh seeded weights, as `init =
+    /// "base"`).
+    pub init: Vec<crate::chain::StartFolder>,
     /// Tokens of the shards' tokenizer, media tokens included: the model's
     /// vocabulary must hold them.
     pub vocab: usize,
@@ -156,9 +157,14 @@ impl<'a> Training<'a> {
                 run.vocab, config.llm.vocab_size
             )));
         }
-        if let Some(init) = &run.init {
-            init_fingerprint = weights_fingerprint(init)?;
-            let folder = crate::hf::open(init)?;
+        if !run.init.is_empty() {
+            init_fingerprint = crate::chain::start_fingerprint(&run.init)?;
+        }
+        for start in &run.init {
+            let mut folder = crate::hf::open(&start.path)?;
+            if let Some(part) = &start.part {
+                folder = folder.only(part)?;
+            }
             crate::hf::check_fits(&folder, &config)?;
             crate::hf::load_into(&vars, &folder)?;
         }

@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, HashSet};
 
 use lvpipe_schemas::{FramePolicy, TrainableModule};
 
-use super::{INIT_STD_MODULES, ModelConfig, Order, Recipe, RopeBase, Stage, rotary_dims};
+use super::{
+    INIT_PARTS, INIT_STD_MODULES, ModelConfig, Order, Recipe, RopeBase, Stage, StageInit, rotary_dims,
+};
 
 impl Recipe {
     /// Every problem the recipe has on its own, one line each (empty when fine).
@@ -38,10 +40,29 @@ impl Recipe {
             .collect();
         let mut problems = Vec::new();
         for (i, stage) in self.stages.iter().enumerate() {
-            if stage.init == "base" {
-                continue;
+            if let StageInit::Parts(parts) = &stage.init {
+                for (part, folder) in parts {
+                    if !INIT_PARTS.contains(&part.as_str()) {
+                        problems.push(format!(
+                            "stage {} ({}): init names part `{part}`, not one of {}",
+                            i + 1,
+                            stage.name,
+                            INIT_PARTS.join(", ")
+                        ));
+                    }
+                    if !folder.starts_with("hf:") {
+                        problems.push(format!(
+                            "stage {} ({}): init.{part} `{folder}` must be a model folder, `hf:DIR`",
+                            i + 1,
+                            stage.name
+                        ));
+                    }
+                }
             }
-            match index.get(stage.init.as_str()) {
+            let Some(name) = stage.init.stage() else {
+                continue;
+            };
+            match index.get(name) {
                 None => problems.push(format!(
                     "stage {} ({}): init `{}` is neither `base` nor a stage of this recipe",
                     i + 1,

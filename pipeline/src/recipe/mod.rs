@@ -191,13 +191,69 @@ pub enum Order {
     Sequential,
 }
 
+/// Where a stage's weights start, as a recipe writes it: `"base"` (fresh
+/// seeded weights), an earlier stage's name, `"hf:DIR"` (a Hugging Face,
+/// VILA or lvpipe model folder: every part it has), or a table of folders
+/// per part, `{ llm = "hf:A", vision = "hf:B", projector = "hf:C" }` (parts
+/// not named start fresh). Relative folders are relative to the recipe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum StageInit {
+    Named(String),
+    Parts(BTreeMap<String, String>),
+}
+
+/// The parts a per-part `init` table may name.
+pub const INIT_PARTS: [&str; 3] = ["llm", "vision", "projector"];
+
+impl StageInit {
+    pub fn is_base(&self) -> bool {
+        matches!(self, StageInit::Named(n) if n == "base")
+    }
+
+    /// The earlier stage this one continues, if it names one.
+    pub fn stage(&self) -> Option<&str> {
+        match self {
+            StageInit::Named(n) if n != "base" && !n.starts_with("hf:") => Some(n),
+            _ => None,
+        }
+    }
+
+    /// The model folders to load, each with the part it is for (`None`:
+    /// every part the folder has), relative to `recipe_dir`.
+    pub fn folders(&self, recipe_dir: &Path) -> Vec<(Option<String>, std::path::PathBuf)> {
+        let path = |s: &str| recipe_dir.join(s.strip_prefix("hf:").unwrap_or(s));
+        match self {
+            StageInit::Named(n) if n.starts_with("hf:") => vec![(None, path(n))],
+            StageInit::Named(_) => vec![],
+            StageInit::Parts(parts) => INIT_PARTS
+                .iter()
+                .filter_map(|p| parts.get(*p).map(|f| (Some(p.to_string()), path(f))))
+                .collect(),
+        }
+    }
+}
+
+impl std::fmt::Display for StageInit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StageInit::Named(n) => f.write_str(n),
+            StageInit::Parts(parts) => {
+                let list: Vec<String> = parts.iter().map(|(k, v)| format!("{k} = {v}")).collect();
+                write!(f, "{{ {} }}", list.join(", "))
+            }
+        }
+    }
+}
+
 /// One curriculum stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Stage {
     pub name: String,
-    /// `base` (pretrained vision + LLM, fresh projector) or an earlier stage's name.
-    pub init: String,
+    /// Where the stage's weights start: `base`, an earlier stage's name, a
+    /// model folder (`hf:DIR`), or model folders per part.
+    pub init: StageInit,
     pub trainable: Vec<String>,
     /// Context length in tokens, media expanded.
     pub context: u32,

@@ -328,6 +328,38 @@ impl Folder {
         })
     }
 
+    /// The folder narrowed to one part (`llm`, `vision`, `projector`): the
+    /// others' configs and tensors dropped. A folder without it is an error.
+    pub fn only(mut self, part: &str) -> Result<Folder> {
+        let keep = match part {
+            "llm" => Part::Llm,
+            "vision" => Part::Vision,
+            "projector" => Part::Projector,
+            other => {
+                return Err(bad(
+                    &self.path,
+                    format!("`{other}` is not a part (llm, vision, projector)"),
+                ));
+            }
+        };
+        if !self.parts().contains(&keep) {
+            return Err(bad(&self.path, format!("holds no {part}")));
+        }
+        if keep != Part::Llm {
+            self.llm = None;
+        }
+        if keep != Part::Vision {
+            self.vision = None;
+            self.select_layer = None;
+        }
+        if keep != Part::Projector {
+            self.projector = None;
+        }
+        self.saved = None;
+        self.tensors.retain(|name, _| name.starts_with(keep.prefix()));
+        Ok(self)
+    }
+
     /// The parts this folder has: their configs say so, and then every
     /// parameter of theirs must be among its tensors.
     pub fn parts(&self) -> BTreeSet<Part> {
