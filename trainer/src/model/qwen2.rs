@@ -62,14 +62,12 @@ impl DecoderLayer {
         ]
     }
 
-    /// `x` is [T, H]; `rope` holds the positions' angles; query `q` attends
-    /// to keys `starts[q] ..= q`.
-    pub(crate) fn forward(
-        &self,
-        x: &Tensor,
-        rope: &Arc<ops::Rope>,
-        starts: &Arc<Vec<u32>>,
-    ) -> Result<Tensor> {
+    /// The attention's inputs for `x` `[T, H]`: queries stacked per KV head
+    /// `[kv_heads, group * T, dh]` (grouped-query attention without copying
+    /// K and V per query head: the `group` query heads of a KV head,
+    /// consecutive as in Qwen2, form one matrix against that head's keys),
+    /// and keys and values `[kv_heads, T, dh]`, rotated by `rope`.
+    fn qkv(&self, x: &Tensor, rope: &Arc<ops::Rope>) -> Result<(Tensor, Tensor, Tensor)> {
         let (t, hidden) = x.dims2()?;
         let dh = hidden / self.heads;
         let h = self.ln1.forward(x)?;
@@ -81,13 +79,17 @@ impl DecoderLayer {
             .reshape((t, self.kv_heads, dh))?
             .transpose(0, 1)?
             .contiguous()?;
-        // Grouped-query attention without copying K and V per query head:
-        // the `group` query heads of a KV head (consecutive, as in Qwen2)
-        // stack into one [group * T, dh] matrix against that head's keys.
         let group = self.heads / self.kv_heads;
-        let q = q.reshape((self.kv_heads, group * t, dh))?;
-        let y = attention(&q, &k, &v, starts, 1.0 / (dh as f32).sqrt())?
-            .reshape((self.heads, t, dh))?
+        Ok((q.reshape((self.kv_heads, group * t, dh))?, k, v))
+    }
+
+    /// The rest of the block after attention gave `y` `[kv_heads, group *
+    /// T, dh]` for input `x`: output projection, residual, SwiGLU MLP,
+    /// residual.
+    fn finish(&self, x: &Tensor, y: Tensor) -> Result<Tensor> {
+        let (t, hidden) = x.dims2()?;
+        let y = y
+            .reshape((self.heads, t, hidden / self.heads))?
             .transpose(0, 1)?
             .contiguous()?
             .reshape((t, hidden))?;
@@ -99,9 +101,21 @@ impl DecoderLayer {
         )?)?;
         x + mlp
     }
-}
 
-impl DecoderLayer {
+    /// `x` is [T, H]; `rope` holds the positions' angles; query `q` attends
+    /// to keys `starts[q] ..= q`.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Arc<ops::Rope>,
+        starts: &Arc<Vec<u32>>,
+    ) -> Result<Tensor> {
+        let (q, k, v) = self.qkv(x, rope)?;
+        let dh = q.dim(2)?;
+        let y = attention(&q, &k, &v, starts, 1.0 / (dh as f32).sqrt())?;
+        self.finish(x, y)
+    }
+
     /// Inference over new positions `x` `[t, H]` that follow the `cache`'s:
     /// their keys and values join it, and each new query attends to every
     /// cached key and the new ones up to itself (one sample, causal).
@@ -111,28 +125,18 @@ impl DecoderLayer {
         rope: &Arc<ops::Rope>,
         cache: &mut Option<(Tensor, Tensor)>,
     ) -> Result<Tensor> {
-        let (t, hidden) = x.dims2()?;
-        let dh = hidden / self.heads;
-        let h = self.ln1.forward(x)?;
-        let q = ops::rope_heads(&self.q.forward(&h)?, self.heads, rope)?;
-        let k = ops::rope_heads(&self.k.forward(&h)?, self.kv_heads, rope)?;
-        let v = self
-            .v
-            .forward(&h)?
-            .reshape((t, self.kv_heads, dh))?
-            .transpose(0, 1)?
-            .contiguous()?;
+        let t = x.dim(0)?;
+        let (q, k, v) = self.qkv(x, rope)?;
         let (k, v) = match cache.take() {
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?),
             None => (k, v),
         };
+        let (rows, dh) = (q.dim(1)?, q.dim(2)?);
         let total = k.dim(1)?;
         let past = total - t;
-        let group = self.heads / self.kv_heads;
-        let q = q.reshape((self.kv_heads, group * t, dh))?;
         let scores = (q.matmul(&k.t()?)? / (dh as f64).sqrt())?;
         // Query row r is new position r % t, at absolute position past + r % t.
-        let mask: Vec<f32> = (0..group * t)
+        let mask: Vec<f32> = (0..rows)
             .flat_map(|r| {
                 (0..total).map(move |key| match key <= past + r % t {
                     true => 0.0,
@@ -140,22 +144,11 @@ impl DecoderLayer {
                 })
             })
             .collect();
-        let mask = Tensor::from_vec(mask, (group * t, total), x.device())?;
+        let mask = Tensor::from_vec(mask, (rows, total), x.device())?;
         let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
-        let y = probs
-            .matmul(&v)?
-            .reshape((self.heads, t, dh))?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((t, hidden))?;
+        let y = probs.matmul(&v)?;
         *cache = Some((k, v));
-        let x = (x + self.o.forward(&y)?)?;
-        let h = self.ln2.forward(&x)?;
-        let mlp = self.down.forward(&ops::swiglu(
-            &self.gate.forward(&h)?,
-            &self.up.forward(&h)?,
-        )?)?;
-        x + mlp
+        self.finish(x, y)
     }
 }
 
