@@ -36,13 +36,34 @@ fn a_run_generates_exports_and_starts_a_stage_from_its_export() {
     lvpipe_ok(corpus, &build_args(&d("shards"), &[]));
     lvpipe_ok(
         corpus,
-        &["mix", "--recipe", &recipe, "--stage", "3", "--shards", &d("shards"), "--out", &d("mixes")],
+        &[
+            "mix",
+            "--recipe",
+            &recipe,
+            "--stage",
+            "3",
+            "--shards",
+            &d("shards"),
+            "--out",
+            &d("mixes"),
+        ],
     );
     let train = |out: &str, init: Option<&str>| {
         let mix = d("mixes/stage-3");
         let mut args = vec![
-            "train", "--recipe", &recipe, "--stage", "3", "--mix", &mix,
-            "--tokenizer", "raw/tokenizer.json", "--out", out, "--steps", "2",
+            "train",
+            "--recipe",
+            &recipe,
+            "--stage",
+            "3",
+            "--mix",
+            &mix,
+            "--tokenizer",
+            "raw/tokenizer.json",
+            "--out",
+            out,
+            "--steps",
+            "2",
         ];
         if let Some(init) = init {
             args.extend(["--init", init]);
@@ -62,8 +83,18 @@ fn a_run_generates_exports_and_starts_a_stage_from_its_export() {
     let generate = |model: &str| -> Value {
         let out = lvpipe_ok(
             corpus,
-            &["generate", "--model", model, "--prompt", "What colour is the shape?",
-              "--image", image, "--max-new-tokens", "6", "--json"],
+            &[
+                "generate",
+                "--model",
+                model,
+                "--prompt",
+                "What colour is the shape?",
+                "--image",
+                image,
+                "--max-new-tokens",
+                "6",
+                "--json",
+            ],
         );
         serde_json::from_str(out.trim()).unwrap()
     };
@@ -73,10 +104,9 @@ fn a_run_generates_exports_and_starts_a_stage_from_its_export() {
     assert!(!tokens.is_empty() && tokens.len() <= 6, "{g}");
     assert_eq!(tokens.len(), logprobs.len());
     assert!(logprobs.iter().all(|l| l.as_f64().unwrap() <= 0.0), "{g}");
-    let tok: Value = serde_json::from_str(
-        &std::fs::read_to_string(corpus.join("raw/tokenizer.json")).unwrap(),
-    )
-    .unwrap();
+    let tok: Value =
+        serde_json::from_str(&std::fs::read_to_string(corpus.join("raw/tokenizer.json")).unwrap())
+            .unwrap();
     let image_id = tok["added_tokens"]
         .as_array()
         .unwrap()
@@ -84,21 +114,36 @@ fn a_run_generates_exports_and_starts_a_stage_from_its_export() {
         .find(|t| t["content"] == "<image>")
         .unwrap()["id"]
         .clone();
-    assert!(g["prompt_tokens"].as_array().unwrap().contains(&image_id), "{g}");
+    assert!(
+        g["prompt_tokens"].as_array().unwrap().contains(&image_id),
+        "{g}"
+    );
     assert!(g["text"].is_string());
 
     // VILA export: generate gives the same tokens and log-probabilities.
     let vila = d("release");
-    let files = lvpipe_ok(corpus, &["export", "--run", &run, "--format", "vila", "--out", &vila]);
-    for f in ["llm/config.json", "llm/model.safetensors", "llm/tokenizer.json",
-              "vision_tower/config.json", "mm_projector/model.safetensors", "config.json"] {
+    let files = lvpipe_ok(
+        corpus,
+        &["export", "--run", &run, "--format", "vila", "--out", &vila],
+    );
+    for f in [
+        "llm/config.json",
+        "llm/model.safetensors",
+        "llm/tokenizer.json",
+        "vision_tower/config.json",
+        "mm_projector/model.safetensors",
+        "config.json",
+    ] {
         assert!(files.contains(f), "{f} not in {files}");
     }
     let h = generate(&format!("hf:{vila}"));
     assert_eq!(h["tokens"], g["tokens"]);
     assert_eq!(h["prompt_tokens"], g["prompt_tokens"]);
     for (a, b) in logprobs.iter().zip(h["logprobs"].as_array().unwrap()) {
-        assert!((a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 1e-5, "{g} vs {h}");
+        assert!(
+            (a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 1e-5,
+            "{g} vs {h}"
+        );
     }
 
     // A stage started from the export computes what one started from the
@@ -119,8 +164,21 @@ fn a_run_generates_exports_and_starts_a_stage_from_its_export() {
     std::fs::write(&parts_recipe, text).unwrap();
     lvpipe_ok(
         corpus,
-        &["train", "--recipe", &parts_recipe, "--stages", "3", "--shards", &d("shards"),
-          "--tokenizer", "raw/tokenizer.json", "--out", &d("chain"), "--steps", "2"],
+        &[
+            "train",
+            "--recipe",
+            &parts_recipe,
+            "--stages",
+            "3",
+            "--shards",
+            &d("shards"),
+            "--tokenizer",
+            "raw/tokenizer.json",
+            "--out",
+            &d("chain"),
+            "--steps",
+            "2",
+        ],
     );
     let c = first_loss(&d("chain/stage-3"));
     assert!((c - b).abs() < 1e-6 * b.abs(), "{c} vs {b}");
@@ -135,7 +193,18 @@ fn a_run_generates_exports_and_starts_a_stage_from_its_export() {
     let mut c: Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
     c["model"]["llm"]["partial_rotary_factor"] = 0.5.into();
     std::fs::write(&config, c.to_string()).unwrap();
-    let out = lvpipe(corpus, &["export", "--run", &edited, "--format", "hf", "--out", &d("no")]);
+    let out = lvpipe(
+        corpus,
+        &[
+            "export",
+            "--run",
+            &edited,
+            "--format",
+            "hf",
+            "--out",
+            &d("no"),
+        ],
+    );
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("partial_rotary_factor"), "{err}");
@@ -156,14 +225,19 @@ fn a_stock_tokenizer_builds_shards_with_its_media_tokens_added() {
     let shards = dir.path().join("shards");
     let shards = shards.to_str().unwrap();
     let mut args = build_args(shards, &[]);
-    let at = args.iter().position(|a| *a == "raw/tokenizer.json").unwrap();
+    let at = args
+        .iter()
+        .position(|a| *a == "raw/tokenizer.json")
+        .unwrap();
     args[at] = qwen.to_str().unwrap();
     lvpipe_ok(corpus, &args);
-    let manifest: Value = serde_json::from_str(
-        &std::fs::read_to_string(format!("{shards}/manifest.json")).unwrap(),
-    )
-    .unwrap();
-    assert_eq!(manifest["added_tokens"], serde_json::json!(["<image>", "<video>"]));
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{shards}/manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        manifest["added_tokens"],
+        serde_json::json!(["<image>", "<video>"])
+    );
     // The shards' tokenizer has them, at the ids the samples use.
     let tok: Value =
         serde_json::from_str(&std::fs::read_to_string(format!("{shards}/tokenizer.json")).unwrap())
@@ -191,7 +265,17 @@ fn a_stock_tokenizer_builds_shards_with_its_media_tokens_added() {
     let mixes = dir.path().join("mixes");
     let out = lvpipe(
         corpus,
-        &["mix", "--recipe", &recipe, "--stage", "2", "--shards", shards, "--out", mixes.to_str().unwrap()],
+        &[
+            "mix",
+            "--recipe",
+            &recipe,
+            "--stage",
+            "2",
+            "--shards",
+            shards,
+            "--out",
+            mixes.to_str().unwrap(),
+        ],
     );
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     let err = if out.status.success() {
@@ -199,8 +283,19 @@ fn a_stock_tokenizer_builds_shards_with_its_media_tokens_added() {
         let run = dir.path().join("run");
         let out = lvpipe(
             corpus,
-            &["train", "--recipe", &recipe, "--stage", "2", "--mix", mix.to_str().unwrap(),
-              "--tokenizer", &format!("{shards}/tokenizer.json"), "--out", run.to_str().unwrap()],
+            &[
+                "train",
+                "--recipe",
+                &recipe,
+                "--stage",
+                "2",
+                "--mix",
+                mix.to_str().unwrap(),
+                "--tokenizer",
+                &format!("{shards}/tokenizer.json"),
+                "--out",
+                run.to_str().unwrap(),
+            ],
         );
         assert_eq!(out.status.code(), Some(2));
         String::from_utf8_lossy(&out.stderr).to_string()

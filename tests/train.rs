@@ -244,7 +244,10 @@ fn a_killed_chain_resumes_with_the_same_losses_and_its_lineage_is_queryable() {
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(format!("{a}/stage-2/config.json")).unwrap())
             .unwrap();
-    assert_eq!(config["model"]["llm"]["rope_theta"].as_f64(), Some(400000.0));
+    assert_eq!(
+        config["model"]["llm"]["rope_theta"].as_f64(),
+        Some(400000.0)
+    );
     // Resuming a finished stage does nothing.
     let err = lvpipe_ok_stderr(corpus, &["train", "--resume", &format!("{b}/stage-2")]);
     assert!(err.contains("nothing to resume"), "{err}");

@@ -85,10 +85,7 @@ impl ChatTokenizer {
         let json = if added.is_empty() {
             bytes
         } else {
-            let new: Vec<AddedToken> = added
-                .iter()
-                .map(|t| AddedToken::from(*t, true))
-                .collect();
+            let new: Vec<AddedToken> = added.iter().map(|t| AddedToken::from(*t, true)).collect();
             tokenizer
                 .add_special_tokens(new)
                 .map_err(|e| Error::Tokenizer {
@@ -224,7 +221,6 @@ impl ChatTokenizer {
             .decode(ids, false)
             .map_err(|e| Error::Internal(format!("decoding failed: {e}")))
     }
-
 }
 
 #[cfg(test)]
@@ -315,7 +311,9 @@ mod tests {
         // The fingerprint is the tokenizer's with the added tokens, not the file's.
         assert_ne!(
             loaded.fingerprint(),
-            blake3::hash(&std::fs::read(&path).unwrap()).to_hex().to_string()
+            blake3::hash(&std::fs::read(&path).unwrap())
+                .to_hex()
+                .to_string()
         );
     }
 }

@@ -16,7 +16,8 @@ use parquet::file::properties::WriterProperties;
 
 fn qwen2_tokenizer(dir: &Path) -> PathBuf {
     let packed = std::fs::read(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/tokenizers/qwen2.tokenizer.json.zst"),
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fixtures/tokenizers/qwen2.tokenizer.json.zst"),
     )
     .unwrap();
     let path = dir.join("tokenizer.json");
@@ -38,13 +39,21 @@ fn ids_batch(rows: &[Option<Vec<i32>>]) -> RecordBatch {
     RecordBatch::try_from_iter([("input_ids", Arc::new(ids.finish()) as _)]).unwrap()
 }
 
-/// Every sample's (origin, input_ids, loss_mask) and the quarantine's
-/// (origin, reason), by origin.
-fn read_back(out: &Path) -> (Vec<(String, Vec<u32>, Vec<u8>)>, Vec<(String, String)>) {
+/// A sample as read back: origin, input_ids, loss_mask.
+type Sample = (String, Vec<u32>, Vec<u8>);
+
+/// Every sample and the quarantine's (origin, reason), by origin.
+fn read_back(out: &Path) -> (Vec<Sample>, Vec<(String, String)>) {
     let (mut samples, mut quarantine) = (Vec::new(), Vec::new());
-    let mut files: Vec<PathBuf> = std::fs::read_dir(out).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     files.sort();
-    for file in files.iter().filter(|f| f.extension().is_some_and(|e| e == "parquet")) {
+    for file in files
+        .iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "parquet"))
+    {
         let name = file.file_name().unwrap().to_str().unwrap().to_string();
         let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(file).unwrap())
             .unwrap()
@@ -52,13 +61,24 @@ fn read_back(out: &Path) -> (Vec<(String, Vec<u32>, Vec<u8>)>, Vec<(String, Stri
             .unwrap();
         for batch in reader {
             let b = batch.unwrap();
-            let origin = b.column_by_name("origin").unwrap().as_string::<i32>().clone();
+            let origin = b
+                .column_by_name("origin")
+                .unwrap()
+                .as_string::<i32>()
+                .clone();
             if name.starts_with("samples") {
-                let ids = b.column_by_name("input_ids").unwrap().as_list::<i32>().clone();
-                let mask = b.column_by_name("loss_mask").unwrap().as_list::<i32>().clone();
+                let ids = b
+                    .column_by_name("input_ids")
+                    .unwrap()
+                    .as_list::<i32>()
+                    .clone();
+                let mask = b
+                    .column_by_name("loss_mask")
+                    .unwrap()
+                    .as_list::<i32>()
+                    .clone();
                 for r in 0..b.num_rows() {
-                    let id: Vec<u32> =
-                        ids.value(r).as_primitive::<UInt32Type>().values().to_vec();
+                    let id: Vec<u32> = ids.value(r).as_primitive::<UInt32Type>().values().to_vec();
                     let m = mask.value(r);
                     let m: Vec<u8> = (0..m.len())
                         .map(|i| {
@@ -71,7 +91,11 @@ fn read_back(out: &Path) -> (Vec<(String, Vec<u32>, Vec<u8>)>, Vec<(String, Stri
                     samples.push((origin.value(r).to_string(), id, m));
                 }
             } else if name.starts_with("quarantine") {
-                let reason = b.column_by_name("reason").unwrap().as_string::<i32>().clone();
+                let reason = b
+                    .column_by_name("reason")
+                    .unwrap()
+                    .as_string::<i32>()
+                    .clone();
                 for r in 0..b.num_rows() {
                     quarantine.push((origin.value(r).to_string(), reason.value(r).to_string()));
                 }
@@ -103,19 +127,34 @@ fn pre_tokenized_rows_keep_their_ids_from_parquet_arrow_and_jsonl() {
         Some(vec![42]),
     ];
     let batch = ids_batch(&rows);
-    let props = WriterProperties::builder().set_max_row_group_row_count(Some(2)).build();
-    let mut writer = ArrowWriter::try_new(std::fs::File::create(&parquet).unwrap(), batch.schema(), Some(props)).unwrap();
+    let props = WriterProperties::builder()
+        .set_max_row_group_row_count(Some(2))
+        .build();
+    let mut writer = ArrowWriter::try_new(
+        std::fs::File::create(&parquet).unwrap(),
+        batch.schema(),
+        Some(props),
+    )
+    .unwrap();
     writer.write(&batch).unwrap();
     writer.close().unwrap();
     // Arrow IPC, file format.
     let arrow_path = dir.path().join("more.arrow");
     let small = ids_batch(&[Some(vec![5, 6, 7])]);
-    let mut w = arrow::ipc::writer::FileWriter::try_new(std::fs::File::create(&arrow_path).unwrap(), &small.schema()).unwrap();
+    let mut w = arrow::ipc::writer::FileWriter::try_new(
+        std::fs::File::create(&arrow_path).unwrap(),
+        &small.schema(),
+    )
+    .unwrap();
     w.write(&small).unwrap();
     w.finish().unwrap();
     // JSONL.
     let jsonl = dir.path().join("ids.jsonl");
-    std::fs::write(&jsonl, "{\"input_ids\": [8, 9]}\n{\"input_ids\": [-1]}\n{\"text\": \"x\"}\n").unwrap();
+    std::fs::write(
+        &jsonl,
+        "{\"input_ids\": [8, 9]}\n{\"input_ids\": [-1]}\n{\"text\": \"x\"}\n",
+    )
+    .unwrap();
 
     let out = dir.path().join("shards");
     let sources = [&parquet, &arrow_path, &jsonl]
@@ -124,7 +163,11 @@ fn pre_tokenized_rows_keep_their_ids_from_parquet_arrow_and_jsonl() {
         .collect();
     let settings = BuildSettings::new(&out, &tokenizer).with_sources(sources);
     let summary = build_shards(&settings, &|_| {}).unwrap();
-    assert_eq!((summary.samples, summary.quarantined), (5, 5), "{summary:?}");
+    assert_eq!(
+        (summary.samples, summary.quarantined),
+        (5, 5),
+        "{summary:?}"
+    );
     let (samples, quarantine) = read_back(&out);
     let got: Vec<(String, Vec<u32>)> = samples
         .iter()
@@ -144,7 +187,10 @@ fn pre_tokenized_rows_keep_their_ids_from_parquet_arrow_and_jsonl() {
     .map(|(o, ids)| (o.to_string(), ids))
     .collect();
     assert_eq!(got, want);
-    let reasons: Vec<(String, String)> = quarantine.iter().map(|(o, r)| (tail(o), r.clone())).collect();
+    let reasons: Vec<(String, String)> = quarantine
+        .iter()
+        .map(|(o, r)| (tail(o), r.clone()))
+        .collect();
     assert_eq!(
         reasons,
         [
@@ -182,8 +228,12 @@ fn llava_annotations_in_parquet_become_the_samples_their_json_makes() {
         images.append_option(image);
         for (from, value) in [("human", question), ("gpt", answer)] {
             let s = convs.values();
-            s.field_builder::<StringBuilder>(0).unwrap().append_value(from);
-            s.field_builder::<StringBuilder>(1).unwrap().append_value(value);
+            s.field_builder::<StringBuilder>(0)
+                .unwrap()
+                .append_value(from);
+            s.field_builder::<StringBuilder>(1)
+                .unwrap()
+                .append_value(value);
             s.append(true);
         }
         convs.append(true);
@@ -196,11 +246,20 @@ fn llava_annotations_in_parquet_become_the_samples_their_json_makes() {
     ]);
     let batch = RecordBatch::try_new(
         Arc::new(schema),
-        vec![Arc::new(ids.finish()), Arc::new(images.finish()), Arc::new(convs)],
+        vec![
+            Arc::new(ids.finish()),
+            Arc::new(images.finish()),
+            Arc::new(convs),
+        ],
     )
     .unwrap();
     let parquet = dir.path().join("sft.parquet");
-    let mut writer = ArrowWriter::try_new(std::fs::File::create(&parquet).unwrap(), batch.schema(), None).unwrap();
+    let mut writer = ArrowWriter::try_new(
+        std::fs::File::create(&parquet).unwrap(),
+        batch.schema(),
+        None,
+    )
+    .unwrap();
     writer.write(&batch).unwrap();
     writer.close().unwrap();
     // The same annotations as VILA's JSON.
@@ -219,16 +278,31 @@ fn llava_annotations_in_parquet_become_the_samples_their_json_makes() {
     std::fs::write(&json, serde_json::to_string(&records).unwrap()).unwrap();
 
     let mut results = Vec::new();
-    for (name, spec) in [("parquet", format!("p=llava-parquet:{}", parquet.display())), ("json", format!("p=llava:{}", json.display()))] {
+    for (name, spec) in [
+        ("parquet", format!("p=llava-parquet:{}", parquet.display())),
+        ("json", format!("p=llava:{}", json.display())),
+    ] {
         let out = dir.path().join(name);
         let source = SourceSpec::parse(&spec, Some(dir.path())).unwrap();
         let settings = BuildSettings::new(&out, &tokenizer).with_sources(vec![source]);
         let summary = build_shards(&settings, &|_| {}).unwrap();
-        assert_eq!((summary.samples, summary.quarantined), (2, 1), "{name}: {summary:?}");
+        assert_eq!(
+            (summary.samples, summary.quarantined),
+            (2, 1),
+            "{name}: {summary:?}"
+        );
         let (samples, quarantine) = read_back(&out);
         assert_eq!(quarantine.len(), 1);
         assert_eq!(quarantine[0].1, "missing_media", "{name}");
-        results.push(samples.into_iter().map(|(_, ids, mask)| (ids, mask)).collect::<Vec<_>>());
+        results.push(
+            samples
+                .into_iter()
+                .map(|(_, ids, mask)| (ids, mask))
+                .collect::<Vec<_>>(),
+        );
     }
-    assert_eq!(results[0], results[1], "Parquet and JSON give the same samples");
+    assert_eq!(
+        results[0], results[1],
+        "Parquet and JSON give the same samples"
+    );
 }

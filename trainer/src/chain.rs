@@ -230,7 +230,12 @@ fn start_of(
             .init
             .folders(recipe_dir)
             .into_iter()
-            .map(|(part, path)| Ok(StartFolder { path: absolute(&path)?, part }))
+            .map(|(part, path)| {
+                Ok(StartFolder {
+                    path: absolute(&path)?,
+                    part,
+                })
+            })
             .collect();
     };
     let k = recipe

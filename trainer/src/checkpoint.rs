@@ -114,7 +114,12 @@ pub fn weights_fingerprint(dir: &Path) -> Result<String> {
     }
     files.sort();
     for file in files {
-        hasher.update(file.strip_prefix(dir).unwrap_or(&file).to_string_lossy().as_bytes());
+        hasher.update(
+            file.strip_prefix(dir)
+                .unwrap_or(&file)
+                .to_string_lossy()
+                .as_bytes(),
+        );
         hasher.update_reader(fs_err::File::open(&file)?)?;
     }
     Ok(hasher.finalize().to_hex()[..16].to_string())

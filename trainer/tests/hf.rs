@@ -77,10 +77,13 @@ fn qwen2_folders_give_transformers_logits_and_greedy_tokens() {
         let (model, config) = load(&dir, None);
         assert!(config.vision.is_none());
         let prompt = ids(&r["input_ids"]);
-        assert_close(&logits(&model, &prompt, &[]), &floats(&r["logits"]), 1e-4, name);
-        let greedy = model
-            .generate(&prompt, &[], 12, &[], &Device::Cpu)
-            .unwrap();
+        assert_close(
+            &logits(&model, &prompt, &[]),
+            &floats(&r["logits"]),
+            1e-4,
+            name,
+        );
+        let greedy = model.generate(&prompt, &[], 12, &[], &Device::Cpu).unwrap();
         assert_eq!(greedy, ids(&r["greedy"]), "{name}: greedy tokens");
     }
 }
@@ -102,11 +105,21 @@ fn a_vila_folder_gives_vilas_projected_tokens_and_logits() {
         .to_vec1()
         .unwrap();
     // A 5x5 grid: padded to 6x6, merged into 3x3 tokens in flat_square order.
-    assert_close(&projected, &floats(&r["projected"]), 1e-4, "projected tokens");
+    assert_close(
+        &projected,
+        &floats(&r["projected"]),
+        1e-4,
+        "projected tokens",
+    );
     let mut prompt = ids(&r["before"]);
     prompt.push(image_token);
     prompt.extend(ids(&r["after"]));
-    assert_close(&logits(&model, &prompt, &pixels), &floats(&r["logits"]), 1e-4, "logits");
+    assert_close(
+        &logits(&model, &prompt, &pixels),
+        &floats(&r["logits"]),
+        1e-4,
+        "logits",
+    );
 }
 
 #[test]
@@ -129,7 +142,12 @@ fn every_selected_vision_layer_matches_the_siglip_hidden_state() {
             .unwrap()
             .to_vec1()
             .unwrap();
-        assert_close(&ours, &floats(&states[state]), 1e-4, &format!("layer {select}"));
+        assert_close(
+            &ours,
+            &floats(&states[state]),
+            1e-4,
+            &format!("layer {select}"),
+        );
     }
 }
 
@@ -155,9 +173,16 @@ fn exports_load_back_with_the_same_logits() {
                 (p, floats(&r["pixels"]))
             }
         };
-        assert_close(&logits(&a, &prompt, &pixels), &logits(&b, &prompt, &pixels), 0.0, name);
+        assert_close(
+            &logits(&a, &prompt, &pixels),
+            &logits(&b, &prompt, &pixels),
+            0.0,
+            name,
+        );
         // Exporting into a folder that has files is refused.
-        let err = hf::export(&fixture(name), format, &out).unwrap_err().to_string();
+        let err = hf::export(&fixture(name), format, &out)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not empty"), "{err}");
     }
     // transformers loads what lvpipe exports, where it is installed
@@ -195,7 +220,10 @@ fn load_error(dir: &Path) -> String {
         Ok(f) => f,
         Err(e) => return e.to_string(),
     };
-    let config = hf::open(&fixture("qwen2-tied")).unwrap().config(None).unwrap();
+    let config = hf::open(&fixture("qwen2-tied"))
+        .unwrap()
+        .config(None)
+        .unwrap();
     let vars = VarMap::new();
     Model::new(config, &vars, &Device::Cpu).unwrap();
     hf::load_into(&vars, &folder).unwrap_err().to_string()
@@ -220,22 +248,45 @@ fn bad_checkpoints_name_the_file_and_every_tensor_or_field() {
     });
     let err = load_error(&dir);
     assert!(err.contains("2 problems"), "{err}");
-    assert!(err.contains(&format!("missing `llm.{q}` [32, 32]")), "{err}");
-    assert!(err.contains("missing `llm.model.norm.weight` [32]"), "{err}");
+    assert!(
+        err.contains(&format!("missing `llm.{q}` [32, 32]")),
+        "{err}"
+    );
+    assert!(
+        err.contains("missing `llm.model.norm.weight` [32]"),
+        "{err}"
+    );
 
     let dir = copy("qwen2-tied", &tmp.path().join("shape"));
     rewrite(&dir, |t| {
-        t.insert(q.into(), Tensor::zeros((32, 30), DType::F32, &Device::Cpu).unwrap());
-        t.insert("model.extra.weight".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap());
+        t.insert(
+            q.into(),
+            Tensor::zeros((32, 30), DType::F32, &Device::Cpu).unwrap(),
+        );
+        t.insert(
+            "model.extra.weight".into(),
+            Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+        );
     });
     let err = load_error(&dir);
-    assert!(err.contains(&format!("`llm.{q}`: expected shape [32, 32], found [32, 30]")), "{err}");
-    assert!(err.contains("unexpected `llm.model.extra.weight` [3]"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "`llm.{q}`: expected shape [32, 32], found [32, 30]"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains("unexpected `llm.model.extra.weight` [3]"),
+        "{err}"
+    );
     assert!(err.contains("model.safetensors"), "{err}");
 
     let dir = copy("qwen2-tied", &tmp.path().join("dtype"));
     rewrite(&dir, |t| {
-        t.insert(q.into(), Tensor::zeros((32, 32), DType::I64, &Device::Cpu).unwrap());
+        t.insert(
+            q.into(),
+            Tensor::zeros((32, 32), DType::I64, &Device::Cpu).unwrap(),
+        );
     });
     let err = load_error(&dir);
     assert!(err.contains(q) && err.contains("I64"), "{err}");
@@ -245,14 +296,24 @@ fn bad_checkpoints_name_the_file_and_every_tensor_or_field() {
     let bytes = std::fs::read(&file).unwrap();
     std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
     let err = load_error(&dir);
-    assert!(err.contains("model.safetensors") && err.contains("not a readable safetensors"), "{err}");
+    assert!(
+        err.contains("model.safetensors") && err.contains("not a readable safetensors"),
+        "{err}"
+    );
 
     let dir = copy("qwen2-tied", &tmp.path().join("field"));
     let cfg = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(&cfg, text.replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": \"2\"")).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": \"2\""),
+    )
+    .unwrap();
     let err = load_error(&dir);
-    assert!(err.contains("config.json") && err.contains("`num_hidden_layers`"), "{err}");
+    assert!(
+        err.contains("config.json") && err.contains("`num_hidden_layers`"),
+        "{err}"
+    );
 
     let dir = copy("qwen2-gqa", &tmp.path().join("lost-shard"));
     std::fs::remove_file(dir.join("model-00002-of-00003.safetensors")).unwrap();
@@ -272,12 +333,26 @@ fn a_smaller_vocabulary_grows_by_mean_rows() {
     let embed = vars.data().lock().unwrap()["llm.model.embed_tokens.weight"]
         .as_tensor()
         .clone();
-    let mean: Vec<f32> = embed.narrow(0, 0, 96).unwrap().mean(0).unwrap().to_vec1().unwrap();
+    let mean: Vec<f32> = embed
+        .narrow(0, 0, 96)
+        .unwrap()
+        .mean(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let new: Vec<f32> = embed.get(97).unwrap().to_vec1().unwrap();
     assert_close(&new, &mean, 1e-6, "new row");
     // The old tokens' logits are unchanged.
     let r = reference(&dir);
-    let all = model.logits(&ids(&r["input_ids"]), &[], &Device::Cpu).unwrap();
-    let old: Vec<f32> = all.narrow(1, 0, 96).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let all = model
+        .logits(&ids(&r["input_ids"]), &[], &Device::Cpu)
+        .unwrap();
+    let old: Vec<f32> = all
+        .narrow(1, 0, 96)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     assert_close(&old, &floats(&r["logits"]), 1e-4, "old logits");
 }

@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, HashSet};
 use lvpipe_schemas::{FramePolicy, TrainableModule};
 
 use super::{
-    INIT_PARTS, INIT_STD_MODULES, ModelConfig, Order, Recipe, RopeBase, Stage, StageInit, rotary_dims,
+    INIT_PARTS, INIT_STD_MODULES, ModelConfig, Order, Recipe, RopeBase, Stage, StageInit,
+    rotary_dims,
 };
 
 impl Recipe {

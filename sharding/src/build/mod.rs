@@ -85,7 +85,7 @@ pub fn build_shards(
     let _lock = FolderLock::acquire(&settings.out, "build-shards")?;
     let resume = match prepare_out_dir(settings, &fingerprint)? {
         OutState::Complete(manifest) => {
-            return summarize(manifest, &settings.out, started, 0, true);
+            return summarize(*manifest, &settings.out, started, 0, true);
         }
         OutState::Resume(resume) => resume,
     };

@@ -19,7 +19,7 @@ pub(super) struct Resume {
 }
 
 pub(super) enum OutState {
-    Complete(Manifest),
+    Complete(Box<Manifest>),
     Resume(Resume),
 }
 
@@ -88,7 +88,7 @@ pub(super) fn prepare_out_dir(settings: &BuildSettings, fingerprint: &str) -> Re
     if manifest_path.exists() {
         let manifest = Manifest::from_json(&fs_err::read_to_string(&manifest_path)?)?;
         if manifest.build_fingerprint == fingerprint {
-            return Ok(OutState::Complete(manifest));
+            return Ok(OutState::Complete(Box::new(manifest)));
         }
         if !settings.overwrite {
             return Err(conflict("a finished build"));

@@ -94,7 +94,11 @@ fn token_row(
     source: &str,
     vocab: usize,
 ) -> Rejected<(SampleRow, u128)> {
-    if let Some((i, id)) = ids.iter().enumerate().find(|(_, id)| **id as usize >= vocab) {
+    if let Some((i, id)) = ids
+        .iter()
+        .enumerate()
+        .find(|(_, id)| **id as usize >= vocab)
+    {
         return Err(Reject {
             reason: QuarantineReason::InvalidTokens,
             detail: format!(

@@ -36,7 +36,10 @@ pub(super) fn read_columnar(
     convert: &ConvertRow,
 ) -> Result<()> {
     let not_readable = |e: &dyn std::fmt::Display| {
-        Error::Config(format!("{}: not a readable Parquet or Arrow file: {e}", path.display()))
+        Error::Config(format!(
+            "{}: not a readable Parquet or Arrow file: {e}",
+            path.display()
+        ))
     };
     let file_bytes = fs_err::metadata(path)?.len();
     let mut row = 0u64;
@@ -104,17 +107,16 @@ pub(super) fn read_columnar(
         let mut f = file.try_clone()?;
         f.read(&mut magic)? == 6 && &magic == b"ARROW1"
     };
-    let batches: Box<dyn Iterator<Item = std::result::Result<RecordBatch, arrow::error::ArrowError>>> =
-        if is_file_format {
-            Box::new(
-                arrow::ipc::reader::FileReader::try_new(file, None).map_err(|e| not_readable(&e))?,
-            )
-        } else {
-            Box::new(
-                arrow::ipc::reader::StreamReader::try_new(std::io::BufReader::new(file), None)
-                    .map_err(|e| not_readable(&e))?,
-            )
-        };
+    let batches: Box<
+        dyn Iterator<Item = std::result::Result<RecordBatch, arrow::error::ArrowError>>,
+    > = if is_file_format {
+        Box::new(arrow::ipc::reader::FileReader::try_new(file, None).map_err(|e| not_readable(&e))?)
+    } else {
+        Box::new(
+            arrow::ipc::reader::StreamReader::try_new(std::io::BufReader::new(file), None)
+                .map_err(|e| not_readable(&e))?,
+        )
+    };
     for (b, batch) in batches.enumerate() {
         match batch {
             Ok(batch) => rows_of(&batch, &mut row, emit)?,
@@ -148,24 +150,35 @@ fn cell_json(array: &ArrayRef, row: usize) -> Value {
     if array.is_null(row) {
         return Value::Null;
     }
-    let list = |values: ArrayRef| Value::Array((0..values.len()).map(|i| cell_json(&values, i)).collect());
+    let list =
+        |values: ArrayRef| Value::Array((0..values.len()).map(|i| cell_json(&values, i)).collect());
     match array.data_type() {
         DataType::Utf8 => Value::String(array.as_string::<i32>().value(row).to_string()),
         DataType::LargeUtf8 => Value::String(array.as_string::<i64>().value(row).to_string()),
         DataType::Utf8View => Value::String(array.as_string_view().value(row).to_string()),
         DataType::Boolean => Value::Bool(array.as_boolean().value(row)),
-        DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64 | DataType::UInt8
-        | DataType::UInt16 | DataType::UInt32 => {
-            match arrow::compute::cast(&array.slice(row, 1), &DataType::Int64) {
-                Ok(a) => Value::Number(a.as_primitive::<Int64Type>().value(0).into()),
-                Err(_) => Value::Null,
-            }
-        }
-        DataType::UInt64 => Value::Number(array.as_primitive::<arrow::datatypes::UInt64Type>().value(row).into()),
+        DataType::Int8
+        | DataType::Int16
+        | DataType::Int32
+        | DataType::Int64
+        | DataType::UInt8
+        | DataType::UInt16
+        | DataType::UInt32 => match arrow::compute::cast(&array.slice(row, 1), &DataType::Int64) {
+            Ok(a) => Value::Number(a.as_primitive::<Int64Type>().value(0).into()),
+            Err(_) => Value::Null,
+        },
+        DataType::UInt64 => Value::Number(
+            array
+                .as_primitive::<arrow::datatypes::UInt64Type>()
+                .value(row)
+                .into(),
+        ),
         DataType::Float32 | DataType::Float64 => {
             match arrow::compute::cast(&array.slice(row, 1), &DataType::Float64) {
-                Ok(a) => Number::from_f64(a.as_primitive::<arrow::datatypes::Float64Type>().value(0))
-                    .map_or(Value::Null, Value::Number),
+                Ok(a) => {
+                    Number::from_f64(a.as_primitive::<arrow::datatypes::Float64Type>().value(0))
+                        .map_or(Value::Null, Value::Number)
+                }
                 Err(_) => Value::Null,
             }
         }
@@ -187,7 +200,10 @@ fn cell_json(array: &ArrayRef, row: usize) -> Value {
 /// range, not empty.
 pub(super) fn row_tokens(batch: &RecordBatch, row: usize) -> Body {
     let Some(column) = batch.column_by_name("input_ids") else {
-        return Err(Reject::new(QuarantineReason::InvalidTokens, "no `input_ids` column"));
+        return Err(Reject::new(
+            QuarantineReason::InvalidTokens,
+            "no `input_ids` column",
+        ));
     };
     let values = match column.data_type() {
         DataType::List(_) if !column.is_null(row) => column.as_list::<i32>().value(row),
@@ -205,13 +221,20 @@ pub(super) fn row_tokens(batch: &RecordBatch, row: usize) -> Body {
             format!("`input_ids` holds {}, not integers", values.data_type()),
         )
     })?;
-    tokens_sample(ints.as_primitive::<Int64Type>().iter().map(|v| v.unwrap_or(-1)))
+    tokens_sample(
+        ints.as_primitive::<Int64Type>()
+            .iter()
+            .map(|v| v.unwrap_or(-1)),
+    )
 }
 
 /// The `input_ids` of a pre-tokenized JSONL line.
 pub(super) fn json_tokens(value: Value) -> Body {
     let Some(Value::Array(ids)) = value.get("input_ids") else {
-        return Err(Reject::new(QuarantineReason::InvalidTokens, "missing list `input_ids`"));
+        return Err(Reject::new(
+            QuarantineReason::InvalidTokens,
+            "missing list `input_ids`",
+        ));
     };
     tokens_sample(ids.iter().map(|v| v.as_i64().unwrap_or(-1)))
 }
@@ -230,7 +253,10 @@ fn tokens_sample(ids: impl Iterator<Item = i64>) -> Body {
         }
     }
     if tokens.is_empty() {
-        return Err(Reject::new(QuarantineReason::InvalidTokens, "`input_ids` is empty"));
+        return Err(Reject::new(
+            QuarantineReason::InvalidTokens,
+            "`input_ids` is empty",
+        ));
     }
     Ok(super::RawSample {
         annotation_id: None,

@@ -71,11 +71,15 @@ pub fn export(run: &Path, format: ExportFormat, out: &Path) -> Result<Vec<PathBu
         ExportFormat::Hf => write_part("", Part::Llm, llm_json)?,
         ExportFormat::Vila => {
             let Some(vision) = &config.vision else {
-                return Err(refuse(run, "the model has no vision tower; export it with --format hf".into()));
+                return Err(refuse(
+                    run,
+                    "the model has no vision tower; export it with --format hf".into(),
+                ));
             };
             let projector_json = config.projector.to_hf().map_err(|e| refuse(run, e.0))?;
             let vision_json = vision.to_hf();
-            let feature = serde_json::to_value(config.mm_vision_select_feature).expect("serializes");
+            let feature =
+                serde_json::to_value(config.mm_vision_select_feature).expect("serializes");
             let top = json!({
                 "architectures": ["LlavaLlamaModel"],
                 "model_type": "llava_llama",

@@ -9,8 +9,7 @@ use candle_nn::VarMap;
 use serde_json::{Map, Value};
 
 use crate::model::{
-    Config, FieldError, InitConfig, ProjectorConfig, Qwen2Config, SelectFeature,
-    SiglipVisionConfig,
+    Config, FieldError, InitConfig, ProjectorConfig, Qwen2Config, SelectFeature, SiglipVisionConfig,
 };
 use crate::{Error, Result, SavedConfig};
 
@@ -121,7 +120,10 @@ pub fn read_safetensors(dir: &Path) -> Result<Vec<(String, Stored)>> {
         let mut tensors: Vec<(String, Tensor)> = tensors.into_iter().collect();
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
         for (name, tensor) in tensors {
-            if !matches!(tensor.dtype(), DType::F32 | DType::BF16 | DType::F16 | DType::F64) {
+            if !matches!(
+                tensor.dtype(),
+                DType::F32 | DType::BF16 | DType::F16 | DType::F64
+            ) {
                 return Err(bad(
                     &file,
                     format!(
@@ -207,7 +209,9 @@ pub fn open(dir: &Path) -> Result<Folder> {
         if config_path.exists() {
             let top = read_json(&config_path)?;
             let f = crate::model::Fields(&top);
-            layer = f.or("mm_vision_select_layer", layer).map_err(field_error(&config_path))?;
+            layer = f
+                .or("mm_vision_select_layer", layer)
+                .map_err(field_error(&config_path))?;
             let name: String = f
                 .or("mm_vision_select_feature", "patch".to_string())
                 .map_err(field_error(&config_path))?;
@@ -217,7 +221,9 @@ pub fn open(dir: &Path) -> Result<Folder> {
                 other => {
                     return Err(bad(
                         &config_path,
-                        format!("`mm_vision_select_feature` `{other}` is not supported (patch, cls_patch)"),
+                        format!(
+                            "`mm_vision_select_feature` `{other}` is not supported (patch, cls_patch)"
+                        ),
                     ));
                 }
             };
@@ -276,7 +282,9 @@ pub fn open(dir: &Path) -> Result<Folder> {
         other => {
             return Err(bad(
                 &config_path,
-                format!("`model_type` `{other}` is not supported (qwen2, siglip_vision_model, v2l_projector, or a VILA folder)"),
+                format!(
+                    "`model_type` `{other}` is not supported (qwen2, siglip_vision_model, v2l_projector, or a VILA folder)"
+                ),
             ));
         }
     };
@@ -320,7 +328,10 @@ impl Folder {
         Ok(Config {
             llm,
             vision,
-            projector: self.projector.clone().unwrap_or(ProjectorConfig { downsample: 2 }),
+            projector: self
+                .projector
+                .clone()
+                .unwrap_or(ProjectorConfig { downsample: 2 }),
             mm_vision_select_layer: self.select_layer.unwrap_or(-2),
             mm_vision_select_feature: self.select_feature.unwrap_or(SelectFeature::ClsPatch),
             image_token: image_token.unwrap_or(u32::MAX),
@@ -356,7 +367,8 @@ impl Folder {
             self.projector = None;
         }
         self.saved = None;
-        self.tensors.retain(|name, _| name.starts_with(keep.prefix()));
+        self.tensors
+            .retain(|name, _| name.starts_with(keep.prefix()));
         Ok(self)
     }
 
@@ -451,11 +463,17 @@ pub fn check_fits(folder: &Folder, config: &Config) -> Result<()> {
     let mut problems = Vec::new();
     let mut differ = |what: &str, ours: String, theirs: String| {
         if ours != theirs {
-            problems.push(format!("{what}: the model has {ours}, the checkpoint {theirs}"));
+            problems.push(format!(
+                "{what}: the model has {ours}, the checkpoint {theirs}"
+            ));
         }
     };
     if let Some(l) = &folder.llm {
-        differ("rms_norm_eps", config.llm.rms_norm_eps.to_string(), l.rms_norm_eps.to_string());
+        differ(
+            "rms_norm_eps",
+            config.llm.rms_norm_eps.to_string(),
+            l.rms_norm_eps.to_string(),
+        );
         differ(
             "partial_rotary_factor",
             config.llm.partial_rotary_factor.to_string(),
@@ -463,8 +481,16 @@ pub fn check_fits(folder: &Folder, config: &Config) -> Result<()> {
         );
     }
     if let (Some(v), Some(ours)) = (&folder.vision, &config.vision) {
-        differ("vision layer_norm_eps", ours.layer_norm_eps.to_string(), v.layer_norm_eps.to_string());
-        differ("vision hidden_act", format!("{:?}", ours.hidden_act), format!("{:?}", v.hidden_act));
+        differ(
+            "vision layer_norm_eps",
+            ours.layer_norm_eps.to_string(),
+            v.layer_norm_eps.to_string(),
+        );
+        differ(
+            "vision hidden_act",
+            format!("{:?}", ours.hidden_act),
+            format!("{:?}", v.hidden_act),
+        );
     }
     if let Some(layer) = folder.select_layer {
         differ(
@@ -489,5 +515,8 @@ pub fn check_fits(folder: &Folder, config: &Config) -> Result<()> {
 fn grow_rows(t: &Tensor, rows: usize) -> candle_core::Result<Tensor> {
     let (r, d) = t.dims2()?;
     let mean = t.mean_keepdim(0)?;
-    Tensor::cat(&[t.clone(), mean.broadcast_as((rows - r, d))?.contiguous()?], 0)
+    Tensor::cat(
+        &[t.clone(), mean.broadcast_as((rows - r, d))?.contiguous()?],
+        0,
+    )
 }

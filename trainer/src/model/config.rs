@@ -426,7 +426,9 @@ impl Config {
             },
             vision: Some(SiglipVisionConfig {
                 hidden_size: vision_hidden,
-                intermediate_size: m.vision_intermediate_size.map_or(4 * vision_hidden, |s| s as usize),
+                intermediate_size: m
+                    .vision_intermediate_size
+                    .map_or(4 * vision_hidden, |s| s as usize),
                 num_hidden_layers: m.vision_layers as usize,
                 num_attention_heads: m.vision_heads as usize,
                 image_size: m.image_size as usize,
@@ -463,12 +465,14 @@ impl Config {
     pub fn check(&self) -> Parsed<()> {
         let l = &self.llm;
         let mut problems = Vec::new();
-        if l.num_attention_heads == 0 || l.hidden_size % l.num_attention_heads != 0 {
+        if l.num_attention_heads == 0 || !l.hidden_size.is_multiple_of(l.num_attention_heads) {
             problems.push(format!(
                 "llm hidden_size {} is not a multiple of num_attention_heads {}",
                 l.hidden_size, l.num_attention_heads
             ));
-        } else if l.num_key_value_heads == 0 || l.num_attention_heads % l.num_key_value_heads != 0 {
+        } else if l.num_key_value_heads == 0
+            || !l.num_attention_heads.is_multiple_of(l.num_key_value_heads)
+        {
             problems.push(format!(
                 "llm num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 l.num_attention_heads, l.num_key_value_heads
@@ -480,13 +484,13 @@ impl Config {
                 false => Err(FieldError(problems.join("; "))),
             };
         };
-        if v.num_attention_heads == 0 || v.hidden_size % v.num_attention_heads != 0 {
+        if v.num_attention_heads == 0 || !v.hidden_size.is_multiple_of(v.num_attention_heads) {
             problems.push(format!(
                 "vision hidden_size {} is not a multiple of num_attention_heads {}",
                 v.hidden_size, v.num_attention_heads
             ));
         }
-        if v.patch_size == 0 || v.image_size % v.patch_size != 0 {
+        if v.patch_size == 0 || !v.image_size.is_multiple_of(v.patch_size) {
             problems.push(format!(
                 "vision image_size {} is not a multiple of patch_size {}",
                 v.image_size, v.patch_size
@@ -538,13 +542,19 @@ mod tests {
             "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1});
         let mut old = obj(base.clone());
         old.insert("rope_theta".into(), json!(5e5));
-        old.insert("rope_scaling".into(), json!({"type": "linear", "factor": 4.0}));
+        old.insert(
+            "rope_scaling".into(),
+            json!({"type": "linear", "factor": 4.0}),
+        );
         let mut new = obj(base);
         new.insert(
             "rope_parameters".into(),
             json!({"rope_theta": 5e5, "rope_type": "linear", "factor": 4.0}),
         );
-        let (a, b) = (Qwen2Config::parse(&old).unwrap(), Qwen2Config::parse(&new).unwrap());
+        let (a, b) = (
+            Qwen2Config::parse(&old).unwrap(),
+            Qwen2Config::parse(&new).unwrap(),
+        );
         assert_eq!(a, b);
         assert_eq!(a.rope_scaling, Some(RopeScaling::Linear { factor: 4.0 }));
         assert_eq!(a.rope_theta, 5e5);
@@ -557,7 +567,10 @@ mod tests {
     fn a_missing_or_mistyped_field_is_named() {
         let bad = obj(json!({"vocab_size": 10, "hidden_size": "8", "num_attention_heads": 2}));
         let err = Qwen2Config::parse(&bad).unwrap_err().0;
-        assert!(err.contains("`hidden_size`") && err.contains("\"8\""), "{err}");
+        assert!(
+            err.contains("`hidden_size`") && err.contains("\"8\""),
+            "{err}"
+        );
         let missing = obj(json!({"vocab_size": 10, "hidden_size": 8, "num_attention_heads": 2}));
         let err = Qwen2Config::parse(&missing).unwrap_err().0;
         assert!(err.contains("`intermediate_size` is missing"), "{err}");
@@ -578,9 +591,11 @@ mod tests {
 
     #[test]
     fn a_whole_siglip_config_yields_its_vision_part() {
-        let full = obj(json!({"model_type": "siglip", "text_config": {"hidden_size": 5},
+        let full = obj(
+            json!({"model_type": "siglip", "text_config": {"hidden_size": 5},
             "vision_config": {"hidden_size": 32, "image_size": 28, "patch_size": 14,
-                "num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 64}}));
+                "num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 64}}),
+        );
         let v = SiglipVisionConfig::parse(&full).unwrap();
         assert_eq!((v.hidden_size, v.grid(), v.num_hidden_layers), (32, 2, 3));
         assert_eq!(v.hidden_act, Activation::GeluTanh);

@@ -23,8 +23,8 @@ mod siglip;
 mod vila;
 
 pub use config::{
-    Activation, Config, FieldError, Fields, InitConfig, ProjectorConfig, Qwen2Config,
-    RopeScaling, SelectFeature, SiglipVisionConfig,
+    Activation, Config, FieldError, Fields, InitConfig, ProjectorConfig, Qwen2Config, RopeScaling,
+    SelectFeature, SiglipVisionConfig,
 };
 pub use init::init_seeded;
 pub use vila::{Generated, Model, Sampling};
@@ -46,7 +46,6 @@ pub(crate) mod tests {
     use candle_core::{DType, Device, Tensor};
     use candle_nn::VarMap;
     use std::collections::BTreeMap;
-
 
     pub(crate) fn tiny() -> Config {
         Config {
@@ -253,7 +252,8 @@ pub(crate) mod tests {
         }
         // `init_std` sets the modules it names; the others keep the range.
         config.init.initializer_range = Some(0.02);
-        config.init.init_std = BTreeMap::from([("embed_tokens".into(), 0.05), ("q_proj".into(), 0.01)]);
+        config.init.init_std =
+            BTreeMap::from([("embed_tokens".into(), 0.05), ("q_proj".into(), 0.01)]);
         let vars = VarMap::new();
         Model::new(config.clone(), &vars, &device).unwrap();
         init_seeded(&vars, 3, &config).unwrap();

@@ -7,8 +7,8 @@
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::{Config, SiglipVisionConfig};
 use super::layers::{LayerNorm, Linear};
+use super::{Config, SiglipVisionConfig};
 
 /// `nn.LayerNorm`'s default epsilon, which VILA's projector keeps.
 const TORCH_LAYER_NORM_EPS: f64 = 1e-5;

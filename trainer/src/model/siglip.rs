@@ -8,8 +8,8 @@ use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use super::init::POSITION_EMBEDDING_STD;
-use super::{Activation, SiglipVisionConfig};
 use super::layers::{LayerNorm, Linear};
+use super::{Activation, SiglipVisionConfig};
 use crate::ops;
 
 /// Pre-norm ViT block (SigLIP's encoder layer).
@@ -64,7 +64,9 @@ impl VisionBlock {
             .contiguous()?
             .reshape((n, p, d))?;
         let x = (x + self.o.forward(&y)?)?;
-        let h = self.act.forward(&self.fc1.forward(&self.ln2.forward(&x)?)?)?;
+        let h = self
+            .act
+            .forward(&self.fc1.forward(&self.ln2.forward(&x)?)?)?;
         x + self.fc2.forward(&h)?
     }
 }
