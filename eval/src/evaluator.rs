@@ -61,7 +61,7 @@ impl Evaluator {
         }
         let device = Device::Cpu;
         let vars = VarMap::new();
-        let model = Model::new(config.clone(), &vars, &device)?;
+        let model = Model::unfilled(config.clone(), &vars, &device)?;
         lvpipe_trainer::hf::load_into(&vars, &folder)?;
         Ok(Evaluator {
             image_size: config.vision.as_ref().map_or(0, |v| v.image_size as u32),

@@ -148,7 +148,8 @@ impl<'a> Training<'a> {
             )));
         }
         let vars = VarMap::new();
-        let mut model = Model::new(config.clone(), &vars, &device).context("model")?;
+        // Every parameter is seeded (and maybe loaded) next.
+        let mut model = Model::unfilled(config.clone(), &vars, &device).context("model")?;
         init_seeded(&vars, stage.seed, &config).context("initializing")?;
         let mut init_fingerprint = String::new();
         if run.vocab > config.llm.vocab_size {

@@ -3,7 +3,8 @@
 //! per-token likelihoods and greedy generation on top.
 
 use candle_core::{DType, Device, IndexOp, Result, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder, VarMap};
 
 use super::projector::Projector;
 use super::qwen2::Decoder;
@@ -64,10 +65,22 @@ impl Model {
     /// Creates the parameters in `vars` (randomly initialized where absent)
     /// and the model over them.
     pub fn new(config: Config, vars: &VarMap, device: &Device) -> Result<Self> {
+        Self::build(config, VarBuilder::from_varmap(vars, DType::F32, device))
+    }
+
+    /// [`Model::new`] with every parameter not yet in `vars` created as
+    /// zeros, for weights that are loaded or seeded next: drawing random
+    /// values that are overwritten at once is wasted work (for a Qwen2-0.5B
+    /// folder, 494M draws).
+    pub fn unfilled(config: Config, vars: &VarMap, device: &Device) -> Result<Self> {
+        let backend: Box<dyn SimpleBackend> = Box::new(Unfilled(vars.clone()));
+        Self::build(config, VarBuilder::from_backend(backend, DType::F32, device.clone()))
+    }
+
+    fn build(config: Config, vb: VarBuilder) -> Result<Self> {
         config
             .check()
             .map_err(|e| candle_core::Error::Msg(format!("model config: {}", e.0)))?;
-        let vb = VarBuilder::from_varmap(vars, DType::F32, device);
         Ok(Model {
             vision: match &config.vision {
                 Some(v) => Some((
@@ -332,6 +345,31 @@ impl Model {
             x = self.llm.embed_tokens(&[next], device)?;
         }
         Ok(out)
+    }
+}
+
+/// A [`VarMap`] that creates missing parameters as zeros, whatever their
+/// initialization hint.
+struct Unfilled(VarMap);
+
+impl SimpleBackend for Unfilled {
+    fn get(
+        &self,
+        shape: candle_core::Shape,
+        name: &str,
+        _hint: Init,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        self.0.get(shape, name, Init::Const(0.0), dtype, device)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        SimpleBackend::get_unchecked(&self.0, name, dtype, device)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains_tensor(name)
     }
 }
 
