@@ -298,7 +298,12 @@ fn a_stock_tokenizer_builds_shards_with_its_media_tokens_added() {
             ],
         );
         assert_eq!(out.status.code(), Some(2));
-        String::from_utf8_lossy(&out.stderr).to_string()
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(
+            err.contains("tokenizer.json") && err.contains("151648"),
+            "{err}"
+        );
+        err
     } else {
         err
     };

@@ -303,6 +303,14 @@ pub fn train_stage(
             spec.tokenizer.display()
         )));
     }
+    if tokenizer.vocab_size() > recipe.model.vocab_size as usize {
+        return Err(Error::Config(format!(
+            "{}: the tokenizer has {} tokens but the model's vocab_size is {}; raise vocab_size in the recipe's [model]",
+            spec.tokenizer.display(),
+            tokenizer.vocab_size(),
+            recipe.model.vocab_size
+        )));
+    }
     fs_err::create_dir_all(out)?;
     let _lock = lvpipe_schemas::FolderLock::acquire(out, "train")?;
     // Rewritten on every resume: atomically, so a kill keeps the run resumable.
@@ -317,7 +325,6 @@ pub fn train_stage(
         image_token: tokenizer.special().image,
         out: out.to_path_buf(),
         init: spec.init.clone(),
-        vocab: tokenizer.vocab_size(),
         steps: spec.steps,
         clip: spec.clip,
         save_every: spec.save_every,

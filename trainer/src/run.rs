@@ -46,9 +46,6 @@ pub struct StageRun<'a> {
     /// VILA's, for one part or all; none: fresh seeded weights, as `init =
     /// "base"`).
     pub init: Vec<crate::chain::StartFolder>,
-    /// Tokens of the shards' tokenizer, media tokens included: the model's
-    /// vocabulary must hold them.
-    pub vocab: usize,
     /// Steps to run instead of the recipe's (the loader continues into
     /// further epochs as needed); the schedule spans them.
     pub steps: Option<u64>,
@@ -152,12 +149,6 @@ impl<'a> Training<'a> {
         let mut model = Model::unfilled(config.clone(), &vars, &device).context("model")?;
         init_seeded(&vars, stage.seed, &config).context("initializing")?;
         let mut init_fingerprint = String::new();
-        if run.vocab > config.llm.vocab_size {
-            return Err(Error::Config(format!(
-                "the tokenizer has {} tokens but the model's vocab_size is {}; raise vocab_size in the recipe's [model]",
-                run.vocab, config.llm.vocab_size
-            )));
-        }
         if !run.init.is_empty() {
             init_fingerprint = crate::chain::start_fingerprint(&run.init)?;
         }

@@ -74,7 +74,10 @@ impl Model {
     /// folder, 494M draws).
     pub fn unfilled(config: Config, vars: &VarMap, device: &Device) -> Result<Self> {
         let backend: Box<dyn SimpleBackend> = Box::new(Unfilled(vars.clone()));
-        Self::build(config, VarBuilder::from_backend(backend, DType::F32, device.clone()))
+        Self::build(
+            config,
+            VarBuilder::from_backend(backend, DType::F32, device.clone()),
+        )
     }
 
     fn build(config: Config, vb: VarBuilder) -> Result<Self> {
