@@ -268,11 +268,17 @@ pub struct BuildArgs {
     /// Folder for the shards (created if missing; an interrupted build there resumes).
     #[arg(long)]
     pub out: PathBuf,
-    /// Hugging Face tokenizer.json with the ChatML tokens and `<image>`.
+    /// A Hugging Face tokenizer.json; special tokens the template and media
+    /// need that it lacks (`<image>`, `<video>`, ...) are added.
     #[arg(long)]
     pub tokenizer: PathBuf,
-    /// A source as KIND:PATH or NAME=KIND:PATH; KIND is llava, text, wds or
-    /// interleaved; NAME defaults to the file stem. Repeat for several.
+    /// The tokenizer family's chat format: chatml (Qwen2's, VILA's) or
+    /// llama3 (Llama-3's header format).
+    #[arg(long, default_value = "chatml")]
+    pub chat_template: String,
+    /// A source as KIND:PATH or NAME=KIND:PATH; KIND is llava,
+    /// llava-parquet, text, tokens, wds or interleaved; NAME defaults to the
+    /// file stem. Repeat for several.
     #[arg(long = "source", value_name = "[NAME=]KIND:PATH")]
     pub sources: Vec<String>,
     /// A registry file (TOML `[[source]]` tables with name, kind, path,

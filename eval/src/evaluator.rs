@@ -6,7 +6,7 @@ use std::path::Path;
 use candle_core::Device;
 use candle_nn::VarMap;
 use lvpipe_schemas::FramePolicy;
-use lvpipe_sharding::{ChatTokenizer, Segment, SpecialTokens};
+use lvpipe_sharding::{ChatTemplate, ChatTokenizer, Segment, SpecialTokens};
 use lvpipe_trainer::model::Model;
 
 use crate::{Error, Result};
@@ -44,7 +44,13 @@ impl Evaluator {
                     ))
                 })?,
         };
-        let tokenizer = ChatTokenizer::load(&path)?;
+        // A run says its template; a Hugging Face folder's tokenizer tells
+        // its family by its tokens.
+        let template = match &folder.saved {
+            Some(saved) => ChatTemplate::parse(&saved.chat_template)?,
+            None => ChatTemplate::of_tokenizer(&path)?,
+        };
+        let tokenizer = ChatTokenizer::load_with(&path, template)?;
         if let Some(saved) = &folder.saved
             && tokenizer.fingerprint() != saved.tokenizer_fingerprint
         {

@@ -18,12 +18,102 @@ use tokenizers::{AddedToken, Tokenizer};
 
 use crate::{Error, Result};
 
-/// Name of the template, stored in every shard's metadata.
+/// Name of the default template, stored in every shard's metadata.
 pub const CHAT_TEMPLATE: &str = "chatml";
+
+/// A tokenizer family's chat format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ChatTemplate {
+    /// Qwen2's (and VILA's for Qwen2): `<|im_start|>{role}\n{content}<|im_end|>\n`.
+    #[default]
+    ChatMl,
+    /// Llama-3's header format: `<|begin_of_text|>`, then
+    /// `<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>`
+    /// per turn (VILA's `llama_3` conversation).
+    Llama3,
+}
+
+impl ChatTemplate {
+    pub const ALL: [ChatTemplate; 2] = [ChatTemplate::ChatMl, ChatTemplate::Llama3];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChatTemplate::ChatMl => "chatml",
+            ChatTemplate::Llama3 => "llama3",
+        }
+    }
+
+    pub fn parse(value: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|t| t.as_str() == value)
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "unknown chat template `{value}` (expected chatml or llama3)"
+                ))
+            })
+    }
+
+    /// The family of a `tokenizer.json`: Llama-3's where it has Llama-3's
+    /// header tokens and no ChatML ones, ChatML otherwise.
+    pub fn of_tokenizer(path: &Path) -> Result<Self> {
+        let tokenizer = Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let has = |t: &str| tokenizer.token_to_id(t).is_some();
+        Ok(match has(LLAMA3_HEADER_START) && !has(tokens::IM_START) {
+            true => ChatTemplate::Llama3,
+            false => ChatTemplate::ChatMl,
+        })
+    }
+
+    /// The special tokens the template and media need, in the order they
+    /// are added to a tokenizer that lacks them.
+    pub fn tokens(self) -> &'static [&'static str] {
+        match self {
+            ChatTemplate::ChatMl => &tokens::ALL,
+            ChatTemplate::Llama3 => &[
+                LLAMA3_BEGIN,
+                LLAMA3_END_OF_TEXT,
+                LLAMA3_HEADER_START,
+                LLAMA3_HEADER_END,
+                LLAMA3_EOT,
+                tokens::IMAGE,
+                tokens::VIDEO,
+            ],
+        }
+    }
+
+    /// The template's text of one turn's opening, before its content.
+    fn open(self, role: &str) -> String {
+        match self {
+            ChatTemplate::ChatMl => format!("{}{role}\n", tokens::IM_START),
+            ChatTemplate::Llama3 => format!("{LLAMA3_HEADER_START}{role}{LLAMA3_HEADER_END}\n\n"),
+        }
+    }
+
+    /// The token that closes a turn (trained with an answer).
+    fn close(self) -> &'static str {
+        match self {
+            ChatTemplate::ChatMl => tokens::IM_END,
+            ChatTemplate::Llama3 => LLAMA3_EOT,
+        }
+    }
+}
+
+const LLAMA3_BEGIN: &str = "<|begin_of_text|>";
+const LLAMA3_END_OF_TEXT: &str = "<|end_of_text|>";
+const LLAMA3_HEADER_START: &str = "<|start_header_id|>";
+const LLAMA3_HEADER_END: &str = "<|end_header_id|>";
+const LLAMA3_EOT: &str = "<|eot_id|>";
 /// The system prompt used when a conversation does not bring its own.
 pub const DEFAULT_SYSTEM_PROMPT: &str = "You are a helpful assistant";
 
-/// The special tokens the template and the media placeholders need.
+/// The special tokens the template and the media placeholders need, by
+/// their ChatML names; under Llama-3's template `im_start` is
+/// `<|start_header_id|>`, `im_end` `<|eot_id|>` and `end_of_text`
+/// `<|end_of_text|>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SpecialTokens {
     pub im_start: u32,
@@ -63,6 +153,7 @@ pub struct ChatTokenizer {
     json: Vec<u8>,
     /// Special tokens the file lacked and loading added.
     added: Vec<&'static str>,
+    template: ChatTemplate,
 }
 
 impl ChatTokenizer {
@@ -73,13 +164,20 @@ impl ChatTokenizer {
     /// [`ChatTokenizer::json`] is the tokenizer with them, to write beside
     /// shards and models.
     pub fn load(path: &Path) -> Result<Self> {
+        Self::load_with(path, ChatTemplate::ChatMl)
+    }
+
+    /// [`ChatTokenizer::load`] for another chat template.
+    pub fn load_with(path: &Path, template: ChatTemplate) -> Result<Self> {
         let bytes = fs_err::read(path)?;
         let mut tokenizer = Tokenizer::from_bytes(&bytes).map_err(|e| Error::Tokenizer {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
-        let added: Vec<&'static str> = SpecialTokens::ALL
-            .into_iter()
+        let added: Vec<&'static str> = template
+            .tokens()
+            .iter()
+            .copied()
             .filter(|t| tokenizer.token_to_id(t).is_none())
             .collect();
         let json = if added.is_empty() {
@@ -101,12 +199,21 @@ impl ChatTokenizer {
                 .into_bytes()
         };
         let id = |tok: &str| tokenizer.token_to_id(tok).unwrap_or_default();
-        let special = SpecialTokens {
-            im_start: id(SpecialTokens::IM_START),
-            im_end: id(SpecialTokens::IM_END),
-            end_of_text: id(SpecialTokens::END_OF_TEXT),
-            image: id(SpecialTokens::IMAGE),
-            video: id(SpecialTokens::VIDEO),
+        let special = match template {
+            ChatTemplate::ChatMl => SpecialTokens {
+                im_start: id(SpecialTokens::IM_START),
+                im_end: id(SpecialTokens::IM_END),
+                end_of_text: id(SpecialTokens::END_OF_TEXT),
+                image: id(SpecialTokens::IMAGE),
+                video: id(SpecialTokens::VIDEO),
+            },
+            ChatTemplate::Llama3 => SpecialTokens {
+                im_start: id(LLAMA3_HEADER_START),
+                im_end: id(LLAMA3_EOT),
+                end_of_text: id(LLAMA3_END_OF_TEXT),
+                image: id(SpecialTokens::IMAGE),
+                video: id(SpecialTokens::VIDEO),
+            },
         };
         Ok(ChatTokenizer {
             tokenizer,
@@ -114,7 +221,13 @@ impl ChatTokenizer {
             fingerprint: blake3::hash(&json).to_hex().to_string(),
             json,
             added,
+            template,
         })
+    }
+
+    /// The chat template the tokenizer applies.
+    pub fn template(&self) -> ChatTemplate {
+        self.template
     }
 
     /// The special tokens loading added (none for a tokenizer that has them).
@@ -160,18 +273,30 @@ impl ChatTokenizer {
             Some(first) if first.role == "system" => (first.content.as_str(), &turns[1..]),
             _ => (DEFAULT_SYSTEM_PROMPT, turns),
         };
-        let (start, end) = (SpecialTokens::IM_START, SpecialTokens::IM_END);
-        let mut text = format!("{start}system\n{system}{end}\n");
+        let t = self.template;
+        let mut text = match t {
+            ChatTemplate::ChatMl => String::new(),
+            ChatTemplate::Llama3 => LLAMA3_BEGIN.to_string(),
+        };
+        let separator = match t {
+            ChatTemplate::ChatMl => "\n",
+            ChatTemplate::Llama3 => "",
+        };
+        text.push_str(&format!(
+            "{}{system}{}{separator}",
+            t.open("system"),
+            t.close()
+        ));
         let mut answers = Vec::new();
         for turn in turns {
-            text.push_str(&format!("{start}{}\n", turn.role));
+            text.push_str(&t.open(turn.role));
             let from = text.len();
             text.push_str(&turn.content);
-            text.push_str(end);
+            text.push_str(t.close());
             if turn.role == "assistant" {
                 answers.push(from..text.len());
             }
-            text.push('\n');
+            text.push_str(separator);
         }
         let encoding = self
             .tokenizer
@@ -190,7 +315,7 @@ impl ChatTokenizer {
     /// (`<|im_start|>assistant\n`), as generation starts from it.
     pub fn encode_generation_prompt(&self, turns: &[Segment]) -> Result<Vec<u32>> {
         let (mut ids, _) = self.encode_conversation(turns)?;
-        ids.extend(self.encode(&format!("{}assistant\n", SpecialTokens::IM_START))?);
+        ids.extend(self.encode(&self.template.open("assistant"))?);
         Ok(ids)
     }
 

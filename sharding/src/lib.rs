@@ -34,7 +34,7 @@ pub mod video;
 mod writer;
 
 pub use build::{BuildEvent, BuildSettings, BuildSummary, ImageAspect, build_shards};
-pub use chat::{CHAT_TEMPLATE, ChatTokenizer, Segment, SpecialTokens};
+pub use chat::{CHAT_TEMPLATE, ChatTemplate, ChatTokenizer, Segment, SpecialTokens};
 pub use error::{Error, Result};
 pub use media::{ImageLimits, ImageSettings, ProcessedImage, process_image};
 pub use source::{Registry, SourceKind, SourceSpec};

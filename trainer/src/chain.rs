@@ -296,7 +296,8 @@ pub fn train_stage(
     };
     let recipe = Recipe::load(&spec.recipe)?;
     let mix = Mix::open(&spec.mix)?;
-    let tokenizer = ChatTokenizer::load(&spec.tokenizer)?;
+    let template = lvpipe_sharding::ChatTemplate::parse(&recipe.model.chat_template)?;
+    let tokenizer = ChatTokenizer::load_with(&spec.tokenizer, template)?;
     if tokenizer.fingerprint() != mix.meta.tokenizer_fingerprint {
         return Err(Error::Config(format!(
             "{} is not the tokenizer the mix's shards were built with",

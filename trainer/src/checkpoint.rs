@@ -65,6 +65,13 @@ pub struct SavedConfig {
     pub stage: usize,
     pub stage_name: String,
     pub tokenizer_fingerprint: String,
+    /// The chat template the shards were tokenized with (`chatml`, `llama3`).
+    #[serde(default = "chatml")]
+    pub chat_template: String,
+}
+
+fn chatml() -> String {
+    lvpipe_sharding::CHAT_TEMPLATE.to_string()
 }
 
 impl SavedConfig {

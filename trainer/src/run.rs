@@ -399,6 +399,7 @@ impl<'a> Training<'a> {
             stage: run.stage,
             stage_name: self.stage.name.clone(),
             tokenizer_fingerprint: run.mix.meta.tokenizer_fingerprint.clone(),
+            chat_template: run.recipe.model.chat_template.clone(),
         };
         saved.save(&run.out)?;
         save_checkpoint(

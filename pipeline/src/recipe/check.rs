@@ -137,6 +137,9 @@ pub(crate) fn stage_limits(at: &str, stage: &Stage) -> Vec<String> {
 /// The model's sizes and initialization.
 fn check_model(m: &ModelConfig) -> Vec<String> {
     let mut problems = Vec::new();
+    if let Err(e) = lvpipe_sharding::ChatTemplate::parse(&m.chat_template) {
+        problems.push(format!("model: {e}"));
+    }
     for (what, value, max) in [
         ("image_size", m.image_size, 16_384),
         ("hidden_size", m.hidden_size, 1 << 16),

@@ -10,7 +10,7 @@ use lvpipe_schemas::{Manifest, ManifestShard, ManifestSource, SCHEMA_VERSION, Ta
 
 use super::resume::{FileMeta, scan_strings};
 use super::{BuildSettings, BuildSummary};
-use crate::chat::{CHAT_TEMPLATE, ChatTokenizer};
+use crate::chat::ChatTokenizer;
 use crate::writer::{part_file, write_atomic};
 use crate::{Error, Result};
 
@@ -81,7 +81,7 @@ pub(super) fn write_manifest(
         lvpipe_version: env!("CARGO_PKG_VERSION").to_string(),
         tokenizer_fingerprint: tokenizer.fingerprint().to_string(),
         added_tokens: tokenizer.added().iter().map(|t| t.to_string()).collect(),
-        chat_template: CHAT_TEMPLATE.to_string(),
+        chat_template: settings.chat_template.as_str().to_string(),
         build_fingerprint,
         build_args,
         sources,

@@ -12,7 +12,7 @@ use crossbeam_channel::bounded;
 use lvpipe_schemas::{FolderLock, Manifest, QuarantineReason};
 use rayon::prelude::*;
 
-use crate::chat::{CHAT_TEMPLATE, ChatTokenizer};
+use crate::chat::ChatTokenizer;
 use crate::writer::{PartIdentity, PartWriter};
 use crate::{Error, Result};
 
@@ -79,7 +79,7 @@ pub fn build_shards(
 ) -> Result<BuildSummary> {
     let started = Instant::now();
     settings.check()?;
-    let tokenizer = ChatTokenizer::load(&settings.tokenizer)?;
+    let tokenizer = ChatTokenizer::load_with(&settings.tokenizer, settings.chat_template)?;
     let (fingerprint, build_args) = build_fingerprint(settings, tokenizer.fingerprint())?;
     fs_err::create_dir_all(&settings.out)?;
     let _lock = FolderLock::acquire(&settings.out, "build-shards")?;
@@ -106,7 +106,7 @@ pub fn build_shards(
     };
     let identity = PartIdentity {
         tokenizer_fingerprint: tokenizer.fingerprint().to_string(),
-        chat_template: CHAT_TEMPLATE.to_string(),
+        chat_template: settings.chat_template.as_str().to_string(),
         build_fingerprint: fingerprint.clone(),
     };
     let writer = PartWriter::new(

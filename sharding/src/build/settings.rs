@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use lvpipe_schemas::SCHEMA_VERSION;
 use serde::Serialize;
 
-use crate::chat::CHAT_TEMPLATE;
+use crate::chat::ChatTemplate;
 use crate::media::ImageSettings;
 use crate::source::SourceSpec;
 use crate::video::VideoSettings;
@@ -28,6 +28,9 @@ pub enum ImageAspect {
 pub struct BuildSettings {
     pub out: PathBuf,
     pub tokenizer: PathBuf,
+    /// The chat template conversations are tokenized with (the tokenizer's
+    /// family's: ChatML for Qwen2, Llama-3's header format for Llama-3).
+    pub chat_template: ChatTemplate,
     pub sources: Vec<SourceSpec>,
     pub image: ImageSettings,
     /// How videos are sampled; a source's `frames` overrides the policy.
@@ -73,6 +76,7 @@ impl BuildSettings {
         BuildSettings {
             out: out.into(),
             tokenizer: tokenizer.into(),
+            chat_template: ChatTemplate::ChatMl,
             sources: Vec::new(),
             image: ImageSettings::default(),
             video: VideoSettings::default(),
@@ -181,7 +185,7 @@ pub(super) fn build_fingerprint(
     let args = serde_json::json!({
         "schema_version": SCHEMA_VERSION,
         "tokenizer_fingerprint": tokenizer_fingerprint,
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": settings.chat_template.as_str(),
         "image": settings.image,
         "video": settings.video,
         "target_shard_bytes": settings.target_shard_bytes,
