@@ -127,7 +127,7 @@ fn save_part(folder: &Folder, part: Part, path: &Path) -> Result<()> {
                 format!("`{name}` is an unmerged LoRA adapter; export a finished run"),
             ));
         }
-        tensors.insert(local.to_string(), stored.tensor.clone());
+        tensors.insert(local.to_string(), stored.read()?);
     }
     let tmp = path.with_extension("safetensors.tmp");
     candle_core::safetensors::save(&tensors, &tmp).map_err(|e| Error::Checkpoint {

@@ -47,10 +47,109 @@ impl Part {
     }
 }
 
-/// A tensor of a folder and the file it came from.
+/// A tensor of a folder: where its bytes are, read when it is loaded (so
+/// that a model's weights are in memory once, as f32 parameters, not also
+/// as the file's and the cast's copies).
 pub struct Stored {
-    pub tensor: Tensor,
     pub file: PathBuf,
+    /// Its name in the file.
+    name: String,
+    pub shape: Vec<usize>,
+    dtype: DType,
+    /// Byte range of its data in the file.
+    start: u64,
+    len: usize,
+}
+
+impl Stored {
+    /// The tensor, in f32.
+    pub fn read(&self) -> Result<Tensor> {
+        use std::io::{Read, Seek, SeekFrom};
+        let fail =
+            |e: &dyn std::fmt::Display| bad(&self.file, format!("tensor `{}`: {e}", self.name));
+        let mut file = fs_err::File::open(&self.file)?;
+        file.seek(SeekFrom::Start(self.start))?;
+        let mut bytes = vec![0u8; self.len];
+        file.read_exact(&mut bytes).map_err(|e| fail(&e))?;
+        Tensor::from_raw_buffer(&bytes, self.dtype, &self.shape, &Device::Cpu)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .map_err(|e| fail(&e))
+    }
+}
+
+/// The tensors a safetensors file holds, from its header: names, dtypes,
+/// shapes and where their data are. A header that does not parse, a dtype
+/// that is not floating point, or data past the file's end (a truncated
+/// file) is an error naming the file and the tensor.
+fn read_header(file: &Path) -> Result<Vec<(String, Stored)>> {
+    use std::io::Read;
+    let broken = |m: String| bad(file, format!("not a readable safetensors file: {m}"));
+    let mut f = fs_err::File::open(file)?;
+    let size = f.metadata()?.len();
+    let mut head = [0u8; 8];
+    f.read_exact(&mut head)
+        .map_err(|_| broken(format!("{size} bytes, no header")))?;
+    let header_len = u64::from_le_bytes(head);
+    if header_len > 100 << 20 || 8 + header_len > size {
+        return Err(broken(format!(
+            "a header of {header_len} bytes in a file of {size}"
+        )));
+    }
+    let mut text = vec![0u8; header_len as usize];
+    f.read_exact(&mut text).map_err(|e| broken(e.to_string()))?;
+    let header: Map<String, Value> =
+        serde_json::from_slice(&text).map_err(|e| broken(format!("header: {e}")))?;
+    let data_start = 8 + header_len;
+    let mut out = Vec::new();
+    for (name, entry) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let field = |key: &str| entry.get(key).cloned().unwrap_or(Value::Null);
+        let dtype_name: String = serde_json::from_value(field("dtype"))
+            .map_err(|_| broken(format!("tensor `{name}` has no dtype")))?;
+        let (dtype, width) = match dtype_name.as_str() {
+            "F32" => (DType::F32, 4),
+            "BF16" => (DType::BF16, 2),
+            "F16" => (DType::F16, 2),
+            "F64" => (DType::F64, 8),
+            other => {
+                return Err(bad(
+                    file,
+                    format!("tensor `{name}` is {other}; model weights are F32, BF16, F16 or F64"),
+                ));
+            }
+        };
+        let shape: Vec<usize> = serde_json::from_value(field("shape"))
+            .map_err(|_| broken(format!("tensor `{name}` has no shape")))?;
+        let offsets: [u64; 2] = serde_json::from_value(field("data_offsets"))
+            .map_err(|_| broken(format!("tensor `{name}` has no data_offsets")))?;
+        let len = shape.iter().product::<usize>() * width;
+        if offsets[1] < offsets[0] || (offsets[1] - offsets[0]) as usize != len {
+            return Err(broken(format!(
+                "tensor `{name}` {shape:?} {dtype_name} takes {len} bytes, not {}",
+                offsets[1].saturating_sub(offsets[0])
+            )));
+        }
+        if data_start + offsets[1] > size {
+            return Err(broken(format!(
+                "tensor `{name}` ends at byte {} of a {size}-byte file (truncated?)",
+                data_start + offsets[1]
+            )));
+        }
+        out.push((
+            name.clone(),
+            Stored {
+                file: file.to_path_buf(),
+                name,
+                shape,
+                dtype,
+                start: data_start + offsets[0],
+                len,
+            },
+        ));
+    }
+    Ok(out)
 }
 
 /// A model folder, read.
@@ -64,7 +163,7 @@ pub struct Folder {
     pub select_feature: Option<SelectFeature>,
     /// An lvpipe run folder's `config.json`.
     pub saved: Option<SavedConfig>,
-    /// Every tensor under its lvpipe name, in f32.
+    /// Every tensor under its lvpipe name.
     pub tensors: BTreeMap<String, Stored>,
 }
 
@@ -89,10 +188,10 @@ fn field_error(path: &Path) -> impl Fn(FieldError) -> Error + '_ {
     move |e| bad(path, e.0)
 }
 
-/// The tensors of a folder's safetensors, by their names in the files, in
-/// f32: `model.safetensors`, or the shards `model.safetensors.index.json`
-/// lists. A damaged file, a tensor the index lists but no shard holds, or a
-/// tensor that is not floating point is an error naming it.
+/// The tensors of a folder's safetensors, by their names in the files:
+/// `model.safetensors`, or the shards `model.safetensors.index.json` lists.
+/// A damaged file, a tensor the index lists but no shard holds, or a tensor
+/// that is not floating point is an error naming it.
 pub fn read_safetensors(dir: &Path) -> Result<Vec<(String, Stored)>> {
     let index = dir.join("model.safetensors.index.json");
     let single = dir.join("model.safetensors");
@@ -115,34 +214,7 @@ pub fn read_safetensors(dir: &Path) -> Result<Vec<(String, Stored)>> {
     };
     let mut out = Vec::new();
     for file in files {
-        let tensors = candle_core::safetensors::load(&file, &Device::Cpu)
-            .map_err(|e| bad(&file, format!("not a readable safetensors file: {e}")))?;
-        let mut tensors: Vec<(String, Tensor)> = tensors.into_iter().collect();
-        tensors.sort_by(|a, b| a.0.cmp(&b.0));
-        for (name, tensor) in tensors {
-            if !matches!(
-                tensor.dtype(),
-                DType::F32 | DType::BF16 | DType::F16 | DType::F64
-            ) {
-                return Err(bad(
-                    &file,
-                    format!(
-                        "tensor `{name}` is {:?}; model weights are f32, bf16 or f16",
-                        tensor.dtype()
-                    ),
-                ));
-            }
-            let tensor = tensor
-                .to_dtype(DType::F32)
-                .map_err(|e| bad(&file, format!("tensor `{name}`: {e}")))?;
-            out.push((
-                name,
-                Stored {
-                    tensor,
-                    file: file.clone(),
-                },
-            ));
-        }
+        out.extend(read_header(&file)?);
     }
     if let Some(map) = listed {
         let found: BTreeSet<&str> = out.iter().map(|(n, _)| n.as_str()).collect();
@@ -241,24 +313,14 @@ pub fn open(dir: &Path) -> Result<Folder> {
     let json = read_json(&config_path)?;
     if json.contains_key("model") && json.contains_key("stage") {
         let saved = SavedConfig::load(dir)?;
-        let weights = dir.join("model.safetensors");
-        let tensors = candle_core::safetensors::load(&weights, &Device::Cpu)
-            .map_err(|e| bad(&weights, format!("not a readable safetensors file: {e}")))?;
+        let tensors = read_header(&dir.join("model.safetensors"))?;
         folder.llm = Some(saved.model.llm.clone());
         folder.vision = saved.model.vision.clone();
         folder.projector = Some(saved.model.projector.clone());
         folder.select_layer = Some(saved.model.mm_vision_select_layer);
         folder.select_feature = Some(saved.model.mm_vision_select_feature);
         folder.saved = Some(saved);
-        for (name, tensor) in tensors {
-            folder.tensors.insert(
-                name,
-                Stored {
-                    tensor,
-                    file: weights.clone(),
-                },
-            );
-        }
+        folder.tensors.extend(tensors);
         return Ok(folder);
     }
     let model_type: String = crate::model::Fields(&json)
@@ -411,7 +473,7 @@ pub fn load_into(vars: &VarMap, folder: &Folder) -> Result<BTreeSet<Part>> {
         if unused(name) || (tied && name == "llm.lm_head.weight") {
             continue;
         }
-        let found = stored.tensor.dims().to_vec();
+        let found = stored.shape.clone();
         let Some(want) = expected.get(name) else {
             problems.push(format!(
                 "unexpected `{name}` {found:?} in {}",
@@ -421,11 +483,9 @@ pub fn load_into(vars: &VarMap, folder: &Folder) -> Result<BTreeSet<Part>> {
         };
         let vocab_rows = name.ends_with("embed_tokens.weight") || name.ends_with("lm_head.weight");
         if &found == want {
-            assign.push((name, stored.tensor.clone()));
+            assign.push((name, stored, None));
         } else if vocab_rows && found.len() == 2 && found[1] == want[1] && found[0] < want[0] {
-            let grown = grow_rows(&stored.tensor, want[0])
-                .map_err(|e| bad(&stored.file, format!("growing `{name}`: {e}")))?;
-            assign.push((name, grown));
+            assign.push((name, stored, Some(want[0])));
         } else {
             problems.push(format!(
                 "`{name}`: expected shape {want:?}, found {found:?} in {}",
@@ -448,7 +508,13 @@ pub fn load_into(vars: &VarMap, folder: &Folder) -> Result<BTreeSet<Part>> {
             ),
         ));
     }
-    for (name, tensor) in assign {
+    // One tensor in memory at a time besides the parameters.
+    for (name, stored, rows) in assign {
+        let mut tensor = stored.read()?;
+        if let Some(rows) = rows {
+            tensor = grow_rows(&tensor, rows)
+                .map_err(|e| bad(&stored.file, format!("growing `{name}`: {e}")))?;
+        }
         data[name]
             .set(&tensor)
             .map_err(|e| bad(&folder.path, format!("`{name}`: {e}")))?;
