@@ -12,6 +12,7 @@ Made once on a developer machine; CI only reads the outputs:
   model.safetensors.index.json.
 - qwen2-tied/: tied embeddings, weights stored in bf16 (the reference is the
   f32 model those bf16 weights make), transformers 5's rope_parameters.
+- qwen2-yarn/, qwen2-dynamic/: rope_scaling yarn and dynamic.
 - siglip/: SiglipVisionModel without the pooling head.
 - vila/: VILA's folder layout (llm/, vision_tower/, mm_projector/ and the
   top config.json) over the two above and an mlp_downsample projector.
@@ -35,7 +36,7 @@ VOCAB = 96
 PROMPT = [5, 17, 33, 2, 61, 8, 90, 14, 40, 3]
 
 
-def qwen2(tie, rope):
+def qwen2(tie, rope, max_positions=64):
     torch.manual_seed(1 if tie else 0)
     cfg = Qwen2Config(
         vocab_size=VOCAB,
@@ -44,7 +45,7 @@ def qwen2(tie, rope):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=64,
+        max_position_embeddings=max_positions,
         rms_norm_eps=1e-6,
         tie_word_embeddings=tie,
         attn_implementation="eager",
@@ -151,6 +152,18 @@ def main(out):
     tied.to(torch.bfloat16).save_pretrained(f"{out}/qwen2-tied")
     tied.to(torch.float32)
     save(f"{out}/qwen2-tied/reference.json", {**versions, **llm_reference(tied)})
+
+    # RoPE scaling as transformers computes it: YaRN past an original
+    # context of 8, and dynamic NTK growing its base past 8 positions (the
+    # prompt and every decoded token are past it).
+    for name, rope in [
+        ("qwen2-yarn", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                         "original_max_position_embeddings": 8}}),
+        ("qwen2-dynamic", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}),
+    ]:
+        model = qwen2(False, {**rope, "rope_theta": 10000.0}, max_positions=8 if "dynamic" in name else 32)
+        model.save_pretrained(f"{out}/{name}")
+        save(f"{out}/{name}/reference.json", {**versions, **llm_reference(model)})
 
     vision = siglip()
     vision.save_pretrained(f"{out}/siglip")

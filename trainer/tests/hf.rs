@@ -71,7 +71,8 @@ fn logits(model: &Model, ids: &[u32], pixels: &[f32]) -> Vec<f32> {
 fn qwen2_folders_give_transformers_logits_and_greedy_tokens() {
     // Sharded f32 with grouped-query heads and linear RoPE scaling; one file
     // of bf16 weights with tied embeddings and transformers 5's rope_parameters.
-    for name in ["qwen2-gqa", "qwen2-tied"] {
+    // YaRN and dynamic NTK rope_scaling, as transformers computes them.
+    for name in ["qwen2-gqa", "qwen2-tied", "qwen2-yarn", "qwen2-dynamic"] {
         let dir = fixture(name);
         let r = reference(&dir);
         let (model, config) = load(&dir, None);
