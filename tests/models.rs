@@ -119,6 +119,32 @@ fn a_run_generates_exports_and_starts_a_stage_from_its_export() {
         "{g}"
     );
     assert!(g["text"].is_string());
+    // A video becomes one placeholder per sampled frame.
+    let v = lvpipe_ok(
+        corpus,
+        &[
+            "generate",
+            "--model",
+            &run,
+            "--prompt",
+            "Which way does the shape move?",
+            "--video",
+            "raw/videos/clip-00000.mp4",
+            "--frames",
+            "uniform:4",
+            "--max-new-tokens",
+            "2",
+            "--json",
+        ],
+    );
+    let v: Value = serde_json::from_str(v.trim()).unwrap();
+    let frames = v["prompt_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| **t == image_id)
+        .count();
+    assert_eq!(frames, 4, "{v}");
 
     // VILA export: generate gives the same tokens and log-probabilities.
     let vila = d("release");
