@@ -46,11 +46,12 @@ impl Evaluator {
         };
         // A run says its template; a Hugging Face folder's tokenizer tells
         // its family by its tokens.
-        let template = match &folder.saved {
-            Some(saved) => ChatTemplate::parse(&saved.chat_template)?,
-            None => ChatTemplate::of_tokenizer(&path)?,
+        let tokenizer = match &folder.saved {
+            Some(saved) => {
+                ChatTokenizer::load_with(&path, ChatTemplate::parse(&saved.chat_template)?)?
+            }
+            None => ChatTokenizer::load_family(&path)?,
         };
-        let tokenizer = ChatTokenizer::load_with(&path, template)?;
         if let Some(saved) = &folder.saved
             && tokenizer.fingerprint() != saved.tokenizer_fingerprint
         {

@@ -54,18 +54,14 @@ impl ChatTemplate {
             })
     }
 
-    /// The family of a `tokenizer.json`: Llama-3's where it has Llama-3's
-    /// header tokens and no ChatML ones, ChatML otherwise.
-    pub fn of_tokenizer(path: &Path) -> Result<Self> {
-        let tokenizer = Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+    /// A tokenizer's family: Llama-3's where it has Llama-3's header tokens
+    /// and no ChatML ones, ChatML otherwise.
+    fn of(tokenizer: &Tokenizer) -> Self {
         let has = |t: &str| tokenizer.token_to_id(t).is_some();
-        Ok(match has(LLAMA3_HEADER_START) && !has(tokens::IM_START) {
+        match has(LLAMA3_HEADER_START) && !has(tokens::IM_START) {
             true => ChatTemplate::Llama3,
             false => ChatTemplate::ChatMl,
-        })
+        }
     }
 
     /// The special tokens the template and media need, in the order they
@@ -169,11 +165,22 @@ impl ChatTokenizer {
 
     /// [`ChatTokenizer::load`] for another chat template.
     pub fn load_with(path: &Path, template: ChatTemplate) -> Result<Self> {
+        Self::read(path, Some(template))
+    }
+
+    /// [`ChatTokenizer::load`] with the template of the tokenizer's family
+    /// (for a model folder that does not say which it was trained with).
+    pub fn load_family(path: &Path) -> Result<Self> {
+        Self::read(path, None)
+    }
+
+    fn read(path: &Path, template: Option<ChatTemplate>) -> Result<Self> {
         let bytes = fs_err::read(path)?;
         let mut tokenizer = Tokenizer::from_bytes(&bytes).map_err(|e| Error::Tokenizer {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
+        let template = template.unwrap_or_else(|| ChatTemplate::of(&tokenizer));
         let added: Vec<&'static str> = template
             .tokens()
             .iter()

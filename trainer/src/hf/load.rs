@@ -259,20 +259,13 @@ pub fn open(dir: &Path) -> Result<Folder> {
     if is_vila {
         for part in Part::ALL {
             let sub = open(&dir.join(part.vila_dir()))?;
+            if !sub.parts().contains(&part) {
+                return Err(bad(&sub.path, format!("not a {part:?} folder")));
+            }
             match part {
                 Part::Llm => folder.llm = sub.llm,
                 Part::Vision => folder.vision = sub.vision,
                 Part::Projector => folder.projector = sub.projector,
-            }
-            if !match part {
-                Part::Llm => folder.llm.is_some(),
-                Part::Vision => folder.vision.is_some(),
-                Part::Projector => folder.projector.is_some(),
-            } {
-                return Err(bad(
-                    &dir.join(part.vila_dir()),
-                    format!("not a {part:?} folder"),
-                ));
             }
             folder.tensors.extend(sub.tensors);
         }
@@ -316,7 +309,12 @@ pub fn open(dir: &Path) -> Result<Folder> {
         let tensors = read_header(&dir.join("model.safetensors"))?;
         folder.llm = Some(saved.model.llm.clone());
         folder.vision = saved.model.vision.clone();
-        folder.projector = Some(saved.model.projector.clone());
+        // A text-only run has no projector, whatever its config's default.
+        folder.projector = saved
+            .model
+            .vision
+            .as_ref()
+            .map(|_| saved.model.projector.clone());
         folder.select_layer = Some(saved.model.mm_vision_select_layer);
         folder.select_feature = Some(saved.model.mm_vision_select_feature);
         folder.saved = Some(saved);
@@ -444,7 +442,7 @@ impl Folder {
         if self.vision.is_some() {
             parts.insert(Part::Vision);
         }
-        if self.projector.is_some() && (self.saved.is_none() || self.vision.is_some()) {
+        if self.projector.is_some() {
             parts.insert(Part::Projector);
         }
         parts

@@ -307,6 +307,40 @@ impl SiglipVisionConfig {
         self.image_size / self.patch_size
     }
 
+    /// What the tower cannot run with this selection: heads that do not
+    /// divide the width, patches that do not tile the image, a selected
+    /// layer it does not have, a selection that leaves no square grid.
+    fn problems(&self, select_layer: i32, feature: SelectFeature) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
+            problems.push(format!(
+                "vision hidden_size {} is not a multiple of num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
+            problems.push(format!(
+                "vision image_size {} is not a multiple of patch_size {}",
+                self.image_size, self.patch_size
+            ));
+        }
+        let states = self.num_hidden_layers as i32 + 1;
+        if select_layer >= states || select_layer < -states {
+            problems.push(format!(
+                "mm_vision_select_layer {select_layer} is outside the tower's {states} hidden states"
+            ));
+        }
+        if feature == SelectFeature::Patch {
+            problems.push(
+                "mm_vision_select_feature `patch` drops a CLS token SigLIP does not have; use cls_patch"
+                    .into(),
+            );
+        }
+        problems
+    }
+
     /// The `config.json` transformers' `SiglipVisionModel` loads (without
     /// the pooling head, which VILA does not use).
     pub fn to_hf(&self) -> Value {
@@ -478,36 +512,8 @@ impl Config {
                 l.num_attention_heads, l.num_key_value_heads
             ));
         }
-        let Some(v) = &self.vision else {
-            return match problems.is_empty() {
-                true => Ok(()),
-                false => Err(FieldError(problems.join("; "))),
-            };
-        };
-        if v.num_attention_heads == 0 || !v.hidden_size.is_multiple_of(v.num_attention_heads) {
-            problems.push(format!(
-                "vision hidden_size {} is not a multiple of num_attention_heads {}",
-                v.hidden_size, v.num_attention_heads
-            ));
-        }
-        if v.patch_size == 0 || !v.image_size.is_multiple_of(v.patch_size) {
-            problems.push(format!(
-                "vision image_size {} is not a multiple of patch_size {}",
-                v.image_size, v.patch_size
-            ));
-        }
-        let states = v.num_hidden_layers as i32 + 1;
-        if self.mm_vision_select_layer >= states || self.mm_vision_select_layer < -states {
-            problems.push(format!(
-                "mm_vision_select_layer {} is outside the tower's {states} hidden states",
-                self.mm_vision_select_layer
-            ));
-        }
-        if self.mm_vision_select_feature == SelectFeature::Patch {
-            problems.push(
-                "mm_vision_select_feature `patch` drops a CLS token SigLIP does not have; use cls_patch"
-                    .into(),
-            );
+        if let Some(v) = &self.vision {
+            problems.extend(v.problems(self.mm_vision_select_layer, self.mm_vision_select_feature));
         }
         match problems.is_empty() {
             true => Ok(()),
