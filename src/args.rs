@@ -144,6 +144,11 @@ pub struct TrainArgs {
     /// Write a checkpoint every N steps (0: only at the end of the stage).
     #[arg(long, default_value_t = 50)]
     pub save_every: u64,
+    /// Recompute each layer in the backward pass instead of keeping its
+    /// activations (as a stage's `gradient_checkpointing = true`): memory
+    /// of one layer instead of all, for one more forward pass.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Continue the run in this folder from its newest checkpoint, with the
     /// settings it was started with (its run.json): same batches, and on
     /// CPU the same losses, as if it had not stopped.

@@ -282,6 +282,7 @@ fn train_and_evaluate(
             steps: s.steps,
             clip: 1.0,
             save_every: 50,
+            gradient_checkpointing: false,
         },
         &mut |event| on_event(DemoEvent::Train(event)),
     )?;

@@ -35,6 +35,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             steps: args.steps,
             clip: args.clip,
             save_every: args.save_every,
+            gradient_checkpointing: args.gradient_checkpointing,
         };
         chain(&c, on_event)?;
         let plots = lvpipe_eval::charts::plot_runs(out)?;
@@ -56,6 +57,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         steps: args.steps,
         clip: args.clip,
         save_every: args.save_every,
+        gradient_checkpointing: args.gradient_checkpointing,
     };
     train_stage(&spec, out, false, on_event)?;
     Ok(ExitCode::SUCCESS)

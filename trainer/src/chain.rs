@@ -36,6 +36,9 @@ pub struct RunSpec {
     pub steps: Option<u64>,
     pub clip: f64,
     pub save_every: u64,
+    /// Activation checkpointing even where the stage does not ask for it.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 impl RunSpec {
@@ -109,6 +112,8 @@ pub struct Chain<'a> {
     pub steps: Option<u64>,
     pub clip: f64,
     pub save_every: u64,
+    /// Activation checkpointing in every stage.
+    pub gradient_checkpointing: bool,
 }
 
 /// Mixes and trains stages `first..=last` into `out/stage-N`; returns the
@@ -179,6 +184,7 @@ pub fn chain(c: &Chain, on_event: &mut dyn FnMut(TrainEvent)) -> Result<Vec<(usi
             steps: c.steps,
             clip: c.clip,
             save_every: c.save_every,
+            gradient_checkpointing: c.gradient_checkpointing,
         };
         let summary = train_stage(&spec, &dir, true, on_event)?;
         done.push((number, summary));
@@ -329,6 +335,7 @@ pub fn train_stage(
         steps: spec.steps,
         clip: spec.clip,
         save_every: spec.save_every,
+        gradient_checkpointing: spec.gradient_checkpointing,
         resume,
     };
     on_event(TrainEvent::Started {

@@ -27,6 +27,7 @@
 //!     steps: None,
 //!     clip: 1.0,
 //!     save_every: 50,
+//!     gradient_checkpointing: false,
 //! };
 //! for (stage, summary) in chain(&c, &mut |_event| {})? {
 //!     println!("stage {stage}: loss {:.3} -> {:.3}", summary.first_loss, summary.last_loss);

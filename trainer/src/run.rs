@@ -55,6 +55,8 @@ pub struct StageRun<'a> {
     pub save_every: u64,
     /// Continue from the newest checkpoint in `out` instead of starting over.
     pub resume: bool,
+    /// Activation checkpointing whatever the stage says.
+    pub gradient_checkpointing: bool,
 }
 
 /// What a stage run did.
@@ -168,6 +170,8 @@ impl<'a> Training<'a> {
                 .attach_lora(&vars, r, alpha, stage.seed)
                 .context("LoRA adapters")?;
         }
+        model
+            .set_gradient_checkpointing(stage.gradient_checkpointing || run.gradient_checkpointing);
         let mut opt = AdamW::new(&vars, &modules).context("optimizer")?;
         (opt.beta2, opt.weight_decay) = stage.adamw();
         let trainable_params = {

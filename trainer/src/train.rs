@@ -303,7 +303,9 @@ pub fn train_step(
         }
         loss += value;
         passes += 1;
-        let grads = opt.collect(&part.backward().map_err(fail)?);
+        let mut grads = part.backward().map_err(fail)?;
+        model.merge_recomputed(&mut grads).map_err(fail)?;
+        let grads = opt.collect(&grads);
         acc = Some(match acc {
             None => grads,
             Some(sum) => sum

@@ -289,6 +289,13 @@ pub struct Stage {
     /// rank's share of `global_batch` accumulate over micro-batches of this
     /// size before one optimizer step (default: the whole share at once).
     pub micro_batch: Option<u32>,
+    /// The optimizer: `adamw` (f32 moments, 8 bytes of state per
+    /// parameter), `adamw8bit` (moments in 8 bits per 256-value block, as
+    /// bitsandbytes' AdamW8bit: 2 bytes) or `adafactor` (a factored second
+    /// moment, as Hugging Face's Adafactor: about 4 (rows + columns) bytes
+    /// per matrix).
+    #[serde(default)]
+    pub optimizer: OptimizerKind,
     /// AdamW's second-moment decay (default 0.999, as Hugging Face's
     /// `adam_beta2`; 0.95 adapts faster, as LLM pretraining uses).
     pub adam_beta2: Option<f64>,
@@ -299,8 +306,35 @@ pub struct Stage {
     /// LoRA scaling numerator: updates are scaled by `lora_alpha / lora_r`
     /// (default 2 x rank).
     pub lora_alpha: Option<f64>,
+    /// Activation checkpointing: each decoder layer and vision block keeps
+    /// only its input in the forward pass and is recomputed in the backward
+    /// pass (same gradients, memory of one block's activations; costs one
+    /// more forward pass).
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     #[serde(rename = "source")]
     pub sources: Vec<StageSource>,
+}
+
+/// The optimizer a stage trains with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    #[default]
+    AdamW,
+    #[serde(rename = "adamw8bit")]
+    AdamW8bit,
+    Adafactor,
+}
+
+impl OptimizerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OptimizerKind::AdamW => "adamw",
+            OptimizerKind::AdamW8bit => "adamw8bit",
+            OptimizerKind::Adafactor => "adafactor",
+        }
+    }
 }
 
 /// A stage's RoPE base: one value, or a progression.

@@ -7,6 +7,7 @@ use candle_nn::{Init, VarBuilder};
 
 use crate::ops;
 
+#[derive(Clone)]
 pub(crate) struct Linear {
     pub(crate) w: Tensor,
     pub(crate) b: Option<Tensor>,
@@ -14,6 +15,7 @@ pub(crate) struct Linear {
     pub(crate) lora: Option<Lora>,
 }
 
+#[derive(Clone)]
 pub(crate) struct Lora {
     /// `[r, in]`, `lora_A.weight` in PEFT's names.
     pub(crate) a: Tensor,
@@ -42,6 +44,14 @@ impl Linear {
         Ok(Linear { w, b, lora: None })
     }
 
+    /// Its parameters: weight, bias and adapter.
+    pub(crate) fn params(&self) -> impl Iterator<Item = Tensor> + '_ {
+        let lora = self.lora.iter().flat_map(|l| [l.a.clone(), l.b.clone()]);
+        std::iter::once(self.w.clone())
+            .chain(self.b.clone())
+            .chain(lora)
+    }
+
     /// `x` is [.., inp].
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut y = x.broadcast_matmul(&self.w.t()?)?;
@@ -56,6 +66,7 @@ impl Linear {
     }
 }
 
+#[derive(Clone)]
 pub(crate) struct LayerNorm {
     w: Tensor,
     b: Tensor,
@@ -71,6 +82,10 @@ impl LayerNorm {
         })
     }
 
+    pub(crate) fn params(&self) -> [Tensor; 2] {
+        [self.w.clone(), self.b.clone()]
+    }
+
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mean = x.mean_keepdim(D::Minus1)?;
         let centred = x.broadcast_sub(&mean)?;
@@ -80,6 +95,7 @@ impl LayerNorm {
     }
 }
 
+#[derive(Clone)]
 pub(crate) struct RmsNorm {
     w: Tensor,
     eps: f64,
@@ -91,6 +107,10 @@ impl RmsNorm {
             w: vb.get_with_hints(size, "weight", Init::Const(1.0))?,
             eps,
         })
+    }
+
+    pub(crate) fn params(&self) -> [Tensor; 1] {
+        [self.w.clone()]
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {

@@ -12,11 +12,13 @@ use candle_nn::{Init, VarBuilder, VarMap};
 use super::Config;
 use super::init::reinit_one;
 use super::layers::{Linear, Lora, RmsNorm};
+use super::recompute::Recompute;
 use super::rope::RopeSpec;
 use crate::attention::attention;
 use crate::ops;
 
 /// Qwen2 decoder layer: RMSNorm, grouped-query attention with RoPE, SwiGLU.
+#[derive(Clone)]
 struct DecoderLayer {
     ln1: RmsNorm,
     q: Linear,
@@ -60,6 +62,15 @@ impl DecoderLayer {
             ("v_proj", &mut self.v),
             ("o_proj", &mut self.o),
         ]
+    }
+
+    fn params(&self) -> Vec<Tensor> {
+        let linears = [
+            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
+        ];
+        let mut out: Vec<Tensor> = linears.into_iter().flat_map(Linear::params).collect();
+        out.extend(self.ln1.params().into_iter().chain(self.ln2.params()));
+        out
     }
 
     /// The attention's inputs for `x` `[T, H]`: queries stacked per KV head
@@ -166,6 +177,8 @@ pub(crate) struct Decoder {
     norm: RmsNorm,
     lm_head: Linear,
     pub(crate) rope: RopeSpec,
+    /// Set: each layer recomputed in the backward pass.
+    pub(crate) recompute: Option<Arc<Recompute>>,
 }
 
 impl Decoder {
@@ -200,6 +213,7 @@ impl Decoder {
             norm,
             lm_head,
             rope: RopeSpec::new(c),
+            recompute: None,
         })
     }
 
@@ -219,7 +233,14 @@ impl Decoder {
         let rope = Arc::new(self.rope.tables(positions));
         let starts = Arc::new(sample_starts(boundaries));
         for layer in &self.layers {
-            x = layer.forward(&x, &rope, &starts)?;
+            x = match &self.recompute {
+                Some(r) => {
+                    let (l, rope, starts) = (layer.clone(), rope.clone(), starts.clone());
+                    let block = Arc::new(move |x: &Tensor| l.forward(x, &rope, &starts));
+                    r.apply(&x, layer.params(), block)?
+                }
+                None => layer.forward(&x, &rope, &starts)?,
+            };
         }
         self.norm.forward(&x)
     }

@@ -4,15 +4,19 @@
 //! the hidden state of a chosen layer (`mm_vision_select_layer`), never the
 //! post-LayerNorm, so only the layers up to it run.
 
+use std::sync::Arc;
+
 use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use super::init::POSITION_EMBEDDING_STD;
 use super::layers::{LayerNorm, Linear};
+use super::recompute::Recompute;
 use super::{Activation, SiglipVisionConfig};
 use crate::ops;
 
 /// Pre-norm ViT block (SigLIP's encoder layer).
+#[derive(Clone)]
 struct VisionBlock {
     ln1: LayerNorm,
     q: Linear,
@@ -42,6 +46,13 @@ impl VisionBlock {
             act: c.hidden_act,
             heads: c.num_attention_heads,
         })
+    }
+
+    fn params(&self) -> Vec<Tensor> {
+        let linears = [&self.q, &self.k, &self.v, &self.o, &self.fc1, &self.fc2];
+        let mut out: Vec<Tensor> = linears.into_iter().flat_map(Linear::params).collect();
+        out.extend(self.ln1.params().into_iter().chain(self.ln2.params()));
+        out
     }
 
     /// `x` is [N, P, D].
@@ -82,6 +93,8 @@ pub(crate) struct VisionTower {
     _post_layernorm: LayerNorm,
     patch_size: usize,
     hidden: usize,
+    /// Set: each block recomputed in the backward pass.
+    pub(crate) recompute: Option<Arc<Recompute>>,
 }
 
 impl VisionTower {
@@ -127,6 +140,7 @@ impl VisionTower {
                 c.layer_norm_eps,
             )?,
             patch_size: p,
+            recompute: None,
             hidden: c.hidden_size,
         })
     }
@@ -147,7 +161,13 @@ impl VisionTower {
             .broadcast_add(&self.patch_bias)?
             .broadcast_add(&self.position_embedding)?;
         for block in &self.blocks {
-            x = block.forward(&x)?;
+            x = match &self.recompute {
+                Some(r) => {
+                    let b = block.clone();
+                    r.apply(&x, block.params(), Arc::new(move |x| b.forward(x)))?
+                }
+                None => block.forward(&x)?,
+            };
         }
         Ok(x)
     }

@@ -2,12 +2,16 @@
 //! projector's tokens, text embedded, the decoder run over both; the loss,
 //! per-token likelihoods and greedy generation on top.
 
+use std::sync::Arc;
+
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, IndexOp, Result, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder, VarMap};
 
 use super::projector::Projector;
 use super::qwen2::Decoder;
+use super::recompute::Recompute;
 use super::siglip::VisionTower;
 use super::{Config, Row};
 use crate::ops;
@@ -59,6 +63,8 @@ pub struct Model {
     /// The tower and projector (none for a text-only LLM).
     vision: Option<(VisionTower, Projector)>,
     llm: Decoder,
+    /// Set: activation checkpointing ([`Model::set_gradient_checkpointing`]).
+    recompute: Option<Arc<Recompute>>,
 }
 
 impl Model {
@@ -98,6 +104,7 @@ impl Model {
             },
             llm: Decoder::new(&vb.pp("llm"), &config)?,
             config,
+            recompute: None,
         })
     }
 
@@ -114,6 +121,29 @@ impl Model {
     /// model's names only.
     pub fn merge_lora(&mut self, vars: &VarMap) -> Result<()> {
         self.llm.merge_lora(vars)
+    }
+
+    /// Activation checkpointing: with `on`, each decoder layer and vision
+    /// block keeps only its input in the forward pass and runs again in the
+    /// backward pass, and [`Model::merge_recomputed`] must follow every
+    /// `backward` of a loss. The gradients are the same as without it.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        let recompute = on.then(Arc::default);
+        self.llm.recompute = recompute.clone();
+        if let Some((tower, _)) = &mut self.vision {
+            tower.recompute = recompute.clone();
+        }
+        self.recompute = recompute;
+    }
+
+    /// Adds the parameter gradients that checkpointed blocks computed during
+    /// the backward pass to that pass's `grads`; nothing without
+    /// checkpointing.
+    pub fn merge_recomputed(&self, grads: &mut GradStore) -> Result<()> {
+        match &self.recompute {
+            Some(r) => r.merge_into(grads),
+            None => Ok(()),
+        }
     }
 
     /// Changes the RoPE base (stage 4 raises it for longer contexts).

@@ -34,7 +34,6 @@ use cross_entropy::CrossEntropy;
 use rms_norm::RmsNorm;
 use rope::RopeHeads;
 use softmax::FullSoftmax;
-pub(crate) use softmax::{softmax_grad_row, softmax_row};
 use swiglu::SwiGlu;
 
 /// Softmax over the last dimension of `scale` times `x` (the vision tower's

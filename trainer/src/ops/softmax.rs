@@ -8,12 +8,7 @@ use rayon::prelude::*;
 use super::*;
 
 /// Softmax of `scale * row` over `keys`, written to `out` (zero elsewhere).
-pub(crate) fn softmax_row(
-    row: &[f32],
-    out: &mut [f32],
-    keys: std::ops::RangeInclusive<usize>,
-    scale: f32,
-) {
+fn softmax_row(row: &[f32], out: &mut [f32], keys: std::ops::RangeInclusive<usize>, scale: f32) {
     out.fill(0.0);
     let (lo, hi) = (*keys.start(), *keys.end());
     let src = &row[lo..=hi];
@@ -31,7 +26,7 @@ pub(crate) fn softmax_row(
 }
 
 /// `dx = scale * y * (g - sum(g * y))` per row, over the visible keys only.
-pub(crate) fn softmax_grad_row(
+fn softmax_grad_row(
     y: &[f32],
     g: &[f32],
     dx: &mut [f32],
