@@ -17,7 +17,8 @@ use crate::error::TensorContext;
 use crate::model::{
     Activation, Config, Model, ProjectorConfig, Qwen2Config, Row, SelectFeature, SiglipVisionConfig,
 };
-use crate::train::{AdamW, train_step};
+use crate::optim::{Optimizer, OptimizerKind};
+use crate::train::train_step;
 
 /// Best-of and median step time and tokens/s over `steps` steps (at least
 /// one) after 2 warm-up steps, as one JSON object.
@@ -56,7 +57,8 @@ pub fn train_step_bench(steps: usize) -> Result<serde_json::Value> {
     let device = Device::Cpu;
     let vars = VarMap::new();
     let model = Model::new(config, &vars, &device).context("model")?;
-    let mut opt = AdamW::new(&vars, &[TrainableModule::Llm]).context("optimizer")?;
+    let mut opt = Optimizer::new(&vars, &[TrainableModule::Llm], OptimizerKind::AdamW)
+        .context("optimizer")?;
     let (rows_n, t) = (4, 512);
     let ids: Vec<Vec<u32>> = (0..rows_n)
         .map(|r| {

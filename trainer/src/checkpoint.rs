@@ -6,10 +6,8 @@
 //! state last, and an intermediate checkpoint is a temporary folder renamed
 //! to `checkpoints/step-NNNNNN`, so a kill never leaves a half-written one.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::Tensor;
 use candle_nn::VarMap;
 use lvpipe_pipeline::LoaderState;
 use lvpipe_schemas::StepMetrics;
@@ -17,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::TensorContext;
 use crate::model::Config;
-use crate::train::AdamW;
+use crate::optim::Optimizer;
 use crate::{Error, Result};
 
 /// The JSON trainer state written with every checkpoint.
@@ -184,7 +182,7 @@ pub(crate) fn keep_metrics_until(path: &Path, step: u64) -> Result<()> {
 pub(crate) fn save_intermediate(
     out: &Path,
     vars: &VarMap,
-    opt: &AdamW,
+    opt: &Optimizer,
     state: &TrainerState,
 ) -> Result<()> {
     let root = out.join("checkpoints");
@@ -203,17 +201,16 @@ pub(crate) fn save_intermediate(
 
 /// Writes weights, optimizer moments and state, each atomically (a
 /// temporary file renamed into place), the state last.
-pub fn save_checkpoint(dir: &Path, vars: &VarMap, opt: &AdamW, state: &TrainerState) -> Result<()> {
+pub fn save_checkpoint(
+    dir: &Path,
+    vars: &VarMap,
+    opt: &Optimizer,
+    state: &TrainerState,
+) -> Result<()> {
     let tmp = |name: &str| dir.join(format!(".{name}.tmp"));
     vars.save(tmp("model.safetensors"))
         .context("saving model.safetensors")?;
-    let mut moments: HashMap<String, Tensor> = HashMap::new();
-    for (name, t) in &opt.m {
-        moments.insert(format!("{name}.exp_avg"), t.clone());
-    }
-    for (name, t) in &opt.v {
-        moments.insert(format!("{name}.exp_avg_sq"), t.clone());
-    }
+    let moments = opt.state_tensors().context("the optimizer state")?;
     candle_core::safetensors::save(&moments, tmp("optimizer.safetensors"))
         .context("saving optimizer.safetensors")?;
     let json = serde_json::to_string_pretty(state).expect("state serializes") + "\n";

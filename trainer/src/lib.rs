@@ -44,6 +44,7 @@ pub mod hf;
 pub mod memory;
 pub mod model;
 pub mod ops;
+pub mod optim;
 pub mod run;
 pub mod train;
 

@@ -30,7 +30,8 @@ use crate::checkpoint::{
 use crate::error::TensorContext;
 use crate::memory;
 use crate::model::{Config, Model, Row, init_seeded};
-use crate::train::{AdamW, learning_rate, train_step};
+use crate::optim::Optimizer;
+use crate::train::{learning_rate, train_step};
 use crate::{Error, Result};
 
 /// What to run.
@@ -111,7 +112,7 @@ struct Training<'a> {
     device: Device,
     vars: VarMap,
     model: Model,
-    opt: AdamW,
+    opt: Optimizer,
     lora: bool,
     trainable_params: usize,
     mix_fingerprint: String,
@@ -172,7 +173,7 @@ impl<'a> Training<'a> {
         }
         model
             .set_gradient_checkpointing(stage.gradient_checkpointing || run.gradient_checkpointing);
-        let mut opt = AdamW::new(&vars, &modules).context("optimizer")?;
+        let mut opt = Optimizer::new(&vars, &modules, stage.optimizer).context("optimizer")?;
         (opt.beta2, opt.weight_decay) = stage.adamw();
         let trainable_params = {
             let data = vars.data().lock().expect("var map lock");

@@ -1,19 +1,15 @@
-//! Training one stage: trainable modules, AdamW, warmup then cosine or
+//! Training one stage: trainable modules, warmup then cosine or
 //! constant learning rate, global-norm clipping, masked loss, and a
 //! non-finite guard that names the step and the samples.
 
-use std::collections::HashMap;
-use std::path::Path;
-
-use candle_core::{Device, Result as CandleResult, Tensor, Var};
-use candle_nn::VarMap;
+use candle_core::{Device, Result as CandleResult, Tensor};
 use lvpipe_pipeline::recipe::Schedule;
 use lvpipe_schemas::TrainableModule;
 
 use crate::{Error, Result};
 
 use crate::model::{Model, Row};
-use crate::ops;
+use crate::optim::Optimizer;
 
 /// Which parameters a stage trains, by the recipe's module names.
 ///
@@ -48,158 +44,6 @@ pub fn learning_rate(peak: f64, schedule: Schedule, warmup: f64, step: u64, tota
             let progress = ((s - warm) / (total - warm).max(1.0)).min(1.0);
             peak * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
         }
-    }
-}
-
-/// AdamW over the trainable parameters of a [`VarMap`]; its moments are
-/// named like the parameters, for checkpoints.
-pub struct AdamW {
-    vars: Vec<(String, Var)>,
-    pub m: HashMap<String, Tensor>,
-    pub v: HashMap<String, Tensor>,
-    pub step: u64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-}
-
-impl AdamW {
-    pub fn new(vars: &VarMap, modules: &[TrainableModule]) -> CandleResult<Self> {
-        let data = vars.data().lock().expect("var map lock");
-        let mut trainable: Vec<(String, Var)> = data
-            .iter()
-            .filter(|(name, _)| is_trainable(name, modules))
-            .map(|(name, var)| (name.clone(), var.clone()))
-            .collect();
-        trainable.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut m = HashMap::new();
-        let mut v = HashMap::new();
-        for (name, var) in &trainable {
-            m.insert(name.clone(), var.as_tensor().zeros_like()?);
-            v.insert(name.clone(), var.as_tensor().zeros_like()?);
-        }
-        Ok(AdamW {
-            vars: trainable,
-            m,
-            v,
-            step: 0,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-        })
-    }
-
-    /// Names of the parameters it updates.
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.vars.iter().map(|(n, _)| n.as_str())
-    }
-
-    /// The trainable parameters' gradients out of a backward pass, in
-    /// [`AdamW::names`] order (`None`: the loss does not depend on it).
-    pub fn collect(&self, grads: &candle_core::backprop::GradStore) -> Vec<Option<Tensor>> {
-        self.vars
-            .iter()
-            .map(|(_, var)| grads.get(var.as_tensor()).cloned())
-            .collect()
-    }
-
-    /// Global L2 norm of gradients given in [`AdamW::names`] order.
-    pub fn grad_norm(&self, grads: &[Option<Tensor>]) -> CandleResult<f64> {
-        let mut sq = 0f64;
-        for g in grads.iter().flatten() {
-            sq += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
-        }
-        Ok(sq.sqrt())
-    }
-
-    /// One update with gradients (in [`AdamW::names`] order) scaled by
-    /// `scale` (clipping). On CPU the moments and parameters are updated in
-    /// place, three passes per parameter ([`ops::Moment`], [`ops::AdamStep`]);
-    /// elsewhere with plain ops, which compute the same.
-    pub fn update(&mut self, grads: &[Option<Tensor>], lr: f64, scale: f64) -> CandleResult<()> {
-        self.step += 1;
-        let t = self.step as i32;
-        let (b1, b2) = (self.beta1, self.beta2);
-        let c1 = 1.0 - b1.powi(t);
-        let c2 = 1.0 - b2.powi(t);
-        let decay = 1.0 - lr * self.weight_decay;
-        for ((name, var), g) in self.vars.iter().zip(grads) {
-            let Some(g) = g else {
-                continue;
-            };
-            let theta = var.as_tensor();
-            if theta.device().is_cpu() {
-                let g = g.contiguous()?;
-                let moment = |beta: f64, square| ops::Moment {
-                    beta: beta as f32,
-                    scale: scale as f32,
-                    square,
-                };
-                self.m[name].inplace_op2(&g, &moment(b1, false))?;
-                self.v[name].inplace_op2(&g, &moment(b2, true))?;
-                let step = ops::AdamStep {
-                    lr: lr as f32,
-                    c1: c1 as f32,
-                    c2: c2 as f32,
-                    eps: self.eps as f32,
-                    decay: decay as f32,
-                };
-                theta.inplace_op3(&self.m[name], &self.v[name], &step)?;
-                continue;
-            }
-            let g = (g * scale)?;
-            let m = ((&self.m[name] * b1)? + (&g * (1.0 - b1))?)?;
-            let v = ((&self.v[name] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let update = ((&m / c1)? / ((&v / c2)?.sqrt()? + self.eps)?)?;
-            var.set(&((theta * decay)? - (update * lr)?)?)?;
-            self.m.insert(name.clone(), m);
-            self.v.insert(name.clone(), v);
-        }
-        Ok(())
-    }
-
-    /// Drops the parameters (and moments) that are no longer in `vars`, as
-    /// LoRA adapters after merging.
-    pub fn forget_missing(&mut self, vars: &VarMap) {
-        let data = vars.data().lock().expect("var map lock");
-        self.vars.retain(|(name, _)| data.contains_key(name));
-        self.m.retain(|name, _| data.contains_key(name));
-        self.v.retain(|name, _| data.contains_key(name));
-    }
-
-    /// Restores moments saved by a checkpoint (`NAME.exp_avg`,
-    /// `NAME.exp_avg_sq`) and the step count.
-    /// `file` names the moments' file in errors.
-    pub fn restore(
-        &mut self,
-        moments: &HashMap<String, Tensor>,
-        step: u64,
-        file: &Path,
-    ) -> Result<()> {
-        let bad = |message: String| Error::Checkpoint {
-            path: file.to_path_buf(),
-            message,
-        };
-        for (name, _) in &self.vars {
-            for (suffix, map) in [("exp_avg", &mut self.m), ("exp_avg_sq", &mut self.v)] {
-                let key = format!("{name}.{suffix}");
-                let t = moments
-                    .get(&key)
-                    .ok_or_else(|| bad(format!("the optimizer state has no `{key}`")))?;
-                if t.dims() != map[name].dims() {
-                    return Err(bad(format!(
-                        "`{key}` has shape {:?}, the parameter {:?}",
-                        t.dims(),
-                        map[name].dims()
-                    )));
-                }
-                map.insert(name.clone(), t.clone());
-            }
-        }
-        self.step = step;
-        Ok(())
     }
 }
 
@@ -264,7 +108,7 @@ impl JoinedRows {
 /// mean over every masked token of the whole batch, whatever the split.
 pub fn train_step(
     model: &Model,
-    opt: &mut AdamW,
+    opt: &mut Optimizer,
     rows: &[(Row, &[String])],
     micro_batch: usize,
     lr: f64,
@@ -349,7 +193,9 @@ pub fn train_step(
 mod tests {
     use super::*;
     use crate::model::Config;
-    use candle_core::DType;
+    use crate::optim::OptimizerKind;
+    use candle_nn::VarMap;
+    use std::collections::HashMap;
 
     fn config() -> Config {
         let mut c = crate::model::tests::tiny();
@@ -379,7 +225,7 @@ mod tests {
         let before = snapshot(&vars);
         // Stage 1 trains the projector only.
         let modules = vec![TrainableModule::Projector];
-        let mut opt = AdamW::new(&vars, &modules).unwrap();
+        let mut opt = Optimizer::new(&vars, &modules, OptimizerKind::AdamW).unwrap();
         assert!(opt.names().all(|n| n.starts_with("mm_projector.")));
         let ids: Vec<u32> = vec![1, 19, 3, 4, 5, 6, 3, 4, 5, 6];
         let mask: Vec<u8> = vec![0, 0, 0, 1, 1, 1, 1, 1, 1, 1];
@@ -432,7 +278,7 @@ mod tests {
     /// `steps` steps on one row; the losses.
     fn repeat_step(
         model: &Model,
-        opt: &mut AdamW,
+        opt: &mut Optimizer,
         row: &Row,
         steps: usize,
         lr: f64,
@@ -480,7 +326,8 @@ mod tests {
             let vars = VarMap::new();
             let model = Model::new(config(), &vars, &device).unwrap();
             crate::model::tests::seed_vars(&vars, 3);
-            let mut opt = AdamW::new(&vars, &[TrainableModule::Llm]).unwrap();
+            let mut opt =
+                Optimizer::new(&vars, &[TrainableModule::Llm], OptimizerKind::AdamW).unwrap();
             let bounds: Vec<[u32; 2]> = rows_data
                 .iter()
                 .map(|(ids, _)| [0, ids.len() as u32])
@@ -533,7 +380,7 @@ mod tests {
         model.attach_lora(&vars, 2, 4.0, 1).unwrap();
         let before = snapshot(&vars);
         let modules = vec![TrainableModule::LlmLora];
-        let mut opt = AdamW::new(&vars, &modules).unwrap();
+        let mut opt = Optimizer::new(&vars, &modules, OptimizerKind::AdamW).unwrap();
         assert_eq!(opt.names().count(), 4 * 2, "A and B of q, k, v, o");
         assert!(opt.names().all(|n| n.contains(".lora_")));
         let ids: Vec<u32> = vec![2, 3, 4, 5, 6, 7, 8, 9, 10, 11];
@@ -595,7 +442,7 @@ mod tests {
             TrainableModule::Projector,
             TrainableModule::Llm,
         ];
-        let mut opt = AdamW::new(&vars, &modules).unwrap();
+        let mut opt = Optimizer::new(&vars, &modules, OptimizerKind::AdamW).unwrap();
         let (dark, light) = (vec![-1.0f32; 3 * 64], vec![1.0f32; 3 * 64]);
         let (a, b) = (vec![1u32, 19, 2, 3, 4], vec![1u32, 19, 2, 3, 5]);
         let mask = [0u8, 0, 0, 0, 1];
@@ -628,50 +475,5 @@ mod tests {
         assert!(la < 0.2 && lb < 0.2, "{la} {lb}");
         // Swapping the images swaps the answers.
         assert!(loss(row(&a, &mask, &light)) > 1.0 && loss(row(&b, &mask, &dark)) > 1.0);
-    }
-    #[test]
-    fn the_in_place_adamw_update_matches_its_formula() {
-        let mut vars = VarMap::new();
-        let theta0 = [0.5f32, -1.0, 2.0, 0.0];
-        vars.get(
-            4,
-            "llm.w",
-            candle_nn::Init::Const(0.0),
-            DType::F32,
-            &Device::Cpu,
-        )
-        .unwrap();
-        vars.set_one("llm.w", Tensor::new(&theta0, &Device::Cpu).unwrap())
-            .unwrap();
-        let mut opt = AdamW::new(&vars, &[TrainableModule::Llm]).unwrap();
-        opt.weight_decay = 0.1;
-        let grads = [[0.3f32, -0.2, 0.0, 4.0], [-0.1, 0.5, 1.0, -2.0]];
-        let (lr, scale, (b1, b2, eps)) = (0.01f64, 0.5f64, (0.9f64, 0.999f64, 1e-8f64));
-        let (mut p, mut m, mut v) = (theta0.map(f64::from), [0f64; 4], [0f64; 4]);
-        for (k, g) in grads.iter().enumerate() {
-            let gt = Tensor::new(g, &Device::Cpu).unwrap();
-            opt.update(&[Some(gt)], lr, scale).unwrap();
-            let t = (k + 1) as i32;
-            for i in 0..4 {
-                let g = f64::from(g[i]) * scale;
-                m[i] = b1 * m[i] + (1.0 - b1) * g;
-                v[i] = b2 * v[i] + (1.0 - b2) * g * g;
-                let update =
-                    (m[i] / (1.0 - b1.powi(t))) / ((v[i] / (1.0 - b2.powi(t))).sqrt() + eps);
-                p[i] = p[i] * (1.0 - lr * 0.1) - lr * update;
-            }
-        }
-        let got = vars.data().lock().unwrap()["llm.w"]
-            .as_tensor()
-            .to_vec1::<f32>()
-            .unwrap();
-        for i in 0..4 {
-            assert!(
-                (f64::from(got[i]) - p[i]).abs() < 1e-6,
-                "{got:?} against {p:?}"
-            );
-        }
-        let m_got = opt.m["llm.w"].to_vec1::<f32>().unwrap();
-        assert!((f64::from(m_got[3]) - m[3]).abs() < 1e-6);
     }
 }

@@ -167,7 +167,7 @@ pub(crate) fn f32_slice<'a>(
     Ok(&data[contiguous(layout, what)?])
 }
 
-fn f32_slice_mut<'a>(
+pub(crate) fn f32_slice_mut<'a>(
     storage: &'a mut CpuStorage,
     layout: &Layout,
     what: &str,

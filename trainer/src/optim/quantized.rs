@@ -55,7 +55,10 @@ pub struct Quantized {
 impl Quantized {
     /// `n` zeros.
     pub fn zeros(n: usize, signed: bool) -> Self {
-        let zero = map(signed).iter().position(|&x| x == 0.0).expect("0 is coded") as u8;
+        let zero = map(signed)
+            .iter()
+            .position(|&x| x == 0.0)
+            .expect("0 is coded") as u8;
         Quantized {
             codes: vec![zero; n],
             absmax: vec![0.0; n.div_ceil(BLOCK)],
@@ -71,26 +74,15 @@ impl Quantized {
         self.codes.is_empty()
     }
 
-    /// Block `b`'s values into `out` (its length).
-    pub fn decode_block(&self, b: usize, out: &mut [f32]) {
-        let table = map(self.signed);
-        let scale = self.absmax[b];
-        for (o, &c) in out.iter_mut().zip(&self.codes[b * BLOCK..]) {
-            *o = table[c as usize] * scale;
-        }
-    }
-
-    /// Stores `values` as block `b`.
-    pub fn encode_block(&mut self, b: usize, values: &[f32]) {
-        let (codes, absmax) = (&mut self.codes[b * BLOCK..], &mut self.absmax[b]);
-        encode(values, codes, absmax, self.signed);
-    }
-
-    /// All values, for tests and conversions.
+    /// All values.
     pub fn decode(&self) -> Vec<f32> {
         let mut out = vec![0.0; self.len()];
-        for (b, chunk) in out.chunks_mut(BLOCK).enumerate() {
-            self.decode_block(b, chunk);
+        for ((chunk, codes), &absmax) in out
+            .chunks_mut(BLOCK)
+            .zip(self.codes.chunks(BLOCK))
+            .zip(&self.absmax)
+        {
+            decode(codes, absmax, self.signed, chunk);
         }
         out
     }
@@ -98,8 +90,12 @@ impl Quantized {
     /// `values` in 8 bits.
     pub fn encode(values: &[f32], signed: bool) -> Self {
         let mut q = Quantized::zeros(values.len(), signed);
-        for (b, chunk) in values.chunks(BLOCK).enumerate() {
-            q.encode_block(b, chunk);
+        for ((chunk, codes), absmax) in values
+            .chunks(BLOCK)
+            .zip(q.codes.chunks_mut(BLOCK))
+            .zip(&mut q.absmax)
+        {
+            encode(chunk, codes, absmax, signed);
         }
         q
     }
@@ -107,6 +103,14 @@ impl Quantized {
 
 fn map(signed: bool) -> &'static [f32; 256] {
     if signed { &SIGNED } else { &UNSIGNED }
+}
+
+/// One block's values from its codes and largest magnitude.
+pub fn decode(codes: &[u8], absmax: f32, signed: bool, out: &mut [f32]) {
+    let table = map(signed);
+    for (o, &c) in out.iter_mut().zip(codes) {
+        *o = table[c as usize] * absmax;
+    }
 }
 
 /// One block: its largest magnitude, and each value's nearest code.
@@ -163,7 +167,11 @@ mod tests {
         for (v, b) in values.iter().zip(&back) {
             // The map spends its codes on the top decades: 64 steps from 0.1
             // to 1 of the block's maximum, 32 from 0.01 to 0.1, ...
-            let limit = if v.abs() >= 0.01 { 0.15 * v.abs() } else { 0.5 * v.abs() + 1e-6 };
+            let limit = if v.abs() >= 0.01 {
+                0.15 * v.abs()
+            } else {
+                0.5 * v.abs() + 1e-6
+            };
             assert!((v - b).abs() <= limit, "{v} came back as {b}");
         }
         let zeros = Quantized::zeros(10, false);
