@@ -41,6 +41,10 @@ pub enum Command {
     /// Write a run as a folder transformers loads: the LLM alone (`hf`) or
     /// VILA's llm/, vision_tower/, mm_projector/ layout (`vila`).
     Export(ExportArgs),
+    /// Peak memory and tokens/s of one training step of a recipe's LLM at
+    /// each context (one sample filling it), with and without activation
+    /// checkpointing: a table or JSON, and a PNG curve.
+    BenchMemory(BenchMemoryArgs),
     /// Time training steps of the reference decoder (4 layers, d256, 4 x 512
     /// tokens) for the PyTorch comparison in docs/benchmarks.md.
     #[command(hide = true)]
@@ -49,6 +53,41 @@ pub enum Command {
         #[arg(long, default_value_t = 10)]
         steps: usize,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct BenchMemoryArgs {
+    /// Recipe whose [model] is measured (its LLM; no vision tower).
+    #[arg(long)]
+    pub recipe: PathBuf,
+    /// Contexts in tokens, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "2048,8192,32768,65536")]
+    pub contexts: Vec<usize>,
+    /// Only with (true) or only without (false) activation checkpointing
+    /// (default: both).
+    #[arg(long)]
+    pub checkpointing: Option<bool>,
+    /// The optimizer of the step.
+    #[arg(long, default_value = "adamw", value_parser = parse_optimizer)]
+    pub optimizer: lvpipe_pipeline::recipe::OptimizerKind,
+    /// Timed steps per setting, after one untimed step.
+    #[arg(long, default_value_t = 1)]
+    pub steps: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Where the PNG curve of peak memory against context goes.
+    #[arg(long, default_value = "bench-memory.png")]
+    pub plot: PathBuf,
+    /// Run one context in this process and print its JSON (what the
+    /// benchmark starts per setting).
+    #[arg(long, hide = true)]
+    pub one: Option<usize>,
+}
+
+fn parse_optimizer(s: &str) -> Result<lvpipe_pipeline::recipe::OptimizerKind, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .map_err(|_| format!("`{s}`: expected adamw, adamw8bit or adafactor"))
 }
 
 #[derive(Debug, Args)]

@@ -2,6 +2,7 @@
 //! settings, call the library, print. stdout carries data (tables, JSON),
 //! stderr logs and progress.
 
+mod bench_memory;
 mod build;
 mod demo;
 mod eval;
@@ -34,6 +35,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Demo(args) => demo::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Export(args) => export::run(args),
+        Command::BenchMemory(args) => bench_memory::run(args),
         Command::BenchStep { steps } => {
             let report = lvpipe_trainer::bench::train_step_bench(steps)?;
             out(&format!("{report}\n"))?;

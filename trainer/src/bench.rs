@@ -1,4 +1,5 @@
-//! The training-step benchmark (`cargo bench -p lvpipe-trainer --bench step`,
+//! The training benchmarks: `bench-memory` ([`memory_step_bench`]) and the
+//! training-step benchmark (`cargo bench -p lvpipe-trainer --bench step`,
 //! or `lvpipe bench-step` with the release binary): the shapes of
 //! `benches/peers/train_step.py` and of the reference measurement in
 //! ../shared/reference/peer-benchmarks.md: 4 layers, hidden 256, 4 heads,
@@ -102,5 +103,77 @@ pub fn train_step_bench(steps: usize) -> Result<serde_json::Value> {
         "tokens_per_s_best": tokens / times[0],
         "tokens_per_s_median": tokens / times[times.len() / 2],
         "loadavg": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+    }))
+}
+
+/// The process's peak and current resident memory in bytes (`VmHWM`,
+/// `VmRSS`), where /proc tells.
+pub fn resident_bytes() -> (Option<u64>, Option<u64>) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// One long-context training step of a recipe's LLM (no vision tower):
+/// one sample of `context` tokens, every token in the loss, with or without
+/// activation checkpointing, under `optimizer`. Runs one untimed step and
+/// `steps` timed ones; reports the best step's time and the process's peak
+/// resident memory (run it in a fresh process per setting: the peak never
+/// falls), with the memory before the first step (weights and optimizer
+/// state) beside it.
+pub fn memory_step_bench(
+    model: &lvpipe_pipeline::recipe::ModelConfig,
+    context: usize,
+    checkpointing: bool,
+    optimizer: OptimizerKind,
+    steps: usize,
+) -> Result<serde_json::Value> {
+    let mut config = Config::from_recipe(model, model.vocab_size - 1);
+    config.vision = None;
+    let device = Device::Cpu;
+    let vars = VarMap::new();
+    let mut model = Model::new(config.clone(), &vars, &device).context("model")?;
+    model.set_gradient_checkpointing(checkpointing);
+    let mut opt = Optimizer::new(&vars, &[TrainableModule::Llm], optimizer).context("optimizer")?;
+    let vocab = config.llm.vocab_size - 1;
+    let ids: Vec<u32> = (0..context).map(|i| ((i * 7919) % vocab) as u32).collect();
+    let mask = vec![1u8; context];
+    let bounds = [0u32, context as u32];
+    let names = vec!["bench".to_string()];
+    let row = Row {
+        input_ids: &ids,
+        loss_mask: &mask,
+        boundaries: &bounds,
+        pixels: &[],
+    };
+    let rows = [(row, names.as_slice())];
+    let before = resident_bytes().1;
+    let mut times = Vec::new();
+    for step in 0..steps.max(1) + 1 {
+        let start = Instant::now();
+        train_step(&model, &mut opt, &rows, 1, 1e-4, 1.0, &device)?;
+        if step > 0 {
+            times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let (peak, _) = resident_bytes();
+    let mb = |b: Option<u64>| b.map(|b| (b as f64 / 1e6).round());
+    Ok(serde_json::json!({
+        "context": context,
+        "gradient_checkpointing": checkpointing,
+        "optimizer": optimizer.as_str(),
+        "peak_rss_mb": mb(peak),
+        "rss_before_step_mb": mb(before),
+        "optimizer_state_mb": (opt.state_bytes().context("optimizer state")? as f64 / 1e6 * 10.0).round() / 10.0,
+        "step_s": times[0],
+        "tokens_per_s": context as f64 / times[0],
+        "threads": rayon::current_num_threads(),
     }))
 }

@@ -140,6 +140,13 @@ impl<'a> Training<'a> {
         let steps = run.steps.unwrap_or(planned);
         let mut config = Config::from_recipe(&run.recipe.model, run.image_token);
         config.llm.rope_theta = stage.rope_base_at(run.recipe.model.rope_base, 0, steps);
+        config.llm.max_position_embeddings = stage.positions(&run.recipe.model) as usize;
+        if let Some(spec) = &stage.rope_scaling {
+            config.llm.rope_scaling = Some(
+                crate::model::RopeScaling::from_recipe(spec)
+                    .map_err(|e| Error::Config(format!("stage `{}`: {}", stage.name, e.0)))?,
+            );
+        }
         let image_size = config.vision.as_ref().map_or(0, |v| v.image_size);
         if image_size as u32 != run.mix.meta.image_size {
             return Err(Error::Config(format!(

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, HashSet};
 use lvpipe_schemas::{FramePolicy, TrainableModule};
 
 use super::{
-    INIT_PARTS, INIT_STD_MODULES, ModelConfig, Order, Recipe, RopeBase, Stage, StageInit,
-    rotary_dims,
+    INIT_PARTS, INIT_STD_MODULES, ModelConfig, Order, Recipe, RopeBase, RopeScalingSpec, Stage,
+    StageInit, rotary_dims,
 };
 
 impl Recipe {
@@ -279,6 +279,33 @@ fn check_stage(at: &str, stage: &Stage, m: &ModelConfig) -> Vec<String> {
             ))
         }
         _ => {}
+    }
+    let factor = match &stage.rope_scaling {
+        Some(s) => {
+            if !RopeScalingSpec::TYPES.contains(&s.rope_type.as_str()) {
+                problems.push(format!(
+                    "{at}: rope_scaling type `{}` is not one of {}",
+                    s.rope_type,
+                    RopeScalingSpec::TYPES.join(", ")
+                ));
+            }
+            if !(s.factor >= 1.0) {
+                problems.push(format!(
+                    "{at}: rope_scaling factor {} must be at least 1",
+                    s.factor
+                ));
+            }
+            s.factor.max(1.0)
+        }
+        None => 1.0,
+    };
+    let positions = stage.positions(m);
+    if f64::from(stage.context) > f64::from(positions) * factor {
+        problems.push(format!(
+            "{at}: context {} is beyond the model's positions: max_position_embeddings {positions} x rope_scaling factor {factor}; \
+             set the stage's max_position_embeddings (as VILA writes the extended length) or a rope_scaling",
+            stage.context
+        ));
     }
     if let Some(policy) = &stage.frames {
         match policy.parse::<FramePolicy>().map(|p| p.max_frames()) {

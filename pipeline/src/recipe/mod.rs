@@ -261,6 +261,15 @@ pub struct Stage {
     /// one base, or several raised progressively over equal parts of the
     /// stage's steps (`rope_base = [40000.0, 160000.0]`).
     pub rope_base: Option<RopeBase>,
+    /// Hugging Face's `rope_scaling` for this stage and after it:
+    /// `{ rope_type = "linear", factor = 4.0 }` (as the released
+    /// LongVILA-1M's, on top of a raised base), `dynamic` (NTK) or `yarn`.
+    pub rope_scaling: Option<RopeScalingSpec>,
+    /// The positions this stage makes the model for, written as the saved
+    /// config's `max_position_embeddings` (default: the model's), as VILA's
+    /// merge script writes the extended length. `context` must fit it
+    /// times the `rope_scaling` factor.
+    pub max_position_embeddings: Option<u32>,
     /// The frame policy the stage is planned for (`uniform:N`,
     /// `fps:F,max:N`), checked against `sequence_parallel`. Frames are
     /// sampled when shards are built (the source's policy); a mix does not
@@ -314,6 +323,24 @@ pub struct Stage {
     pub gradient_checkpointing: bool,
     #[serde(rename = "source")]
     pub sources: Vec<StageSource>,
+}
+
+/// A stage's `rope_scaling`, with Hugging Face's field names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RopeScalingSpec {
+    /// `linear`, `dynamic` or `yarn`.
+    pub rope_type: String,
+    pub factor: f64,
+    /// YaRN's settings (Hugging Face's defaults where absent).
+    pub original_max_position_embeddings: Option<u32>,
+    pub beta_fast: Option<f64>,
+    pub beta_slow: Option<f64>,
+    pub attention_factor: Option<f64>,
+}
+
+impl RopeScalingSpec {
+    pub const TYPES: [&'static str; 3] = ["linear", "dynamic", "yarn"];
 }
 
 /// The optimizer a stage trains with.
@@ -370,6 +397,12 @@ impl Stage {
                 bases[(k as usize).min(bases.len() - 1)]
             }
         }
+    }
+
+    /// The positions the stage's model is made for.
+    pub fn positions(&self, model: &ModelConfig) -> u32 {
+        self.max_position_embeddings
+            .unwrap_or(model.max_position_embeddings)
     }
 
     /// The RoPE base the stage ends with (what the next stage inherits).
@@ -520,6 +553,57 @@ mod tests {
     }
 
     use super::*;
+
+    /// A stage's context must fit its positions times the scaling factor;
+    /// the scaling's type and factor are checked by name.
+    #[test]
+    fn rope_scaling_and_positions_are_checked_against_the_context() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes/tiny.toml");
+        let mut recipe = Recipe::load(&path).unwrap();
+        recipe.model.max_position_embeddings = 1024;
+        let long = recipe
+            .stages
+            .iter()
+            .position(|s| s.context == 2048)
+            .unwrap();
+        let at = |r: &Recipe| {
+            r.check()
+                .into_iter()
+                .filter(|p| p.contains("positions") || p.contains("rope_scaling"))
+                .collect::<Vec<_>>()
+        };
+        let problems = at(&recipe);
+        assert!(!problems.is_empty(), "2048 tokens over 1024 positions pass");
+        assert!(
+            problems[0].contains("context 2048") && problems[0].contains("1024"),
+            "{problems:?}"
+        );
+        // Linear x2 makes 2048 fit, as does the stage's own length.
+        let spec: RopeScalingSpec = toml::from_str("rope_type = 'linear'\nfactor = 2.0").unwrap();
+        for s in recipe.stages.iter_mut().filter(|s| s.context == 2048) {
+            s.rope_scaling = Some(spec.clone());
+        }
+        assert_eq!(at(&recipe), Vec::<String>::new());
+        for s in recipe.stages.iter_mut().filter(|s| s.context == 2048) {
+            s.rope_scaling = None;
+            s.max_position_embeddings = Some(2048);
+        }
+        assert_eq!(at(&recipe), Vec::<String>::new());
+        recipe.stages[long].rope_scaling = Some(RopeScalingSpec {
+            rope_type: "ntk".into(),
+            factor: 0.5,
+            ..spec
+        });
+        let problems = at(&recipe);
+        assert!(
+            problems.iter().any(|p| p.contains("type `ntk`")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.contains("factor 0.5")),
+            "{problems:?}"
+        );
+    }
 
     #[test]
     fn shipped_recipes_parse_and_check_clean() {

@@ -100,6 +100,17 @@ impl RopeScaling {
         }))
     }
 
+    /// A recipe stage's `rope_scaling`, read as a `config.json` one.
+    pub fn from_recipe(spec: &lvpipe_pipeline::recipe::RopeScalingSpec) -> Parsed<Self> {
+        let value = serde_json::to_value(spec).expect("the spec serializes");
+        let Value::Object(map) = value else {
+            unreachable!("a struct serializes as an object")
+        };
+        // Unset YaRN settings take Hugging Face's defaults, as in config.json.
+        let map: Map<String, Value> = map.into_iter().filter(|(_, v)| !v.is_null()).collect();
+        Self::parse(&map)?.ok_or_else(|| FieldError("`rope_scaling`: a type is needed".into()))
+    }
+
     pub fn factor(&self) -> f64 {
         match *self {
             RopeScaling::Linear { factor }

@@ -279,9 +279,62 @@ pub(crate) mod tests {
         check_gradients(false);
     }
 
-    /// Activation checkpointing changes what is kept, not what is computed:
-    /// the loss and every parameter's gradient equal those without it, over
-    /// two decoder layers, a vision block and LoRA adapters.
+    /// The loss and every parameter's gradient of `row`, with or without
+    /// activation checkpointing.
+    fn loss_and_gradients(
+        model: &mut Model,
+        vars: &VarMap,
+        row: &Row,
+        checkpointing: bool,
+    ) -> (f32, BTreeMap<String, Vec<f32>>) {
+        model.set_gradient_checkpointing(checkpointing);
+        let (sum, _, _) = model.row_loss(row, &Device::Cpu).unwrap();
+        let mut grads = sum.backward().unwrap();
+        model.merge_recomputed(&mut grads).unwrap();
+        let data = vars.data().lock().unwrap();
+        let mut out = BTreeMap::new();
+        for (name, var) in data.iter() {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                out.insert(name.clone(), g.flatten_all().unwrap().to_vec1().unwrap());
+            }
+        }
+        (sum.to_scalar::<f32>().unwrap(), out)
+    }
+
+    /// Checkpointing changes what is kept, not what is computed: the same
+    /// loss, and the same gradient for every parameter (to `tolerance` of
+    /// each gradient's largest value). Returns the gradients' names.
+    fn check_checkpointing(
+        model: &mut Model,
+        vars: &VarMap,
+        row: &Row,
+        tolerance: f32,
+    ) -> Vec<String> {
+        let (plain_loss, plain) = loss_and_gradients(model, vars, row, false);
+        let (loss, checkpointed) = loss_and_gradients(model, vars, row, true);
+        assert!(
+            (loss - plain_loss).abs() <= 1e-6 * plain_loss.abs(),
+            "{loss} {plain_loss}"
+        );
+        assert_eq!(
+            plain.keys().collect::<Vec<_>>(),
+            checkpointed.keys().collect::<Vec<_>>()
+        );
+        for (name, g) in &plain {
+            let top = g.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let diff = g
+                .iter()
+                .zip(&checkpointed[name])
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                diff <= tolerance * top.max(1e-12),
+                "{name}: {diff} of {top}"
+            );
+        }
+        plain.into_keys().collect()
+    }
+
+    /// Over two decoder layers, a vision block and LoRA adapters.
     #[test]
     fn checkpointed_blocks_give_the_same_loss_and_gradients() {
         let device = Device::Cpu;
@@ -302,41 +355,39 @@ pub(crate) mod tests {
             boundaries: &[0, 10, 17],
             pixels: &pixels,
         };
-        let mut run = |checkpointing: bool| {
-            model.set_gradient_checkpointing(checkpointing);
-            let (sum, _, _) = model.row_loss(&row, &device).unwrap();
-            let mut grads = sum.backward().unwrap();
-            model.merge_recomputed(&mut grads).unwrap();
-            let data = vars.data().lock().unwrap();
-            let mut out: BTreeMap<String, Vec<f32>> = BTreeMap::new();
-            for (name, var) in data.iter() {
-                if let Some(g) = grads.get(var.as_tensor()) {
-                    out.insert(name.clone(), g.flatten_all().unwrap().to_vec1().unwrap());
-                }
-            }
-            (sum.to_scalar::<f32>().unwrap(), out)
-        };
-        let (plain_loss, plain) = run(false);
-        let (loss, checkpointed) = run(true);
-        assert!((loss - plain_loss).abs() <= 1e-6 * plain_loss.abs());
-        assert_eq!(
-            plain.keys().collect::<Vec<_>>(),
-            checkpointed.keys().collect::<Vec<_>>()
-        );
+        let names = check_checkpointing(&mut model, &vars, &row, 1e-6);
         assert!(
-            plain
-                .keys()
+            names
+                .iter()
                 .any(|n| n.contains("vision_tower") && n.contains("layers.0"))
         );
-        assert!(plain.keys().any(|n| n.contains("lora_A")));
-        for (name, g) in &plain {
-            let top = g.iter().fold(0f32, |m, x| m.max(x.abs()));
-            let diff = g
-                .iter()
-                .zip(&checkpointed[name])
-                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(diff <= 1e-6 * top.max(1e-12), "{name}: {diff} of {top}");
-        }
+        assert!(names.iter().any(|n| n.contains("lora_A")));
+    }
+
+    /// A row longer than the LM head's chunk: its logits are computed a
+    /// chunk at a time, and the head's gradient is summed over the chunks.
+    #[test]
+    fn a_long_row_checkpoints_its_lm_head_in_chunks() {
+        let device = Device::Cpu;
+        let vars = VarMap::new();
+        let mut config = tiny();
+        config.vision = None;
+        let mut model = Model::new(config, &vars, &device).unwrap();
+        seed_vars(&vars, 23);
+        let n = 2 * vila::HEAD_CHUNK + 100;
+        let ids: Vec<u32> = (0..n).map(|i| (i * 7 % 37) as u32).collect();
+        let mask = vec![1u8; n];
+        let bounds = [0, n as u32];
+        let row = Row {
+            input_ids: &ids,
+            loss_mask: &mask,
+            boundaries: &bounds,
+            pixels: &[],
+        };
+        // The head's gradient adds three chunks' products instead of one:
+        // the same sum in another order.
+        let names = check_checkpointing(&mut model, &vars, &row, 1e-5);
+        assert!(names.iter().any(|n| n.contains("embed_tokens")));
     }
 
     /// With the LM head tied to the token embedding, the embedding's

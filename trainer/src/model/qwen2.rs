@@ -175,7 +175,7 @@ pub(crate) struct Decoder {
     pub(crate) embed: Tensor,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    lm_head: Linear,
+    pub(crate) lm_head: Linear,
     pub(crate) rope: RopeSpec,
     /// Set: each layer recomputed in the backward pass.
     pub(crate) recompute: Option<Arc<Recompute>>,

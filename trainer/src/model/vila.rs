@@ -57,6 +57,10 @@ impl Expanded {
     }
 }
 
+/// Rows of the LM head's logits that exist at a time under activation
+/// checkpointing.
+pub(crate) const HEAD_CHUNK: usize = 2048;
+
 /// The VILA model: vision tower, projector and LLM.
 pub struct Model {
     pub config: Config,
@@ -275,10 +279,23 @@ impl Model {
         }
         let index: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
         let picked_hidden = hidden.index_select(&Tensor::new(index.as_slice(), device)?, 0)?;
-        let nll = ops::cross_entropy(
-            &self.llm.lm_head(&picked_hidden)?,
-            &Tensor::new(targets.as_slice(), device)?,
-        )?;
+        let targets = Tensor::new(targets.as_slice(), device)?;
+        let n = index.len();
+        let nll = match &self.recompute {
+            // The logits are `[n, vocab]`: with checkpointing, only
+            // HEAD_CHUNK rows of them exist at a time.
+            Some(r) if n > HEAD_CHUNK => {
+                let chunks = (0..n).step_by(HEAD_CHUNK).map(|at| {
+                    let len = HEAD_CHUNK.min(n - at);
+                    let (head, t) = (self.llm.lm_head.clone(), targets.narrow(0, at, len)?);
+                    let params = head.params().collect();
+                    let block = move |h: &Tensor| ops::cross_entropy(&head.forward(h)?, &t);
+                    r.apply(&picked_hidden.narrow(0, at, len)?, params, Arc::new(block))
+                });
+                Tensor::cat(&chunks.collect::<Result<Vec<_>>>()?, 0)?
+            }
+            _ => ops::cross_entropy(&self.llm.lm_head(&picked_hidden)?, &targets)?,
+        };
         Ok((nll, weights, positions, e))
     }
 
