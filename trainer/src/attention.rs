@@ -32,6 +32,13 @@ const BLOCK: usize = 64;
 /// once are `BLOCK x KEYS`.
 const KEYS: usize = 512;
 
+/// Up to this many bytes of probabilities (all heads of one call), the
+/// forward pass keeps them and the backward pass uses them instead of
+/// recomputing them: short rows skip the extra `Q K^T` (7% of a step at
+/// 2,048 and 8,192 tokens, `lvpipe bench-memory`), long ones stay linear.
+/// 2,048 tokens with the tiny recipe's 4 heads keep 35 MB.
+const KEEP_BYTES: usize = 64 << 20;
+
 /// Attention of `q` `[kv, group * T, dh]` (the `group` query heads of each
 /// KV head stacked, as Qwen2 orders them) over `k` and `v` `[kv, T, dh]`:
 /// `softmax(scale * q k^T) v` where query `q` sees keys `starts[q] ..= q`.
@@ -43,6 +50,18 @@ pub fn attention(
     starts: &Arc<Vec<u32>>,
     scale: f32,
 ) -> Result<Tensor> {
+    attention_keeping(q, k, v, starts, scale, KEEP_BYTES)
+}
+
+/// [`attention`] keeping the probabilities up to `keep_bytes`.
+fn attention_keeping(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    starts: &Arc<Vec<u32>>,
+    scale: f32,
+    keep_bytes: usize,
+) -> Result<Tensor> {
     if q.device().is_cpu() {
         return q.contiguous()?.apply_op3(
             &k.contiguous()?,
@@ -51,6 +70,8 @@ pub fn attention(
                 starts: starts.clone(),
                 scale,
                 lse: Mutex::new(Vec::new()),
+                probs: Mutex::new(None),
+                keep_bytes,
             },
         );
     }
@@ -75,12 +96,15 @@ pub(crate) fn plain_attention(
         .matmul(v)
 }
 
-/// A block of queries `q0..q1` and the keys `lo..q1` it multiplies against.
+/// A block of queries `q0..q1` and the keys `lo..q1` it multiplies against;
+/// its probabilities, where kept, are `(q1 - q0) x (q1 - lo)` at `offset` in
+/// a head's.
 #[derive(Debug, Clone, Copy)]
 struct Block {
     q0: usize,
     q1: usize,
     lo: usize,
+    offset: usize,
 }
 
 impl Block {
@@ -88,12 +112,12 @@ impl Block {
         self.q1 - self.q0
     }
 
-    /// The key chunks `c0..c1` of the block, [`KEYS`] at a time.
-    fn chunks(&self) -> impl Iterator<Item = (usize, usize)> {
+    /// The key chunks `c0..c1` of the block, `keys` at a time.
+    fn chunks(&self, keys: usize) -> impl Iterator<Item = (usize, usize)> {
         let q1 = self.q1;
         (self.lo..q1)
-            .step_by(KEYS)
-            .map(move |c0| (c0, (c0 + KEYS).min(q1)))
+            .step_by(keys)
+            .map(move |c0| (c0, c0.saturating_add(keys).min(q1)))
     }
 
     /// The keys of chunk `c0..c1` that query row `i` of the block sees,
@@ -114,10 +138,12 @@ impl Block {
     }
 }
 
-/// The query blocks of a head of `starts.len()` queries.
-fn blocks(starts: &[u32]) -> Result<Vec<Block>> {
+/// The query blocks of a head of `starts.len()` queries, and the size of
+/// its probabilities.
+fn blocks(starts: &[u32]) -> Result<(Vec<Block>, usize)> {
     let t = starts.len();
     let mut out = Vec::with_capacity(t.div_ceil(BLOCK));
+    let mut offset = 0;
     for q0 in (0..t).step_by(BLOCK) {
         let q1 = (q0 + BLOCK).min(t);
         // Sample starts never decrease along a row, so the block's first
@@ -126,9 +152,10 @@ fn blocks(starts: &[u32]) -> Result<Vec<Block>> {
         if (q0..q1).any(|q| starts[q] as usize > q || (starts[q] as usize) < lo) {
             bail!("attention: sample starts must not decrease and not pass their query")
         }
-        out.push(Block { q0, q1, lo });
+        out.push(Block { q0, q1, lo, offset });
+        offset += (q1 - q0) * (q1 - lo);
     }
-    Ok(out)
+    Ok((out, offset))
 }
 
 /// `dst (m x n) = lhs (m x k) * rhs (k x n)`, or `dst +=` it with
@@ -205,10 +232,14 @@ struct Attention {
     /// Each query head's log-sum-exp of its scaled scores per query, kept
     /// from forward for backward: `[heads * T]`.
     lse: Mutex<Vec<f32>>,
+    /// Each head's block probabilities, where they fit `keep_bytes`.
+    probs: Mutex<Option<Vec<f32>>>,
+    keep_bytes: usize,
 }
 
 /// One head's forward: `y` `[T, dh]` and `lse` `[T]` of `q` `[T, dh]`
-/// against `k` and `v` `[T, dh]`.
+/// against `k` and `v` `[T, dh]`, and its probabilities where `probs` is
+/// given (each block is then one chunk of keys).
 #[allow(clippy::too_many_arguments)]
 fn head_forward(
     blocks: &[Block],
@@ -218,8 +249,10 @@ fn head_forward(
     (q, k, v): (&[f32], &[f32], &[f32]),
     y: &mut [f32],
     lse: &mut [f32],
+    mut probs: Option<&mut [f32]>,
     scores: &mut Vec<f32>,
 ) {
+    let keys = if probs.is_some() { usize::MAX } else { KEYS };
     let (mut max, mut sum) = (vec![0.0f32; BLOCK], vec![0.0f32; BLOCK]);
     for b in blocks {
         let m = b.rows();
@@ -228,7 +261,7 @@ fn head_forward(
         sum.fill(0.0);
         let acc = &mut y[b.q0 * dh..b.q1 * dh];
         acc.fill(0.0);
-        for (c0, c1) in b.chunks() {
+        for (c0, c1) in b.chunks(keys) {
             let n = c1 - c0;
             scores.resize(m * n, 0.0);
             // scores = Q[q0..q1] K[c0..c1]^T
@@ -282,6 +315,15 @@ fn head_forward(
             acc[i * dh..(i + 1) * dh].iter_mut().for_each(|a| *a *= inv);
             lse[b.q0 + i] = max[i] + sum[i].ln();
         }
+        if let Some(probs) = probs.as_deref_mut() {
+            // One chunk: `scores` holds the block's unnormalized probabilities.
+            let n = b.q1 - b.lo;
+            let out = &mut probs[b.offset..b.offset + m * n];
+            for ((out, row), s) in out.chunks_mut(n).zip(scores.chunks(n)).zip(&*sum) {
+                let inv = 1.0 / s;
+                out.iter_mut().zip(row).for_each(|(o, x)| *o = x * inv);
+            }
+        }
     }
 }
 
@@ -310,19 +352,40 @@ impl CustomOp3 for Attention {
             bail!("attention: no positions")
         }
         let (_, group, dh) = dims(ql, kl, vl, t)?;
-        let blocks = blocks(starts)?;
+        let (blocks, per_head) = blocks(starts)?;
+        let heads = q.len() / (t * dh);
+        let keep = per_head * heads * std::mem::size_of::<f32>() <= self.keep_bytes;
+        let mut probs = vec![0.0f32; if keep { per_head * heads } else { 0 }];
+        let mut per_head_probs: Vec<Option<&mut [f32]>> = match keep {
+            true => probs.chunks_mut(per_head).map(Some).collect(),
+            false => (0..heads).map(|_| None).collect(),
+        };
         let mut y = vec![0.0f32; q.len()];
         let mut lse = vec![0.0f32; q.len() / dh];
         y.par_chunks_mut(t * dh)
             .zip(lse.par_chunks_mut(t))
+            .zip(per_head_probs.par_iter_mut())
             .enumerate()
-            .for_each_init(Vec::new, |scores: &mut Vec<f32>, (h, (y, lse))| {
+            .for_each_init(Vec::new, |scores: &mut Vec<f32>, (h, ((y, lse), p))| {
                 let kv = h / group;
                 let q = &q[h * t * dh..(h + 1) * t * dh];
                 let (k, v) = (&k[kv * t * dh..], &v[kv * t * dh..]);
-                head_forward(&blocks, starts, self.scale, dh, (q, k, v), y, lse, scores);
+                let p = p.as_deref_mut();
+                head_forward(
+                    &blocks,
+                    starts,
+                    self.scale,
+                    dh,
+                    (q, k, v),
+                    y,
+                    lse,
+                    p,
+                    scores,
+                );
             });
+        drop(per_head_probs);
         *self.lse.lock().expect("attention log-sum-exp") = lse;
+        *self.probs.lock().expect("attention probabilities") = keep.then_some(probs);
         Ok((CpuStorage::F32(y), ql.shape().clone()))
     }
 
@@ -338,8 +401,10 @@ impl CustomOp3 for Attention {
         let t = starts.len();
         let (kv, gt, dh) = q.dims3()?;
         let group = gt / t;
-        let blocks = blocks(starts)?;
+        let (blocks, per_head) = blocks(starts)?;
         let lse = self.lse.lock().expect("attention log-sum-exp");
+        let kept = self.probs.lock().expect("attention probabilities");
+        let keys = if kept.is_some() { usize::MAX } else { KEYS };
         if lse.len() != kv * gt {
             bail!("attention: backward without its forward's log-sum-exp")
         }
@@ -379,22 +444,42 @@ impl CustomOp3 for Attention {
                     .map(|(g, y)| g.iter().zip(y).map(|(a, b)| a * b).sum())
                     .collect();
                 let (mut dk, mut dv) = (vec![0.0f32; t * dh], vec![0.0f32; t * dh]);
-                let (mut p, mut ds) = (Vec::new(), Vec::new());
+                let kept = kept
+                    .as_deref()
+                    .map(|p| &p[h * per_head..(h + 1) * per_head]);
+                let (mut fresh, mut ds) = (Vec::new(), Vec::new());
                 for b in &blocks {
                     let m = b.rows();
-                    for (c0, c1) in b.chunks() {
+                    for (c0, c1) in b.chunks(keys) {
                         let n = c1 - c0;
-                        p.resize(m * n, 0.0);
                         ds.resize(m * n, 0.0);
-                        // P = exp(scale Q[q0..q1] K[c0..c1]^T - lse), recomputed.
-                        matmul(
-                            (m, n, dh),
-                            &mut p,
-                            n,
-                            false,
-                            (&q[b.q0 * dh..], dh, 1),
-                            (&k[c0 * dh..], 1, dh),
-                        );
+                        let p: &[f32] = match kept {
+                            // One chunk per block, as the forward kept it.
+                            Some(kept) => &kept[b.offset..b.offset + m * n],
+                            None => {
+                                // P = exp(scale Q[q0..q1] K[c0..c1]^T - lse), recomputed.
+                                fresh.resize(m * n, 0.0);
+                                matmul(
+                                    (m, n, dh),
+                                    &mut fresh,
+                                    n,
+                                    false,
+                                    (&q[b.q0 * dh..], dh, 1),
+                                    (&k[c0 * dh..], 1, dh),
+                                );
+                                for (i, p) in fresh.chunks_mut(n).enumerate() {
+                                    let seen = b.visible(starts, i, (c0, c1));
+                                    let l = lse[b.q0 + i];
+                                    for (j, p) in p.iter_mut().enumerate() {
+                                        *p = match seen.contains(&j) {
+                                            true => (*p * scale - l).exp(),
+                                            false => 0.0,
+                                        };
+                                    }
+                                }
+                                &fresh
+                            }
+                        };
                         // dP = dY[q0..q1] V[c0..c1]^T
                         matmul(
                             (m, n, dh),
@@ -404,16 +489,11 @@ impl CustomOp3 for Attention {
                             (&g[b.q0 * dh..], dh, 1),
                             (&v[c0 * dh..], 1, dh),
                         );
-                        for (i, (p, ds)) in p.chunks_mut(n).zip(ds.chunks_mut(n)).enumerate() {
-                            let seen = b.visible(starts, i, (c0, c1));
-                            let (l, di) = (lse[b.q0 + i], d[b.q0 + i]);
-                            for (j, (p, ds)) in p.iter_mut().zip(ds.iter_mut()).enumerate() {
-                                if seen.contains(&j) {
-                                    *p = (*p * scale - l).exp();
-                                    *ds = scale * *p * (*ds - di);
-                                } else {
-                                    (*p, *ds) = (0.0, 0.0);
-                                }
+                        // dS = scale P (dP - D): zero where P is (keys not seen).
+                        for (i, (p, ds)) in p.chunks(n).zip(ds.chunks_mut(n)).enumerate() {
+                            let di = d[b.q0 + i];
+                            for (p, ds) in p.iter().zip(ds.iter_mut()) {
+                                *ds = scale * p * (*ds - di);
                             }
                         }
                         // dQ[q0..q1] += dS K[c0..c1]
@@ -439,7 +519,7 @@ impl CustomOp3 for Attention {
                             &mut dv[c0 * dh..c1 * dh],
                             dh,
                             true,
-                            (&p, 1, n),
+                            (p, 1, n),
                             (&g[b.q0 * dh..], dh, 1),
                         );
                     }
@@ -486,8 +566,15 @@ mod tests {
     }
 
     /// Forward and all three gradients against the plain ops, for a packed
-    /// row (`starts`) with two query heads per KV head.
+    /// row (`starts`) with two query heads per KV head, with the
+    /// probabilities kept and recomputed.
     fn check(starts: Vec<u32>, seed: u64) {
+        for keep_bytes in [KEEP_BYTES, 0] {
+            check_keeping(starts.clone(), seed, keep_bytes);
+        }
+    }
+
+    fn check_keeping(starts: Vec<u32>, seed: u64, keep_bytes: usize) {
         let t = starts.len();
         let starts = Arc::new(starts);
         let (kv, group, dh) = (2, 2, 8);
@@ -496,7 +583,7 @@ mod tests {
         let v = Var::from_tensor(&random(&[kv, t, dh], seed + 2)).unwrap();
         let w = random(&[kv, group * t, dh], seed + 3);
         let args = (q.as_tensor(), k.as_tensor(), v.as_tensor());
-        let fused = attention(args.0, args.1, args.2, &starts, 0.3).unwrap();
+        let fused = attention_keeping(args.0, args.1, args.2, &starts, 0.3, keep_bytes).unwrap();
         let plain = plain_attention(args.0, args.1, args.2, &starts, 0.3).unwrap();
         assert!(
             relative(&fused, &plain) < 1e-5,
@@ -542,32 +629,35 @@ mod tests {
             random(&[1, 100, 4], 2),
             random(&[1, 100, 4], 3),
         );
-        let y = attention(&q, &k, &v, &starts, 0.5).unwrap();
-        let noise = Tensor::cat(
-            &[
-                random(&[1, 70, 4], 4),
-                Tensor::zeros((1, 30, 4), candle_core::DType::F32, &Device::Cpu).unwrap(),
-            ],
-            1,
-        )
-        .unwrap();
-        let y2 = attention(
-            &q,
-            &(&k + &noise).unwrap(),
-            &(&v + &noise).unwrap(),
-            &starts,
-            0.5,
-        )
-        .unwrap();
-        let tail = |y: &Tensor| {
-            y.narrow(1, 70, 30)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        };
-        assert_eq!(tail(&y), tail(&y2));
-        assert!(max_diff(&y.narrow(1, 0, 70).unwrap(), &y2.narrow(1, 0, 70).unwrap()) > 1e-3);
+        for keep in [KEEP_BYTES, 0] {
+            let y = attention_keeping(&q, &k, &v, &starts, 0.5, keep).unwrap();
+            let noise = Tensor::cat(
+                &[
+                    random(&[1, 70, 4], 4),
+                    Tensor::zeros((1, 30, 4), candle_core::DType::F32, &Device::Cpu).unwrap(),
+                ],
+                1,
+            )
+            .unwrap();
+            let y2 = attention_keeping(
+                &q,
+                &(&k + &noise).unwrap(),
+                &(&v + &noise).unwrap(),
+                &starts,
+                0.5,
+                keep,
+            )
+            .unwrap();
+            let tail = |y: &Tensor| {
+                y.narrow(1, 70, 30)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            assert_eq!(tail(&y), tail(&y2));
+            assert!(max_diff(&y.narrow(1, 0, 70).unwrap(), &y2.narrow(1, 0, 70).unwrap()) > 1e-3);
+        }
     }
 }
