@@ -445,3 +445,118 @@ fn a_step_that_cannot_fit_is_refused_with_an_estimate() {
         }
     );
 }
+
+/// Stage 1 with 8-bit AdamW, stage 2 with Adafactor and activation
+/// checkpointing (and linear RoPE scaling): a kill and `--resume` give the
+/// losses and weights of an uninterrupted chain, the optimizers' state
+/// files hold their own tensors, and checkpointing changes no loss.
+#[test]
+fn light_optimizers_and_checkpointing_resume_with_the_same_losses() {
+    let corpus = tiny_corpus();
+    let dir = tempfile::tempdir().unwrap();
+    let d = |p: &str| dir.path().join(p).to_str().unwrap().to_string();
+    let shards = d("shards");
+    lvpipe_ok(corpus, &build_args(&shards, &[]));
+    let base = small_batch_recipe(dir.path());
+    let text = std::fs::read_to_string(&base).unwrap();
+    let light = text
+        .replace(
+            "name = \"align\"\n",
+            "name = \"align\"\noptimizer = \"adamw8bit\"\n",
+        )
+        .replace(
+            "name = \"pretrain\"\n",
+            "name = \"pretrain\"\noptimizer = \"adafactor\"\ngradient_checkpointing = true\n\
+             rope_scaling = { rope_type = \"linear\", factor = 2.0 }\n",
+        );
+    let plain = light.replace("gradient_checkpointing = true\n", "");
+    let (light_recipe, plain_recipe) = (d("light.toml"), d("plain.toml"));
+    std::fs::write(&light_recipe, light).unwrap();
+    std::fs::write(&plain_recipe, plain).unwrap();
+    let chain = |recipe: &str, out: &str, extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--recipe",
+            recipe,
+            "--stages",
+            "1-2",
+            "--shards",
+            &shards,
+            "--tokenizer",
+            "raw/tokenizer.json",
+            "--out",
+            out,
+            "--steps",
+            "4",
+            "--save-every",
+            "2",
+        ];
+        args.extend(extra);
+        lvpipe(corpus, &args)
+    };
+    let (a, b, c) = (d("runs-a"), d("runs-b"), d("runs-c"));
+    let out = chain(&light_recipe, &a, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Killed after step 3 of stage 1, resumed; then (stage 1 finished)
+    // killed after step 3 of stage 2, resumed: each from its step 2.
+    for stage in ["stage-1", "stage-2"] {
+        let out = chain(&light_recipe, &b, &["--abort-after", "3"]);
+        assert!(!out.status.success());
+        let err = lvpipe_ok_stderr(corpus, &["train", "--resume", &format!("{b}/{stage}")]);
+        assert!(err.contains("resumed after step 2"), "{stage}: {err}");
+    }
+    for stage in ["stage-1", "stage-2"] {
+        let (la, lb) = (
+            losses(&format!("{a}/{stage}")),
+            losses(&format!("{b}/{stage}")),
+        );
+        assert_eq!(la.len(), 4);
+        assert_eq!(la, lb, "{stage}: the resumed run's losses differ");
+        assert_eq!(
+            std::fs::read(format!("{a}/{stage}/model.safetensors")).unwrap(),
+            std::fs::read(format!("{b}/{stage}/model.safetensors")).unwrap(),
+            "{stage}"
+        );
+    }
+    let state = |stage: &str| -> Vec<String> {
+        let bytes = std::fs::read(format!("{a}/{stage}/optimizer.safetensors")).unwrap();
+        let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let json: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header]).unwrap();
+        json.as_object().unwrap().keys().cloned().collect()
+    };
+    assert!(
+        state("stage-1")
+            .iter()
+            .any(|k| k.ends_with(".exp_avg.codes"))
+    );
+    assert!(
+        state("stage-2")
+            .iter()
+            .any(|k| k.ends_with(".exp_avg_sq_row"))
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{a}/stage-2/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        config["model"]["llm"]["rope_scaling"]["factor"].as_f64(),
+        Some(2.0),
+        "{config}"
+    );
+    // Without checkpointing: the same losses.
+    let out = chain(&plain_recipe, &c, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for ((_, x), (_, y)) in losses(&format!("{a}/stage-2"))
+        .iter()
+        .zip(&losses(&format!("{c}/stage-2")))
+    {
+        assert!((x - y).abs() <= 1e-6 * x.abs(), "{x} {y}");
+    }
+}

@@ -2,36 +2,60 @@
 //! step that cannot fit fails with a clear error instead of an allocation
 //! abort.
 //!
-//! The attention kernel keeps each sample's probabilities for the backward
-//! pass: a step's memory grows with the square of its samples' lengths. On
-//! the tiny recipe's model (2 layers, 4 heads) one-sample steps of 2,022,
-//! 4,096 and 7,352 tokens peaked at 358, 651 and 1,501 MB
-//! (`/usr/bin/time -v lvpipe train` on long documents; docs/trainer.md,
-//! "Memory"): 23 bytes per squared token, about 3 per layer and head, which
-//! this estimate uses. With the process's 264 MB before the first step, it
-//! overestimated those peaks by 22 to 26%.
+//! Attention keeps at most [`KEEP_BYTES`](crate::attention) of
+//! probabilities per layer and recomputes the rest, so a step's memory is
+//! linear in its tokens: each token's activations in every layer (in one
+//! layer, plus every layer's input, with activation checkpointing) and its
+//! logits (a chunk of them with checkpointing). The coefficients come from
+//! `lvpipe bench-memory --recipe recipes/tiny.toml` (docs/benchmarks.md,
+//! "Long context"): one-sample steps of 8,192 to 65,536 tokens took 62 to
+//! 72 KB per token without checkpointing and 37 to 41 KB with it, above the
+//! memory before the step; this estimate is 1.2 to 1.6 times those.
 
 use crate::model::Config;
 
-/// Bytes per squared sample token, per layer and head: the probabilities
-/// kept for backward (2 bytes: a causal half of 4-byte floats) and the
-/// block being computed.
-const BYTES_PER_SQUARED_TOKEN: u64 = 3;
+/// Floats per token that a layer's activations and their gradients take,
+/// with `hidden` and `intermediate` sizes; doubled for a recomputed layer
+/// (its forward and backward graphs live together).
+fn layer_floats(hidden: u64, intermediate: u64) -> u64 {
+    24 * hidden + 10 * intermediate
+}
+
+/// Bytes of probabilities one attention call keeps at most (see
+/// `attention::KEEP_BYTES`).
+const KEPT_PROBABILITIES: u64 = 64 << 20;
+
+/// Rows of logits that exist at a time with checkpointing (the model's
+/// `HEAD_CHUNK`).
+const HEAD_CHUNK: u64 = 2048;
+
+/// What a step needs besides its tokens: worker threads' buffers, the
+/// allocator's slack.
+const FIXED: u64 = 128 << 20;
 
 /// Estimated bytes a step over samples of `lengths` tokens (media
 /// expanded), `loss_tokens` of them in the loss, adds to the process.
-pub fn step_bytes(config: &Config, lengths: &[u64], loss_tokens: u64) -> u64 {
+pub fn step_bytes(config: &Config, lengths: &[u64], loss_tokens: u64, checkpointing: bool) -> u64 {
     let c = &config.llm;
-    let heads = (c.num_hidden_layers * c.num_attention_heads) as u64;
-    let quadratic: u64 = lengths
-        .iter()
-        .map(|&n| BYTES_PER_SQUARED_TOKEN * heads * n * n)
-        .sum();
+    let (layers, hidden) = (c.num_hidden_layers as u64, c.hidden_size as u64);
+    let (vocab, heads) = (c.vocab_size as u64, c.num_attention_heads as u64);
+    let layer = layer_floats(hidden, c.intermediate_size as u64);
     let tokens: u64 = lengths.iter().sum();
-    let per_token =
-        (c.num_hidden_layers * (16 * c.hidden_size + 3 * c.intermediate_size) * 4) as u64;
-    let logits = loss_tokens * c.vocab_size as u64 * 8;
-    quadratic + tokens * per_token + logits
+    let kept: u64 = lengths.iter().map(|&n| n * n / 2 * heads * 4).sum::<u64>();
+    let kept = kept.min(KEPT_PROBABILITIES);
+    let (activations, logits, kept) = match checkpointing {
+        true => (
+            tokens * (2 * layer + (layers + 2) * hidden) * 4,
+            loss_tokens.min(HEAD_CHUNK) * vocab * 4 * 3,
+            kept,
+        ),
+        false => (
+            tokens * layers * layer * 4,
+            loss_tokens * vocab * 6 * 4,
+            kept * layers,
+        ),
+    };
+    activations + logits + kept + FIXED
 }
 
 /// The environment variable that caps what [`available_bytes`] reports, in
@@ -67,23 +91,9 @@ pub fn gib(bytes: u64) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_estimate_grows_with_the_square_of_each_sample() {
-        let config = crate::model::tests::tiny();
-        let one = step_bytes(&config, &[1000], 0);
-        let long = step_bytes(&config, &[4000], 0);
-        let packed = step_bytes(&config, &[1000; 4], 0);
-        // Four times the tokens in one sample: about sixteen times the
-        // attention memory; in four samples, about four times.
-        assert!(long > 12 * one, "{one} {long}");
-        assert!(packed < 5 * one, "{one} {packed}");
-        assert!(step_bytes(&config, &[1000], 1000) > one);
-    }
-
-    #[test]
-    fn the_tiny_recipes_measured_peaks_are_covered() {
-        // The tiny recipe's model, and the step peaks measured on it, less
-        // the process's 264 MB before the first step.
+    /// The tiny recipe's LLM (2 layers, d128, MLP 256, 4 heads,
+    /// vocabulary 1,792).
+    fn tiny_llm() -> Config {
         let mut config = crate::model::tests::tiny();
         (
             config.llm.num_hidden_layers,
@@ -92,12 +102,42 @@ mod tests {
             config.llm.intermediate_size,
             config.llm.vocab_size,
         ) = (2, 4, 128, 256, 1792);
-        for (len, peak_mb) in [(2022u64, 358u64), (4096, 651), (7352, 1501)] {
-            let estimate = step_bytes(&config, &[len], len) / 1_000_000;
-            let measured = peak_mb - 264;
+        config
+    }
+
+    #[test]
+    fn the_estimate_is_linear_in_the_tokens_and_smaller_with_checkpointing() {
+        let config = tiny_llm();
+        for checkpointing in [false, true] {
+            let at = |n: u64| step_bytes(&config, &[n], n, checkpointing);
+            let (a, b) = (at(32_768), at(65_536));
+            // Twice the tokens, about twice the memory (plus the fixed part).
+            assert!(b < 2 * a && b > a * 3 / 2, "{a} {b}");
+        }
+        assert!(
+            step_bytes(&config, &[65_536], 65_536, true)
+                < step_bytes(&config, &[65_536], 65_536, false) * 2 / 3
+        );
+    }
+
+    #[test]
+    fn the_tiny_recipes_measured_peaks_are_covered() {
+        // `lvpipe bench-memory --recipe recipes/tiny.toml`: peak RSS less the
+        // memory before the step, in MB, one sample filling the context.
+        let config = tiny_llm();
+        let measured = [
+            (8_192u64, false, 551u64),
+            (32_768, false, 2_030),
+            (65_536, false, 4_689),
+            (8_192, true, 325),
+            (32_768, true, 1_223),
+            (65_536, true, 2_651),
+        ];
+        for (len, checkpointing, mb) in measured {
+            let estimate = step_bytes(&config, &[len], len, checkpointing) / 1_000_000;
             assert!(
-                estimate >= measured && estimate < 2 * measured,
-                "{len} tokens: estimated {estimate} MB, measured {measured} MB"
+                estimate >= mb && estimate < 2 * mb,
+                "{len} tokens, checkpointing {checkpointing}: estimated {estimate} MB, measured {mb} MB"
             );
         }
     }

@@ -119,6 +119,8 @@ struct Training<'a> {
     init_fingerprint: String,
     rope_base: f64,
     lr: f64,
+    /// Activation checkpointing is on.
+    checkpointing: bool,
 }
 
 /// The losses and tokens of the steps this process ran.
@@ -178,8 +180,8 @@ impl<'a> Training<'a> {
                 .attach_lora(&vars, r, alpha, stage.seed)
                 .context("LoRA adapters")?;
         }
-        model
-            .set_gradient_checkpointing(stage.gradient_checkpointing || run.gradient_checkpointing);
+        let checkpointing = stage.gradient_checkpointing || run.gradient_checkpointing;
+        model.set_gradient_checkpointing(checkpointing);
         let mut opt = Optimizer::new(&vars, &modules, stage.optimizer).context("optimizer")?;
         (opt.beta2, opt.weight_decay) = stage.adamw();
         let trainable_params = {
@@ -201,6 +203,7 @@ impl<'a> Training<'a> {
             mix_fingerprint: run.mix.meta.data_fingerprint(),
             init_fingerprint,
             lr: 0.0,
+            checkpointing,
         })
     }
 
@@ -372,7 +375,7 @@ impl<'a> Training<'a> {
                     loss += mask.iter().map(|&m| u64::from(m)).sum::<u64>();
                 }
             }
-            let need = memory::step_bytes(c, &lengths, loss);
+            let need = memory::step_bytes(c, &lengths, loss, self.checkpointing);
             if need > worst.0 {
                 worst = (need, lengths);
             }
@@ -381,8 +384,9 @@ impl<'a> Training<'a> {
         match memory::available_bytes() {
             Some(available) if need > available => Err(Error::Config(format!(
                 "stage {} ({}): a micro-batch of {} tokens (longest sample {}, context {}) needs about {} \
-                 for attention and activations, and {} of memory is available; lower the stage's \
-                 micro_batch or context, or train on a machine with more memory",
+                 for attention and activations, and {} of memory is available; set the stage's \
+                 gradient_checkpointing = true, lower its micro_batch or context, or train on a \
+                 machine with more memory",
                 run.stage,
                 self.stage.name,
                 lengths.iter().sum::<u64>(),
