@@ -111,8 +111,8 @@ fn plot(path: &Path, rows: &[Value]) -> Result<()> {
         .into_iter()
         .map(|on| Series {
             label: match on {
-                true => "gradient checkpointing".into(),
-                false => "no checkpointing".into(),
+                true => "checkpointed".into(),
+                false => "plain".into(),
             },
             points: rows
                 .iter()
@@ -124,9 +124,9 @@ fn plot(path: &Path, rows: &[Value]) -> Result<()> {
         .collect();
     line_chart(
         path,
-        "Peak memory of one training step, one sample filling the context",
+        "Peak RSS of one training step",
         "context (tokens)",
-        "peak RSS (MB)",
+        "MB",
         &series,
         &[],
     )?;

@@ -153,6 +153,11 @@ pub fn memory_step_bench(
         pixels: &[],
     };
     let rows = [(row, names.as_slice())];
+    let params: usize = vars
+        .all_vars()
+        .iter()
+        .map(|v| v.as_tensor().elem_count())
+        .sum();
     let before = resident_bytes().1;
     let mut times = Vec::new();
     for step in 0..steps.max(1) + 1 {
@@ -171,7 +176,8 @@ pub fn memory_step_bench(
         "optimizer": optimizer.as_str(),
         "peak_rss_mb": mb(peak),
         "rss_before_step_mb": mb(before),
-        "optimizer_state_mb": (opt.state_bytes().context("optimizer state")? as f64 / 1e6 * 10.0).round() / 10.0,
+        "parameters": params,
+        "optimizer_state_bytes": opt.state_bytes().context("optimizer state")?,
         "step_s": times[0],
         "tokens_per_s": context as f64 / times[0],
         "threads": rayon::current_num_threads(),
