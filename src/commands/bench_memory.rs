@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use super::out;
 use crate::args::BenchMemoryArgs;
+use crate::progress::log;
 
 pub fn run(args: BenchMemoryArgs) -> Result<ExitCode> {
     let recipe = Recipe::load(&args.recipe)?;
@@ -56,7 +57,7 @@ pub fn run(args: BenchMemoryArgs) -> Result<ExitCode> {
                     "error": format!("{} {}", child.status, err.trim()),
                 })
             };
-            eprintln!("{row}");
+            log(&row.to_string());
             rows.push(row);
         }
     }
@@ -66,7 +67,7 @@ pub fn run(args: BenchMemoryArgs) -> Result<ExitCode> {
     } else {
         out(&table(&rows))?;
     }
-    eprintln!("wrote {}", args.plot.display());
+    log(&format!("wrote {}", args.plot.display()));
     if rows.iter().all(|r| r.get("error").is_some()) {
         bail!("every setting failed")
     }

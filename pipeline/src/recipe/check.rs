@@ -289,7 +289,7 @@ fn check_stage(at: &str, stage: &Stage, m: &ModelConfig) -> Vec<String> {
                     RopeScalingSpec::TYPES.join(", ")
                 ));
             }
-            if !(s.factor >= 1.0) {
+            if s.factor.is_nan() || s.factor < 1.0 {
                 problems.push(format!(
                     "{at}: rope_scaling factor {} must be at least 1",
                     s.factor
