@@ -183,6 +183,10 @@ pub struct TrainArgs {
     /// Write a checkpoint every N steps (0: only at the end of the stage).
     #[arg(long, default_value_t = 50)]
     pub save_every: u64,
+    /// Where training computes: cpu, or cuda / cuda:N in a build with
+    /// `--features cuda`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Recompute each layer in the backward pass instead of keeping its
     /// activations (as a stage's `gradient_checkpointing = true`): memory
     /// of one layer instead of all, for one more forward pass.
@@ -238,6 +242,10 @@ pub struct GenerateArgs {
     /// Tokenize the prompt as it is, without the chat template.
     #[arg(long)]
     pub raw: bool,
+    /// Where it computes: cpu, or cuda / cuda:N in a build with
+    /// `--features cuda`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Print one JSON object: prompt_tokens, tokens, text, logprobs.
     #[arg(long)]
     pub json: bool,
@@ -462,6 +470,10 @@ pub struct EvalArgs {
     /// A stage's run folder (config.json, model.safetensors, tokenizer.json).
     #[arg(long)]
     pub run: PathBuf,
+    /// Where it computes: cpu, or cuda / cuda:N in a build with
+    /// `--features cuda`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// The synthetic corpus `lvpipe synth` wrote (answers.json and eval/).
     #[arg(long)]
     pub data: PathBuf,

@@ -329,3 +329,41 @@ fn a_stock_tokenizer_builds_shards_with_its_media_tokens_added() {
         "{err}"
     );
 }
+
+/// `--device` names a device the build can give, or says why not before any
+/// work: a build without CUDA refuses `cuda:0` by name.
+#[test]
+fn a_device_the_build_cannot_give_is_refused_by_name() {
+    let model = format!("{}/fixtures/hf/qwen2-tied", env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let run = |device: &str| {
+        lvpipe(
+            dir.path(),
+            &[
+                "generate",
+                "--model",
+                &model,
+                "--raw",
+                "--prompt",
+                "Hi",
+                "--max-new-tokens",
+                "2",
+                "--device",
+                device,
+            ],
+        )
+    };
+    let out = run("gpu:1");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--device gpu:1: expected cpu, cuda or cuda:N"),
+        "{err}"
+    );
+    if !cfg!(feature = "cuda") {
+        let out = run("cuda:0");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains("built without CUDA"), "{err}");
+    }
+}

@@ -283,6 +283,7 @@ fn train_and_evaluate(
             clip: 1.0,
             save_every: 50,
             gradient_checkpointing: false,
+            device: "cpu".into(),
         },
         &mut |event| on_event(DemoEvent::Train(event)),
     )?;

@@ -30,6 +30,11 @@ impl Evaluator {
 
     /// [`Evaluator::load`] with another tokenizer than the folder's.
     pub fn load_with(run: &Path, tokenizer: Option<&Path>) -> Result<Self> {
+        Self::load_on(run, tokenizer, &Device::Cpu)
+    }
+
+    /// [`Evaluator::load_with`] computing on `device`.
+    pub fn load_on(run: &Path, tokenizer: Option<&Path>, device: &Device) -> Result<Self> {
         let folder = lvpipe_trainer::hf::open(run)?;
         let path = match tokenizer {
             Some(p) => p.to_path_buf(),
@@ -66,7 +71,7 @@ impl Evaluator {
             // embedding grows to hold them, as for training.
             config.llm.vocab_size = tokenizer.vocab_size();
         }
-        let device = Device::Cpu;
+        let device = device.clone();
         let vars = VarMap::new();
         let model = Model::unfilled(config.clone(), &vars, &device)?;
         lvpipe_trainer::hf::load_into(&vars, &folder)?;

@@ -27,6 +27,8 @@ pub struct GenerateSettings {
     /// The prompt as tokens are, without the chat template.
     pub raw: bool,
     pub sampling: Sampling,
+    /// Where it computes: `cpu`, `cuda`, `cuda:N`.
+    pub device: String,
 }
 
 /// What `generate` made; `--json` prints it as it is.
@@ -44,7 +46,8 @@ pub struct Generation {
 /// Loads the model and generates. Media come first in the user turn, one
 /// `<image>` per image or video frame, as the training data has them.
 pub fn generate(settings: &GenerateSettings) -> Result<Generation> {
-    let ev = Evaluator::load_with(&settings.model, settings.tokenizer.as_deref())?;
+    let device = lvpipe_trainer::device::parse(&settings.device)?;
+    let ev = Evaluator::load_on(&settings.model, settings.tokenizer.as_deref(), &device)?;
     let mut pixels = Vec::new();
     let mut media = 0;
     for path in &settings.images {

@@ -41,7 +41,8 @@ pub use settings::{EvalSettings, Suite};
 /// Runs the suites of `settings` and writes `eval.json` (and the heatmaps)
 /// into `settings.out`. `on_suite` hears each suite as it starts.
 pub fn evaluate(settings: &EvalSettings, on_suite: &mut dyn FnMut(Suite)) -> Result<EvalReport> {
-    let ev = Evaluator::load(&settings.run)?;
+    let device = lvpipe_trainer::device::parse(&settings.device)?;
+    let ev = Evaluator::load_on(&settings.run, None, &device)?;
     let answers = lvpipe_synth::Answers::load(&settings.data)?;
     fs_err::create_dir_all(&settings.out)?;
     let mut report = EvalReport {

@@ -89,6 +89,8 @@ pub struct EvalSettings {
     pub video_frames: Vec<FramePolicy>,
     /// Frame policy of the clip questions.
     pub clip_frames: FramePolicy,
+    /// Where it computes: `cpu`, `cuda`, `cuda:N`.
+    pub device: String,
 }
 
 impl EvalSettings {
@@ -116,6 +118,7 @@ impl EvalSettings {
                 FramePolicy::Uniform { frames: 16 },
             ],
             clip_frames: FramePolicy::Uniform { frames: 8 },
+            device: "cpu".into(),
         }
     }
 

@@ -18,6 +18,7 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
         niah_trials: args.niah_trials,
         video_frames: args.video_frames,
         clip_frames: args.clip_frames,
+        device: args.device,
         ..EvalSettings::new(args.run, args.data, args.out, vec![])
     };
     let report = evaluate(&settings, &mut |suite| log(&format!("eval: {suite}")))?;

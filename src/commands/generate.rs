@@ -25,6 +25,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
             top_p: args.top_p,
             seed: args.seed,
         },
+        device: args.device,
     };
     let g = generate(&settings)?;
     match args.json {

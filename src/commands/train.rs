@@ -36,6 +36,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             clip: args.clip,
             save_every: args.save_every,
             gradient_checkpointing: args.gradient_checkpointing,
+            device: args.device.clone(),
         };
         chain(&c, on_event)?;
         let plots = lvpipe_eval::charts::plot_runs(out)?;
@@ -58,6 +59,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         clip: args.clip,
         save_every: args.save_every,
         gradient_checkpointing: args.gradient_checkpointing,
+        device: args.device.clone(),
     };
     train_stage(&spec, out, false, on_event)?;
     Ok(ExitCode::SUCCESS)

@@ -39,6 +39,13 @@ pub struct RunSpec {
     /// Activation checkpointing even where the stage does not ask for it.
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// Where it computes: `cpu`, `cuda`, `cuda:N` ([`crate::device::parse`]).
+    #[serde(default = "cpu")]
+    pub device: String,
+}
+
+fn cpu() -> String {
+    "cpu".to_string()
 }
 
 impl RunSpec {
@@ -114,6 +121,8 @@ pub struct Chain<'a> {
     pub save_every: u64,
     /// Activation checkpointing in every stage.
     pub gradient_checkpointing: bool,
+    /// Where the stages compute (`cpu`, `cuda:N`).
+    pub device: String,
 }
 
 /// Mixes and trains stages `first..=last` into `out/stage-N`; returns the
@@ -185,6 +194,7 @@ pub fn chain(c: &Chain, on_event: &mut dyn FnMut(TrainEvent)) -> Result<Vec<(usi
             clip: c.clip,
             save_every: c.save_every,
             gradient_checkpointing: c.gradient_checkpointing,
+            device: c.device.clone(),
         };
         let summary = train_stage(&spec, &dir, true, on_event)?;
         done.push((number, summary));
@@ -336,6 +346,7 @@ pub fn train_stage(
         clip: spec.clip,
         save_every: spec.save_every,
         gradient_checkpointing: spec.gradient_checkpointing,
+        device: crate::device::parse(&spec.device)?,
         resume,
     };
     on_event(TrainEvent::Started {

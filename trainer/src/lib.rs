@@ -28,6 +28,7 @@
 //!     clip: 1.0,
 //!     save_every: 50,
 //!     gradient_checkpointing: false,
+//!     device: "cpu".into(),
 //! };
 //! for (stage, summary) in chain(&c, &mut |_event| {})? {
 //!     println!("stage {stage}: loss {:.3} -> {:.3}", summary.first_loss, summary.last_loss);
@@ -39,6 +40,7 @@ pub mod attention;
 pub mod bench;
 pub mod chain;
 pub mod checkpoint;
+pub mod device;
 mod error;
 pub mod hf;
 pub mod memory;

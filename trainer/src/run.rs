@@ -58,6 +58,8 @@ pub struct StageRun<'a> {
     pub resume: bool,
     /// Activation checkpointing whatever the stage says.
     pub gradient_checkpointing: bool,
+    /// Where the stage computes.
+    pub device: Device,
 }
 
 /// What a stage run did.
@@ -135,7 +137,7 @@ impl<'a> Training<'a> {
     /// where the stage trains them, and the optimizer.
     fn init(run: &'a StageRun) -> Result<Self> {
         let stage = run.recipe.stage(run.stage)?;
-        let device = Device::Cpu;
+        let device = run.device.clone();
         let planned = stage
             .steps
             .unwrap_or(u64::from(stage.epochs.unwrap_or(1)) * run.mix.steps_per_epoch());
@@ -360,6 +362,10 @@ impl<'a> Training<'a> {
     /// Refuses a step whose micro-batches would not fit in the memory left,
     /// by [`memory::step_bytes`], instead of letting an allocation abort it.
     fn check_memory(&self, run: &StageRun, rows: &[(Row, &[String])], micro: usize) -> Result<()> {
+        if !self.device.is_cpu() {
+            // The estimate is of host memory; a GPU's is not estimated.
+            return Ok(());
+        }
         let c = &self.config;
         let per_media = c.tokens_per_media() as u64;
         let mut worst = (0u64, Vec::new());

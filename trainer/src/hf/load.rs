@@ -513,8 +513,10 @@ pub fn load_into(vars: &VarMap, folder: &Folder) -> Result<BTreeSet<Part>> {
             tensor = grow_rows(&tensor, rows)
                 .map_err(|e| bad(&stored.file, format!("growing `{name}`: {e}")))?;
         }
-        data[name]
-            .set(&tensor)
+        let var = &data[name];
+        tensor
+            .to_device(var.device())
+            .and_then(|t| var.set(&t))
             .map_err(|e| bad(&folder.path, format!("`{name}`: {e}")))?;
     }
     Ok(parts)
