@@ -139,6 +139,36 @@ fn small_batch_recipe(dir: &std::path::Path) -> String {
     path.to_str().unwrap().to_string()
 }
 
+/// `train --stages 1-2` of `recipe` over `shards` into `out`, 4 steps a
+/// stage, a checkpoint every 2, and `extra` arguments.
+fn train_two_stages(
+    corpus: &std::path::Path,
+    recipe: &str,
+    shards: &str,
+    out: &str,
+    extra: &[&str],
+) -> std::process::Output {
+    let mut args = vec![
+        "train",
+        "--recipe",
+        recipe,
+        "--stages",
+        "1-2",
+        "--shards",
+        shards,
+        "--tokenizer",
+        "raw/tokenizer.json",
+        "--out",
+        out,
+        "--steps",
+        "4",
+        "--save-every",
+        "2",
+    ];
+    args.extend(extra);
+    lvpipe(corpus, &args)
+}
+
 fn losses(run: &str) -> Vec<(u64, f64)> {
     std::fs::read_to_string(format!("{run}/metrics.jsonl"))
         .unwrap()
@@ -158,27 +188,7 @@ fn a_killed_chain_resumes_with_the_same_losses_and_its_lineage_is_queryable() {
     let shards = d("shards");
     lvpipe_ok(corpus, &build_args(&shards, &[]));
     let recipe = small_batch_recipe(dir.path());
-    let chain = |out: &str, extra: &[&str]| {
-        let mut args = vec![
-            "train",
-            "--recipe",
-            &recipe,
-            "--stages",
-            "1-2",
-            "--shards",
-            &shards,
-            "--tokenizer",
-            "raw/tokenizer.json",
-            "--out",
-            out,
-            "--steps",
-            "4",
-            "--save-every",
-            "2",
-        ];
-        args.extend(extra);
-        lvpipe(corpus, &args)
-    };
+    let chain = |out: &str, extra: &[&str]| train_two_stages(corpus, &recipe, &shards, out, extra);
     let (a, b) = (d("runs-a"), d("runs-b"));
     let out = chain(&a, &[]);
     assert!(
@@ -474,25 +484,7 @@ fn light_optimizers_and_checkpointing_resume_with_the_same_losses() {
     std::fs::write(&light_recipe, light).unwrap();
     std::fs::write(&plain_recipe, plain).unwrap();
     let chain = |recipe: &str, out: &str, extra: &[&str]| {
-        let mut args = vec![
-            "train",
-            "--recipe",
-            recipe,
-            "--stages",
-            "1-2",
-            "--shards",
-            &shards,
-            "--tokenizer",
-            "raw/tokenizer.json",
-            "--out",
-            out,
-            "--steps",
-            "4",
-            "--save-every",
-            "2",
-        ];
-        args.extend(extra);
-        lvpipe(corpus, &args)
+        train_two_stages(corpus, recipe, &shards, out, extra)
     };
     let (a, b, c) = (d("runs-a"), d("runs-b"), d("runs-c"));
     let out = chain(&light_recipe, &a, &[]);

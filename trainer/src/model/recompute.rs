@@ -117,6 +117,7 @@ impl CustomOp1 for Checkpoint {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
         let y = self.output()?;
         let (storage, at) = y.storage_and_layout();
         let Storage::Cuda(storage) = &*storage else {
