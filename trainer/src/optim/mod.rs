@@ -1,5 +1,5 @@
 //! The optimizers a stage chooses with `optimizer = "adamw" | "adamw8bit" |
-//! "adafactor"`, over the trainable parameters of a [`VarMap`], their state
+//! "adafactor"`, over the trainable parameters of a `VarMap`, their state
 //! named like the parameters for checkpoints.
 //!
 //! | optimizer   | state per parameter                 | checkpoint names                          |
