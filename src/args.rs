@@ -187,6 +187,11 @@ pub struct TrainArgs {
     /// `--features cuda`.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// What activations are computed in: f32, or bf16 (mixed precision:
+    /// the weights and optimizer state stay f32; norms, softmaxes and the
+    /// loss run in f32).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
     /// Recompute each layer in the backward pass instead of keeping its
     /// activations (as a stage's `gradient_checkpointing = true`): memory
     /// of one layer instead of all, for one more forward pass.

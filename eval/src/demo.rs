@@ -284,6 +284,7 @@ fn train_and_evaluate(
             save_every: 50,
             gradient_checkpointing: false,
             device: "cpu".into(),
+            dtype: "f32".into(),
         },
         &mut |event| on_event(DemoEvent::Train(event)),
     )?;

@@ -37,6 +37,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             save_every: args.save_every,
             gradient_checkpointing: args.gradient_checkpointing,
             device: args.device.clone(),
+            dtype: args.dtype.clone(),
         };
         chain(&c, on_event)?;
         let plots = lvpipe_eval::charts::plot_runs(out)?;
@@ -60,6 +61,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         save_every: args.save_every,
         gradient_checkpointing: args.gradient_checkpointing,
         device: args.device.clone(),
+        dtype: args.dtype.clone(),
     };
     train_stage(&spec, out, false, on_event)?;
     Ok(ExitCode::SUCCESS)

@@ -18,7 +18,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor, bail};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, bail};
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
@@ -62,6 +62,11 @@ fn attention_keeping(
     scale: f32,
     keep_bytes: usize,
 ) -> Result<Tensor> {
+    if q.dtype() != DType::F32 {
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        return attention_keeping(&f32(q)?, &f32(k)?, &f32(v)?, starts, scale, keep_bytes)?
+            .to_dtype(q.dtype());
+    }
     if q.device().is_cpu() {
         return q.contiguous()?.apply_op3(
             &k.contiguous()?,

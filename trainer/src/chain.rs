@@ -42,6 +42,14 @@ pub struct RunSpec {
     /// Where it computes: `cpu`, `cuda`, `cuda:N` ([`crate::device::parse`]).
     #[serde(default = "cpu")]
     pub device: String,
+    /// What activations are computed in: `f32` or `bf16`
+    /// ([`crate::device::parse_dtype`]).
+    #[serde(default = "f32")]
+    pub dtype: String,
+}
+
+fn f32() -> String {
+    "f32".to_string()
 }
 
 fn cpu() -> String {
@@ -123,6 +131,8 @@ pub struct Chain<'a> {
     pub gradient_checkpointing: bool,
     /// Where the stages compute (`cpu`, `cuda:N`).
     pub device: String,
+    /// What activations are computed in (`f32`, `bf16`).
+    pub dtype: String,
 }
 
 /// Mixes and trains stages `first..=last` into `out/stage-N`; returns the
@@ -195,6 +205,7 @@ pub fn chain(c: &Chain, on_event: &mut dyn FnMut(TrainEvent)) -> Result<Vec<(usi
             save_every: c.save_every,
             gradient_checkpointing: c.gradient_checkpointing,
             device: c.device.clone(),
+            dtype: c.dtype.clone(),
         };
         let summary = train_stage(&spec, &dir, true, on_event)?;
         done.push((number, summary));
@@ -347,6 +358,7 @@ pub fn train_stage(
         save_every: spec.save_every,
         gradient_checkpointing: spec.gradient_checkpointing,
         device: crate::device::parse(&spec.device)?,
+        dtype: crate::device::parse_dtype(&spec.dtype)?,
         resume,
     };
     on_event(TrainEvent::Started {

@@ -1,7 +1,8 @@
 //! Which device a command computes on, as `--device` names it: `cpu`, or
-//! `cuda` / `cuda:N` in a build with `--features cuda`.
+//! `cuda` / `cuda:N` in a build with `--features cuda`; and in which
+//! precision (`--dtype`).
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 use crate::{Error, Result};
 
@@ -30,6 +31,21 @@ pub fn parse(spec: &str) -> Result<Device> {
     }
 }
 
+/// The compute dtype `spec` names (`--dtype`): `f32`, or `bf16` (mixed
+/// precision over f32 master weights).
+pub fn parse_dtype(spec: &str) -> Result<DType> {
+    match spec {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        "f16" => Err(Error::Config(
+            "--dtype f16: f16 needs loss scaling, which lvpipe does not have yet; use bf16".into(),
+        )),
+        other => Err(Error::Config(format!(
+            "--dtype {other}: expected f32 or bf16"
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -45,5 +61,12 @@ mod tests {
             let err = parse("cuda:0").unwrap_err().to_string();
             assert!(err.contains("built without CUDA"), "{err}");
         }
+        assert_eq!(parse_dtype("bf16").unwrap(), DType::BF16);
+        assert!(
+            parse_dtype("f16")
+                .unwrap_err()
+                .to_string()
+                .contains("loss scaling")
+        );
     }
 }

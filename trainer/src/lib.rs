@@ -29,6 +29,7 @@
 //!     save_every: 50,
 //!     gradient_checkpointing: false,
 //!     device: "cpu".into(),
+//!     dtype: "f32".into(),
 //! };
 //! for (stage, summary) in chain(&c, &mut |_event| {})? {
 //!     println!("stage {stage}: loss {:.3} -> {:.3}", summary.first_loss, summary.last_loss);

@@ -60,6 +60,8 @@ pub struct StageRun<'a> {
     pub gradient_checkpointing: bool,
     /// Where the stage computes.
     pub device: Device,
+    /// What activations are computed in (the weights stay f32).
+    pub dtype: candle_core::DType,
 }
 
 /// What a stage run did.
@@ -184,6 +186,7 @@ impl<'a> Training<'a> {
         }
         let checkpointing = stage.gradient_checkpointing || run.gradient_checkpointing;
         model.set_gradient_checkpointing(checkpointing);
+        model.set_compute_dtype(run.dtype);
         let mut opt = Optimizer::new(&vars, &modules, stage.optimizer).context("optimizer")?;
         (opt.beta2, opt.weight_decay) = stage.adamw();
         let trainable_params = {

@@ -53,14 +53,19 @@ impl Linear {
     }
 
     /// `x` is [.., inp].
+    /// The weights take `x`'s dtype (half-precision compute over f32
+    /// master weights, whose gradients come back in f32).
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = x.broadcast_matmul(&self.w.t()?)?;
+        let like = |w: &Tensor| w.to_dtype(x.dtype());
+        let mut y = x.broadcast_matmul(&like(&self.w)?.t()?)?;
         if let Some(l) = &self.lora {
-            let low = x.broadcast_matmul(&l.a.t()?)?.broadcast_matmul(&l.b.t()?)?;
+            let low = x
+                .broadcast_matmul(&like(&l.a)?.t()?)?
+                .broadcast_matmul(&like(&l.b)?.t()?)?;
             y = (y + (low * l.scale)?)?;
         }
         match &self.b {
-            Some(b) => y.broadcast_add(b),
+            Some(b) => y.broadcast_add(&like(b)?),
             None => Ok(y),
         }
     }
@@ -86,12 +91,18 @@ impl LayerNorm {
         [self.w.clone(), self.b.clone()]
     }
 
+    /// In f32 whatever `x`'s dtype; the result in `x`'s.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = x.to_dtype(candle_core::DType::F32)?;
         let mean = x.mean_keepdim(D::Minus1)?;
         let centred = x.broadcast_sub(&mean)?;
         let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        normed.broadcast_mul(&self.w)?.broadcast_add(&self.b)
+        normed
+            .broadcast_mul(&self.w)?
+            .broadcast_add(&self.b)?
+            .to_dtype(dtype)
     }
 }
 

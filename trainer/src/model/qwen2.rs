@@ -155,7 +155,7 @@ impl DecoderLayer {
                 })
             })
             .collect();
-        let mask = Tensor::from_vec(mask, (rows, total), x.device())?;
+        let mask = Tensor::from_vec(mask, (rows, total), x.device())?.to_dtype(scores.dtype())?;
         let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
         let y = probs.matmul(&v)?;
         *cache = Some((k, v));

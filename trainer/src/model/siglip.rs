@@ -155,11 +155,12 @@ impl VisionTower {
             .permute((0, 2, 4, 1, 3, 5))?
             .contiguous()?
             .reshape((n, g * g, 3 * p * p))?;
-        let w = self.patch_embedding.reshape((self.hidden, 3 * p * p))?;
+        let like = |t: &Tensor| t.to_dtype(pixels.dtype());
+        let w = like(&self.patch_embedding)?.reshape((self.hidden, 3 * p * p))?;
         let mut x = patches
             .broadcast_matmul(&w.t()?)?
-            .broadcast_add(&self.patch_bias)?
-            .broadcast_add(&self.position_embedding)?;
+            .broadcast_add(&like(&self.patch_bias)?)?
+            .broadcast_add(&like(&self.position_embedding)?)?;
         for block in &self.blocks {
             x = match &self.recompute {
                 Some(r) => {

@@ -69,6 +69,8 @@ pub struct Model {
     llm: Decoder,
     /// Set: activation checkpointing ([`Model::set_gradient_checkpointing`]).
     recompute: Option<Arc<Recompute>>,
+    /// What activations are computed in ([`Model::set_compute_dtype`]).
+    dtype: DType,
 }
 
 impl Model {
@@ -109,6 +111,7 @@ impl Model {
             llm: Decoder::new(&vb.pp("llm"), &config)?,
             config,
             recompute: None,
+            dtype: DType::F32,
         })
     }
 
@@ -138,6 +141,14 @@ impl Model {
             tower.recompute = recompute.clone();
         }
         self.recompute = recompute;
+    }
+
+    /// Computes activations in `dtype` (bf16: mixed precision): the
+    /// parameters stay f32 (the optimizer's master weights, their gradients
+    /// f32), each layer reads them cast to `dtype`; norms, softmaxes,
+    /// attention's accumulation and the loss run in f32.
+    pub fn set_compute_dtype(&mut self, dtype: DType) {
+        self.dtype = dtype;
     }
 
     /// Adds the parameter gradients that checkpointed blocks computed during
@@ -202,7 +213,7 @@ impl Model {
                 row.pixels.len() / (3 * s * s)
             )));
         };
-        let px = Tensor::from_slice(pixels, (n_media, 3, s, s), device)?;
+        let px = Tensor::from_slice(pixels, (n_media, 3, s, s), device)?.to_dtype(self.dtype)?;
         Ok(Some(self.project(&self.encode_images(&px)?)?))
     }
 
@@ -229,7 +240,7 @@ impl Model {
                 i += 1;
             }
             let ids: Vec<u32> = e.tokens[start..i].iter().flatten().copied().collect();
-            parts.push(self.llm.embed_tokens(&ids, device)?);
+            parts.push(self.llm.embed_tokens(&ids, device)?.to_dtype(self.dtype)?);
         }
         Tensor::cat(&parts, 0)
     }
@@ -392,7 +403,10 @@ impl Model {
             if stop.contains(&next) {
                 break;
             }
-            x = self.llm.embed_tokens(&[next], device)?;
+            x = self
+                .llm
+                .embed_tokens(&[next], device)?
+                .to_dtype(self.dtype)?;
         }
         Ok(out)
     }

@@ -16,11 +16,13 @@
 //! backward passes that yield two gradients write both in that pass.
 //!
 //! Other devices (CUDA) take the plain-op path, which computes the same
-//! function; the tests check the two against each other.
+//! function; the tests check the two against each other. Half-precision
+//! inputs are computed in f32 and handed back in their type (the loss stays
+//! f32), as PyTorch's autocast keeps norms, softmaxes and losses in f32.
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, D, Layout, Result, Tensor, bail};
+use candle_core::{CpuStorage, D, DType, Layout, Result, Tensor, bail};
 
 mod adam;
 mod cross_entropy;
@@ -39,6 +41,9 @@ use swiglu::SwiGlu;
 /// Softmax over the last dimension of `scale` times `x` (the vision tower's
 /// full attention).
 pub fn softmax_last_dim(x: &Tensor, scale: f32) -> Result<Tensor> {
+    if x.dtype() != DType::F32 {
+        return softmax_last_dim(&x.to_dtype(DType::F32)?, scale)?.to_dtype(x.dtype());
+    }
     if x.device().is_cpu() {
         return x.contiguous()?.apply_op1(FullSoftmax { scale });
     }
@@ -47,6 +52,10 @@ pub fn softmax_last_dim(x: &Tensor, scale: f32) -> Result<Tensor> {
 
 /// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * w`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    if x.dtype() != DType::F32 {
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        return rms_norm(&f32(x)?, &f32(w)?, eps)?.to_dtype(x.dtype());
+    }
     if x.device().is_cpu() {
         return x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps });
     }
@@ -55,6 +64,10 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
 
 /// SwiGLU's gate: `silu(gate) * up`, elementwise.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if gate.dtype() != DType::F32 {
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        return swiglu(&f32(gate)?, &f32(up)?)?.to_dtype(gate.dtype());
+    }
     if gate.device().is_cpu() {
         return gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu);
     }
@@ -75,6 +88,9 @@ pub struct Rope {
 /// "rotate half" layout): one pass instead of a transpose copy and the
 /// nine ops of the rotation, forward and backward.
 pub fn rope_heads(x: &Tensor, n: usize, rope: &Arc<Rope>) -> Result<Tensor> {
+    if x.dtype() != DType::F32 {
+        return rope_heads(&x.to_dtype(DType::F32)?, n, rope)?.to_dtype(x.dtype());
+    }
     if x.device().is_cpu() {
         return x.contiguous()?.apply_op1(RopeHeads {
             heads: n,
@@ -88,6 +104,10 @@ pub fn rope_heads(x: &Tensor, n: usize, rope: &Arc<Rope>) -> Result<Tensor> {
 /// Per-row negative log-likelihood of `targets` (u32, `[N]`) under `logits`
 /// (`[N, V]`): `logsumexp(row) - row[target]`.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if logits.dtype() != DType::F32 {
+        // The loss stays in f32.
+        return cross_entropy(&logits.to_dtype(DType::F32)?, targets);
+    }
     if logits.device().is_cpu() {
         return logits
             .contiguous()?
