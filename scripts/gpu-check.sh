@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Trains on DEVICE in bf16 and on the CPU in f32 from the same fresh weights
+# and mixes: 50 steps of recipes/tiny.toml's stage 3, then 20 steps of its
+# stage 4 with activation checkpointing. Prints both loss curves and fails
+# when a step's losses differ by more than TOL (default 0.05) of the f32 one.
+#
+#   scripts/gpu-check.sh [LVPIPE] [DEVICE] [WORK]
+#
+# LVPIPE: an lvpipe binary (built with `--features cuda` for a GPU; default
+# target/release/lvpipe). DEVICE: cuda:0 (default), or cpu to check bf16 on
+# the CPU. WORK: a scratch folder (default: a new temporary one).
+set -euo pipefail
+
+LVPIPE=${1:-target/release/lvpipe}
+DEVICE=${2:-cuda:0}
+WORK=${3:-$(mktemp -d)}
+TOL=${TOL:-0.05}
+RECIPE="$(cd "$(dirname "$0")/.." && pwd)/recipes/tiny.toml"
+mkdir -p "$WORK"
+
+"$LVPIPE" synth --out "$WORK/raw" --scale tiny
+"$LVPIPE" build-shards --registry "$WORK/raw/registry.toml" \
+    --tokenizer "$WORK/raw/tokenizer.json" --out "$WORK/shards"
+for stage in 3 4; do
+    "$LVPIPE" mix --recipe "$RECIPE" --stage "$stage" --shards "$WORK/shards" --out "$WORK/mixes"
+done
+
+# train NAME DEVICE DTYPE: stage 3 from fresh weights, then stage 4 from it.
+train() {
+    local out="$WORK/$1"
+    "$LVPIPE" train --recipe "$RECIPE" --stage 3 --mix "$WORK/mixes/stage-3" \
+        --tokenizer "$WORK/raw/tokenizer.json" --out "$out/stage-3" --steps 50 \
+        --device "$2" --dtype "$3"
+    "$LVPIPE" train --recipe "$RECIPE" --stage 4 --mix "$WORK/mixes/stage-4" \
+        --tokenizer "$WORK/raw/tokenizer.json" --out "$out/stage-4" --steps 20 \
+        --init "$out/stage-3" --gradient-checkpointing --device "$2" --dtype "$3"
+}
+train reference cpu f32
+train checked "$DEVICE" bf16
+
+python3 - "$WORK" "$DEVICE" "$TOL" <<'PY'
+import json, sys
+work, device, tol = sys.argv[1], sys.argv[2], float(sys.argv[3])
+def losses(run):
+    with open(f"{work}/{run}/metrics.jsonl") as f:
+        return [json.loads(line)["loss"] for line in f]
+worst = 0.0
+for stage in ("stage-3", "stage-4"):
+    ref, got = losses(f"reference/{stage}"), losses(f"checked/{stage}")
+    assert len(ref) == len(got), f"{stage}: {len(ref)} and {len(got)} steps"
+    print(f"{stage}: step, cpu f32 loss, {device} bf16 loss")
+    for step, (r, g) in enumerate(zip(ref, got), 1):
+        worst = max(worst, abs(r - g) / abs(r))
+        print(f"  {step:3d} {r:.4f} {g:.4f}")
+print(f"largest difference: {worst:.2%} of the f32 loss (tolerance {tol:.0%})")
+sys.exit(0 if worst <= tol else 1)
+PY
