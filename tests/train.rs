@@ -169,6 +169,24 @@ fn train_two_stages(
     lvpipe(corpus, &args)
 }
 
+/// Stages 1 and 2 of chains `a` and `b` ran 4 steps each with the same
+/// losses and ended with the same weights, byte for byte.
+fn same_two_stages(a: &str, b: &str) {
+    for stage in ["stage-1", "stage-2"] {
+        let (la, lb) = (
+            losses(&format!("{a}/{stage}")),
+            losses(&format!("{b}/{stage}")),
+        );
+        assert_eq!(la.len(), 4);
+        assert_eq!(la, lb, "{stage}: the resumed run's losses differ");
+        assert_eq!(
+            std::fs::read(format!("{a}/{stage}/model.safetensors")).unwrap(),
+            std::fs::read(format!("{b}/{stage}/model.safetensors")).unwrap(),
+            "{stage}"
+        );
+    }
+}
+
 fn losses(run: &str) -> Vec<(u64, f64)> {
     std::fs::read_to_string(format!("{run}/metrics.jsonl"))
         .unwrap()
@@ -223,19 +241,7 @@ fn a_killed_chain_resumes_with_the_same_losses_and_its_lineage_is_queryable() {
         out.status.success() && err.contains("finished earlier"),
         "{err}"
     );
-    for stage in ["stage-1", "stage-2"] {
-        let (la, lb) = (
-            losses(&format!("{a}/{stage}")),
-            losses(&format!("{b}/{stage}")),
-        );
-        assert_eq!(la.len(), 4);
-        assert_eq!(la, lb, "{stage}: the resumed run's losses differ");
-        assert_eq!(
-            std::fs::read(format!("{a}/{stage}/model.safetensors")).unwrap(),
-            std::fs::read(format!("{b}/{stage}/model.safetensors")).unwrap(),
-            "{stage}"
-        );
-    }
+    same_two_stages(&a, &b);
     // Stage 1 keeps the model's RoPE base; stage 2 raises it halfway through
     // and hands the raised base on.
     let bases = |stage: &str| -> Vec<f64> {
@@ -501,19 +507,7 @@ fn light_optimizers_and_checkpointing_resume_with_the_same_losses() {
         let err = lvpipe_ok_stderr(corpus, &["train", "--resume", &format!("{b}/{stage}")]);
         assert!(err.contains("resumed after step 2"), "{stage}: {err}");
     }
-    for stage in ["stage-1", "stage-2"] {
-        let (la, lb) = (
-            losses(&format!("{a}/{stage}")),
-            losses(&format!("{b}/{stage}")),
-        );
-        assert_eq!(la.len(), 4);
-        assert_eq!(la, lb, "{stage}: the resumed run's losses differ");
-        assert_eq!(
-            std::fs::read(format!("{a}/{stage}/model.safetensors")).unwrap(),
-            std::fs::read(format!("{b}/{stage}/model.safetensors")).unwrap(),
-            "{stage}"
-        );
-    }
+    same_two_stages(&a, &b);
     let state = |stage: &str| -> Vec<String> {
         let bytes = std::fs::read(format!("{a}/{stage}/optimizer.safetensors")).unwrap();
         let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
