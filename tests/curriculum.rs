@@ -166,12 +166,7 @@ fn mix_is_reproducible_and_streams_what_plan_promised() {
         .map(|m| dir.path().join(m).to_str().unwrap().to_string())
         .collect();
     for out in &mixes {
-        lvpipe_ok(
-            tiny_corpus(),
-            &[
-                "mix", "--recipe", recipe, "--stage", "1", "--shards", &shards, "--out", out,
-            ],
-        );
+        mix_ok(tiny_corpus(), recipe, "1", &shards, out);
     }
     for file in [
         "samples.arrow",
@@ -294,19 +289,12 @@ fn sequential_stage_streams_its_sources_in_turn_every_epoch() {
         let recipe = dir.path().join(format!("{name}.toml"));
         std::fs::write(&recipe, recipe_text).unwrap();
         let out = dir.path().join(name);
-        lvpipe_ok(
+        mix_ok(
             tiny_corpus(),
-            &[
-                "mix",
-                "--recipe",
-                recipe.to_str().unwrap(),
-                "--stage",
-                "1",
-                "--shards",
-                &shards,
-                "--out",
-                out.to_str().unwrap(),
-            ],
+            recipe.to_str().unwrap(),
+            "1",
+            &shards,
+            out.to_str().unwrap(),
         );
         let mix = lvpipe_pipeline::Mix::open(&out.join("stage-1")).unwrap();
         let steps = mix.steps_per_epoch();

@@ -34,20 +34,7 @@ fn a_run_generates_exports_and_starts_a_stage_from_its_export() {
     let d = |p: &str| dir.path().join(p).to_str().unwrap().to_string();
     let recipe = exportable_recipe(dir.path());
     lvpipe_ok(corpus, &build_args(&d("shards"), &[]));
-    lvpipe_ok(
-        corpus,
-        &[
-            "mix",
-            "--recipe",
-            &recipe,
-            "--stage",
-            "3",
-            "--shards",
-            &d("shards"),
-            "--out",
-            &d("mixes"),
-        ],
-    );
+    mix_ok(corpus, &recipe, "3", &d("shards"), &d("mixes"));
     let train = |out: &str, init: Option<&str>| {
         let mix = d("mixes/stage-3");
         let mut args = vec![
@@ -290,20 +277,7 @@ fn a_stock_tokenizer_builds_shards_with_its_media_tokens_added() {
     let recipe = format!("{}/recipes/tiny.toml", env!("CARGO_MANIFEST_DIR"));
     let mixes = dir.path().join("mixes");
     // (mix does not look at ids; train refuses before it starts.)
-    lvpipe_ok(
-        corpus,
-        &[
-            "mix",
-            "--recipe",
-            &recipe,
-            "--stage",
-            "2",
-            "--shards",
-            shards,
-            "--out",
-            mixes.to_str().unwrap(),
-        ],
-    );
+    mix_ok(corpus, &recipe, "2", shards, mixes.to_str().unwrap());
     let mix = mixes.join("stage-2");
     let run = dir.path().join("run");
     let out = lvpipe(

@@ -17,20 +17,7 @@ fn stages_train_checkpoint_and_hand_over() {
     lvpipe_ok(corpus, &build_args(&shards, &[]));
     let recipe = recipe();
     for stage in ["2", "3"] {
-        lvpipe_ok(
-            corpus,
-            &[
-                "mix",
-                "--recipe",
-                &recipe,
-                "--stage",
-                stage,
-                "--shards",
-                &shards,
-                "--out",
-                &d("mixes"),
-            ],
-        );
+        mix_ok(corpus, &recipe, stage, &shards, &d("mixes"));
     }
     let train = |stage: &str, out: &str, extra: &[&str]| {
         let mix = d(&format!("mixes/stage-{stage}"));

@@ -72,6 +72,17 @@ pub fn build_args<'a>(out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     args
 }
 
+/// `lvpipe mix` of one stage of `recipe` over `shards` into `out`, which
+/// must succeed.
+pub fn mix_ok(cwd: &Path, recipe: &str, stage: &str, shards: &str, out: &str) -> String {
+    lvpipe_ok(
+        cwd,
+        &[
+            "mix", "--recipe", recipe, "--stage", stage, "--shards", shards, "--out", out,
+        ],
+    )
+}
+
 /// Rows of `sql --format json` as JSON objects.
 pub fn sql_json(cwd: &Path, shards: &str, query: &str) -> Vec<serde_json::Value> {
     lvpipe_ok(cwd, &["sql", "--shards", shards, "--format", "json", query])

@@ -37,7 +37,7 @@ const KEYS: usize = 512;
 /// recomputing them: short rows skip the extra `Q K^T` (7% of a step at
 /// 2,048 and 8,192 tokens, `lvpipe bench-memory`), long ones stay linear.
 /// 2,048 tokens with the tiny recipe's 4 heads keep 35 MB.
-const KEEP_BYTES: usize = 64 << 20;
+pub(crate) const KEEP_BYTES: usize = 64 << 20;
 
 /// Attention of `q` `[kv, group * T, dh]` (the `group` query heads of each
 /// KV head stacked, as Qwen2 orders them) over `k` and `v` `[kv, T, dh]`:

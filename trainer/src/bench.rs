@@ -85,15 +85,9 @@ pub fn train_step_bench(steps: usize) -> Result<serde_json::Value> {
             )
         })
         .collect();
-    let mut times = Vec::new();
-    for step in 0..steps.max(1) + 2 {
-        let start = Instant::now();
-        train_step(&model, &mut opt, &rows, rows.len(), 1e-4, 1.0, &device)?;
-        if step >= 2 {
-            times.push(start.elapsed().as_secs_f64());
-        }
-    }
-    times.sort_by(f64::total_cmp);
+    let times = timed(2, steps, || {
+        train_step(&model, &mut opt, &rows, rows.len(), 1e-4, 1.0, &device).map(|_| ())
+    })?;
     let tokens = (rows_n * t) as f64;
     Ok(serde_json::json!({
         "bench": "train step, 4 x 512 tokens, 4 layers d256",
@@ -159,15 +153,9 @@ pub fn memory_step_bench(
         .map(|v| v.as_tensor().elem_count())
         .sum();
     let before = resident_bytes().1;
-    let mut times = Vec::new();
-    for step in 0..steps.max(1) + 1 {
-        let start = Instant::now();
-        train_step(&model, &mut opt, &rows, 1, 1e-4, 1.0, &device)?;
-        if step > 0 {
-            times.push(start.elapsed().as_secs_f64());
-        }
-    }
-    times.sort_by(f64::total_cmp);
+    let times = timed(1, steps, || {
+        train_step(&model, &mut opt, &rows, 1, 1e-4, 1.0, &device).map(|_| ())
+    })?;
     let (peak, _) = resident_bytes();
     let mb = |b: Option<u64>| b.map(|b| (b as f64 / 1e6).round());
     Ok(serde_json::json!({
@@ -182,4 +170,20 @@ pub fn memory_step_bench(
         "tokens_per_s": context as f64 / times[0],
         "threads": rayon::current_num_threads(),
     }))
+}
+
+/// Runs `step` `warmup` times untimed, then `steps` times (at least once)
+/// timed; the timed seconds, fastest first.
+fn timed(warmup: usize, steps: usize, mut step: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+    for _ in 0..warmup {
+        step()?;
+    }
+    let mut times = (0..steps.max(1))
+        .map(|_| {
+            let start = Instant::now();
+            step().map(|()| start.elapsed().as_secs_f64())
+        })
+        .collect::<Result<Vec<_>>>()?;
+    times.sort_by(f64::total_cmp);
+    Ok(times)
 }

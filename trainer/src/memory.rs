@@ -2,8 +2,8 @@
 //! step that cannot fit fails with a clear error instead of an allocation
 //! abort.
 //!
-//! Attention keeps at most [`KEEP_BYTES`](crate::attention) of
-//! probabilities per layer and recomputes the rest, so a step's memory is
+//! Attention keeps at most `attention::KEEP_BYTES` of probabilities per
+//! layer and recomputes the rest, so a step's memory is
 //! linear in its tokens: each token's activations in every layer (in one
 //! layer, plus every layer's input, with activation checkpointing) and its
 //! logits (a chunk of them with checkpointing). The coefficients come from
@@ -21,14 +21,6 @@ fn layer_floats(hidden: u64, intermediate: u64) -> u64 {
     24 * hidden + 10 * intermediate
 }
 
-/// Bytes of probabilities one attention call keeps at most (see
-/// `attention::KEEP_BYTES`).
-const KEPT_PROBABILITIES: u64 = 64 << 20;
-
-/// Rows of logits that exist at a time with checkpointing (the model's
-/// `HEAD_CHUNK`).
-const HEAD_CHUNK: u64 = 2048;
-
 /// What a step needs besides its tokens: worker threads' buffers, the
 /// allocator's slack.
 const FIXED: u64 = 128 << 20;
@@ -42,11 +34,11 @@ pub fn step_bytes(config: &Config, lengths: &[u64], loss_tokens: u64, checkpoint
     let layer = layer_floats(hidden, c.intermediate_size as u64);
     let tokens: u64 = lengths.iter().sum();
     let kept: u64 = lengths.iter().map(|&n| n * n / 2 * heads * 4).sum::<u64>();
-    let kept = kept.min(KEPT_PROBABILITIES);
+    let kept = kept.min(crate::attention::KEEP_BYTES as u64);
     let (activations, logits, kept) = match checkpointing {
         true => (
             tokens * (2 * layer + (layers + 2) * hidden) * 4,
-            loss_tokens.min(HEAD_CHUNK) * vocab * 4 * 3,
+            loss_tokens.min(crate::model::HEAD_CHUNK as u64) * vocab * 4 * 3,
             kept,
         ),
         false => (

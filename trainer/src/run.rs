@@ -123,8 +123,6 @@ struct Training<'a> {
     init_fingerprint: String,
     rope_base: f64,
     lr: f64,
-    /// Activation checkpointing is on.
-    checkpointing: bool,
 }
 
 /// The losses and tokens of the steps this process ran.
@@ -184,8 +182,8 @@ impl<'a> Training<'a> {
                 .attach_lora(&vars, r, alpha, stage.seed)
                 .context("LoRA adapters")?;
         }
-        let checkpointing = stage.gradient_checkpointing || run.gradient_checkpointing;
-        model.set_gradient_checkpointing(checkpointing);
+        model
+            .set_gradient_checkpointing(stage.gradient_checkpointing || run.gradient_checkpointing);
         model.set_compute_dtype(run.dtype);
         let mut opt = Optimizer::new(&vars, &modules, stage.optimizer).context("optimizer")?;
         (opt.beta2, opt.weight_decay) = stage.adamw();
@@ -208,7 +206,6 @@ impl<'a> Training<'a> {
             mix_fingerprint: run.mix.meta.data_fingerprint(),
             init_fingerprint,
             lr: 0.0,
-            checkpointing,
         })
     }
 
@@ -384,7 +381,7 @@ impl<'a> Training<'a> {
                     loss += mask.iter().map(|&m| u64::from(m)).sum::<u64>();
                 }
             }
-            let need = memory::step_bytes(c, &lengths, loss, self.checkpointing);
+            let need = memory::step_bytes(c, &lengths, loss, self.model.gradient_checkpointing());
             if need > worst.0 {
                 worst = (need, lengths);
             }

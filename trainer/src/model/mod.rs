@@ -28,6 +28,7 @@ pub use config::{
     SelectFeature, SiglipVisionConfig,
 };
 pub use init::init_seeded;
+pub(crate) use vila::HEAD_CHUNK;
 pub use vila::{Generated, Model, Sampling};
 
 /// One packed row as the model takes it.

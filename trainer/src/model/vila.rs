@@ -151,6 +151,11 @@ impl Model {
         self.dtype = dtype;
     }
 
+    /// Whether activation checkpointing is on.
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.recompute.is_some()
+    }
+
     /// Adds the parameter gradients that checkpointed blocks computed during
     /// the backward pass to that pass's `grads`; nothing without
     /// checkpointing.

@@ -1,43 +1,28 @@
-//! The softmax kernels: a row over its visible keys (shared with the
-//! decoder's attention), and the vision tower's full softmax with its
-//! gradient.
+//! The vision tower's full softmax with its gradient.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::*;
 
-/// Softmax of `scale * row` over `keys`, written to `out` (zero elsewhere).
-fn softmax_row(row: &[f32], out: &mut [f32], keys: std::ops::RangeInclusive<usize>, scale: f32) {
-    out.fill(0.0);
-    let (lo, hi) = (*keys.start(), *keys.end());
-    let src = &row[lo..=hi];
-    let dst = &mut out[lo..=hi];
-    let max = src.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+/// Softmax of `scale * row`, written to `out`.
+fn softmax_row(row: &[f32], out: &mut [f32], scale: f32) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0f32;
-    for (d, &s) in dst.iter_mut().zip(src) {
+    for (d, &s) in out.iter_mut().zip(row) {
         *d = ((s - max) * scale).exp();
         sum += *d;
     }
     let inv = 1.0 / sum;
-    for d in dst.iter_mut() {
+    for d in out.iter_mut() {
         *d *= inv;
     }
 }
 
-/// `dx = scale * y * (g - sum(g * y))` per row, over the visible keys only.
-fn softmax_grad_row(
-    y: &[f32],
-    g: &[f32],
-    dx: &mut [f32],
-    keys: std::ops::RangeInclusive<usize>,
-    scale: f32,
-) {
-    dx.fill(0.0);
-    let (lo, hi) = (*keys.start(), *keys.end());
-    let (y, g) = (&y[lo..=hi], &g[lo..=hi]);
+/// `dx = scale * y * (g - sum(g * y))` of one row.
+fn softmax_grad_row(y: &[f32], g: &[f32], dx: &mut [f32], scale: f32) {
     let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
-    for ((d, &yv), &gv) in dx[lo..=hi].iter_mut().zip(y).zip(g) {
+    for ((d, &yv), &gv) in dx.iter_mut().zip(y).zip(g) {
         *d = scale * yv * (gv - dot);
     }
 }
@@ -53,7 +38,7 @@ pub(super) fn softmax_fwd(
     let mut y = vec![0.0f32; x.len()];
     y.par_chunks_mut(t)
         .zip(x.par_chunks(t))
-        .for_each(|(out, row)| softmax_row(row, out, 0..=t - 1, scale));
+        .for_each(|(out, row)| softmax_row(row, out, scale));
     Ok((CpuStorage::F32(y), layout.shape().clone()))
 }
 
@@ -101,7 +86,7 @@ impl CustomOp2 for SoftmaxGrad {
         let mut dx = vec![0.0f32; y.len()];
         dx.par_chunks_mut(t)
             .zip(y.par_chunks(t).zip(g.par_chunks(t)))
-            .for_each(|(d, (y, g))| softmax_grad_row(y, g, d, 0..=t - 1, self.scale));
+            .for_each(|(d, (y, g))| softmax_grad_row(y, g, d, self.scale));
         Ok((CpuStorage::F32(dx), yl.shape().clone()))
     }
 }

@@ -27,11 +27,10 @@ pub(super) fn update(
     if theta.device().is_cpu() && theta.dtype() == DType::F32 {
         return theta.inplace_op2(&g.contiguous()?, &op);
     }
-    // Other devices and dtypes: the same step on an f32 copy in CPU memory.
+    // Other devices and dtypes: the same step on an f32 copy in CPU memory
+    // (`copy`: it must share no storage with the variable).
     let cpu = candle_core::Device::Cpu;
-    let copy = theta.to_dtype(DType::F32)?.to_device(&cpu)?.contiguous()?;
-    // A copy that shares no storage with the variable.
-    let copy = copy.copy()?;
+    let copy = theta.to_device(&cpu)?.to_dtype(DType::F32)?.copy()?;
     copy.inplace_op2(&g.to_device(&cpu)?.contiguous()?, &op)?;
     var.set(&copy.to_dtype(theta.dtype())?.to_device(theta.device())?)
 }
