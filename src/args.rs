@@ -187,9 +187,9 @@ pub struct TrainArgs {
     /// `--features cuda`.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// What activations are computed in: f32, or bf16 (mixed precision:
-    /// the weights and optimizer state stay f32; norms, softmaxes and the
-    /// loss run in f32).
+    /// What activations are computed in: f32, bf16 or f16 (mixed
+    /// precision: the weights and optimizer state stay f32; norms,
+    /// softmaxes and the loss run in f32; f16 scales the loss dynamically).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// Recompute each layer in the backward pass instead of keeping its
@@ -251,6 +251,10 @@ pub struct GenerateArgs {
     /// `--features cuda`.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// What activations are computed in: f32, bf16 or f16 (the weights
+    /// stay f32; norms, softmaxes and log-probabilities run in f32).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
     /// Print one JSON object: prompt_tokens, tokens, text, logprobs.
     #[arg(long)]
     pub json: bool,
@@ -479,6 +483,10 @@ pub struct EvalArgs {
     /// `--features cuda`.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// What activations are computed in: f32, bf16 or f16 (the weights
+    /// stay f32; norms, softmaxes and log-probabilities run in f32).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
     /// The synthetic corpus `lvpipe synth` wrote (answers.json and eval/).
     #[arg(long)]
     pub data: PathBuf,

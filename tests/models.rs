@@ -67,7 +67,7 @@ fn a_run_generates_exports_and_starts_a_stage_from_its_export() {
         .find(|p| p.extension().is_some_and(|e| e == "png" || e == "jpg"))
         .unwrap();
     let image = image.to_str().unwrap();
-    let generate = |model: &str| -> Value {
+    let generate_in = |model: &str, dtype: &str| -> Value {
         let out = lvpipe_ok(
             corpus,
             &[
@@ -80,12 +80,23 @@ fn a_run_generates_exports_and_starts_a_stage_from_its_export() {
                 image,
                 "--max-new-tokens",
                 "6",
+                "--dtype",
+                dtype,
                 "--json",
             ],
         );
         serde_json::from_str(out.trim()).unwrap()
     };
+    let generate = |model: &str| generate_in(model, "f32");
     let g = generate(&run);
+    // In bf16 the first token's log-probability moves by rounding only.
+    let first = |g: &Value| g["logprobs"][0].as_f64().unwrap();
+    let half = generate_in(&run, "bf16");
+    assert_ne!(first(&half), first(&g), "bf16 computed nothing in bf16");
+    assert!(
+        (first(&half) - first(&g)).abs() <= 0.05 * first(&g).abs() + 0.02,
+        "{half} against {g}"
+    );
     let tokens = g["tokens"].as_array().unwrap();
     let logprobs = g["logprobs"].as_array().unwrap();
     assert!(!tokens.is_empty() && tokens.len() <= 6, "{g}");

@@ -84,6 +84,12 @@ impl Evaluator {
         })
     }
 
+    /// Computes activations in `dtype` (the weights stay as loaded, f32;
+    /// norms, softmaxes and log-probabilities in f32).
+    pub fn compute_in(&mut self, dtype: candle_core::DType) {
+        self.model.set_compute_dtype(dtype);
+    }
+
     /// The curriculum stage the run trained.
     pub fn stage(&self) -> usize {
         self.stage

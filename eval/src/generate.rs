@@ -29,6 +29,8 @@ pub struct GenerateSettings {
     pub sampling: Sampling,
     /// Where it computes: `cpu`, `cuda`, `cuda:N`.
     pub device: String,
+    /// What activations are computed in: `f32`, `bf16`, `f16`.
+    pub dtype: String,
 }
 
 /// What `generate` made; `--json` prints it as it is.
@@ -47,7 +49,8 @@ pub struct Generation {
 /// `<image>` per image or video frame, as the training data has them.
 pub fn generate(settings: &GenerateSettings) -> Result<Generation> {
     let device = lvpipe_trainer::device::parse(&settings.device)?;
-    let ev = Evaluator::load_on(&settings.model, settings.tokenizer.as_deref(), &device)?;
+    let mut ev = Evaluator::load_on(&settings.model, settings.tokenizer.as_deref(), &device)?;
+    ev.compute_in(lvpipe_trainer::device::parse_dtype(&settings.dtype)?);
     let mut pixels = Vec::new();
     let mut media = 0;
     for path in &settings.images {

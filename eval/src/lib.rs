@@ -42,7 +42,8 @@ pub use settings::{EvalSettings, Suite};
 /// into `settings.out`. `on_suite` hears each suite as it starts.
 pub fn evaluate(settings: &EvalSettings, on_suite: &mut dyn FnMut(Suite)) -> Result<EvalReport> {
     let device = lvpipe_trainer::device::parse(&settings.device)?;
-    let ev = Evaluator::load_on(&settings.run, None, &device)?;
+    let mut ev = Evaluator::load_on(&settings.run, None, &device)?;
+    ev.compute_in(lvpipe_trainer::device::parse_dtype(&settings.dtype)?);
     let answers = lvpipe_synth::Answers::load(&settings.data)?;
     fs_err::create_dir_all(&settings.out)?;
     let mut report = EvalReport {

@@ -91,6 +91,8 @@ pub struct EvalSettings {
     pub clip_frames: FramePolicy,
     /// Where it computes: `cpu`, `cuda`, `cuda:N`.
     pub device: String,
+    /// What activations are computed in: `f32`, `bf16`, `f16`.
+    pub dtype: String,
 }
 
 impl EvalSettings {
@@ -119,6 +121,7 @@ impl EvalSettings {
             ],
             clip_frames: FramePolicy::Uniform { frames: 8 },
             device: "cpu".into(),
+            dtype: "f32".into(),
         }
     }
 

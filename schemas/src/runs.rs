@@ -43,6 +43,13 @@ pub struct StepMetrics {
     /// Seconds since the run (or its resume) started.
     #[serde(default, deserialize_with = "nan_if_null")]
     pub elapsed_s: f64,
+    /// The loss-scaling factor of the step (f16 compute only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
+    /// The step's gradients overflowed under loss scaling, so no weight
+    /// changed (its `grad_norm` is `null`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
 }
 
 impl StepMetrics {
@@ -138,6 +145,8 @@ mod tests {
             source_tokens: BTreeMap::from([("sft".to_string(), 100)]),
             tokens_per_s: 10.0,
             elapsed_s: 1.0,
+            loss_scale: Some(32768.0),
+            skipped: true,
         };
         let line = step.to_line();
         assert!(line.contains("\"loss\":null"), "{line}");
@@ -150,5 +159,17 @@ mod tests {
         let back = StepMetrics::read(&path).unwrap();
         assert!(back[0].loss.is_nan());
         assert_eq!(back[0].source_tokens, step.source_tokens);
+        assert_eq!((back[0].loss_scale, back[0].skipped), (Some(32768.0), true));
+        // f32 and bf16 steps write neither field.
+        let plain = StepMetrics {
+            loss_scale: None,
+            skipped: false,
+            ..back.into_iter().next().unwrap()
+        };
+        let line = plain.to_line();
+        assert!(
+            !line.contains("loss_scale") && !line.contains("skipped"),
+            "{line}"
+        );
     }
 }

@@ -19,6 +19,7 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
         video_frames: args.video_frames,
         clip_frames: args.clip_frames,
         device: args.device,
+        dtype: args.dtype,
         ..EvalSettings::new(args.run, args.data, args.out, vec![])
     };
     let report = evaluate(&settings, &mut |suite| log(&format!("eval: {suite}")))?;

@@ -26,6 +26,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
             seed: args.seed,
         },
         device: args.device,
+        dtype: args.dtype,
     };
     let g = generate(&settings)?;
     match args.json {

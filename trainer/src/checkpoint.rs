@@ -41,6 +41,9 @@ pub struct TrainerState {
     /// fresh weights). A chain retrains a finished stage whose start changed.
     #[serde(default)]
     pub init_fingerprint: String,
+    /// The loss scaling of an f16 run, as it stood after `step`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<crate::optim::LossScale>,
 }
 
 impl TrainerState {
@@ -257,6 +260,8 @@ mod tests {
             source_tokens: Default::default(),
             tokens_per_s: 1.0,
             elapsed_s: step as f64,
+            loss_scale: None,
+            skipped: false,
         };
         m.to_line() + "\n"
     }

@@ -31,17 +31,16 @@ pub fn parse(spec: &str) -> Result<Device> {
     }
 }
 
-/// The compute dtype `spec` names (`--dtype`): `f32`, or `bf16` (mixed
-/// precision over f32 master weights).
+/// The compute dtype `spec` names (`--dtype`): `f32`, or `bf16` / `f16`
+/// (mixed precision over f32 master weights; training in f16 scales its
+/// loss, [`crate::optim::LossScale`]).
 pub fn parse_dtype(spec: &str) -> Result<DType> {
     match spec {
         "f32" => Ok(DType::F32),
         "bf16" => Ok(DType::BF16),
-        "f16" => Err(Error::Config(
-            "--dtype f16: f16 needs loss scaling, which lvpipe does not have yet; use bf16".into(),
-        )),
+        "f16" => Ok(DType::F16),
         other => Err(Error::Config(format!(
-            "--dtype {other}: expected f32 or bf16"
+            "--dtype {other}: expected f32, bf16 or f16"
         ))),
     }
 }
@@ -62,11 +61,8 @@ mod tests {
             assert!(err.contains("built without CUDA"), "{err}");
         }
         assert_eq!(parse_dtype("bf16").unwrap(), DType::BF16);
-        assert!(
-            parse_dtype("f16")
-                .unwrap_err()
-                .to_string()
-                .contains("loss scaling")
-        );
+        assert_eq!(parse_dtype("f16").unwrap(), DType::F16);
+        let err = parse_dtype("fp8").unwrap_err().to_string();
+        assert!(err.contains("--dtype fp8"), "{err}");
     }
 }

@@ -187,6 +187,9 @@ impl<'a> Training<'a> {
         model.set_compute_dtype(run.dtype);
         let mut opt = Optimizer::new(&vars, &modules, stage.optimizer).context("optimizer")?;
         (opt.beta2, opt.weight_decay) = stage.adamw();
+        if run.dtype == candle_core::DType::F16 {
+            opt.loss_scale = Some(crate::optim::LossScale::default());
+        }
         let trainable_params = {
             let data = vars.data().lock().expect("var map lock");
             opt.names().map(|n| data[n].as_tensor().elem_count()).sum()
@@ -254,6 +257,9 @@ impl<'a> Training<'a> {
                 message: e.to_string(),
             })?;
         self.opt.restore(&moments, state.step, &file)?;
+        if self.opt.loss_scale.is_some() {
+            self.opt.loss_scale = state.loss_scale.or(self.opt.loss_scale);
+        }
         Ok(Some(state.step))
     }
 
@@ -344,6 +350,8 @@ impl<'a> Training<'a> {
                 source_tokens: source_tokens(&batch),
                 tokens_per_s: record.tokens as f64 / took.max(1e-9),
                 elapsed_s: started.elapsed().as_secs_f64(),
+                loss_scale: record.loss_scale,
+                skipped: record.skipped,
             };
             writeln!(metrics, "{}", line.to_line())?;
             if run.save_every > 0 && record.step % run.save_every == 0 && record.step < self.steps {
@@ -449,6 +457,7 @@ impl<'a> Training<'a> {
             recipe_fingerprint: run.mix.meta.recipe_fingerprint.clone(),
             mix_fingerprint: self.mix_fingerprint.clone(),
             init_fingerprint: self.init_fingerprint.clone(),
+            loss_scale: self.opt.loss_scale,
         }
     }
 }

@@ -58,6 +58,10 @@ pub struct StepRecord {
     pub loss_tokens: f64,
     /// Forward and backward passes the gradients accumulated over.
     pub micro_batches: usize,
+    /// The loss-scaling factor the step's backward passes used (f16).
+    pub loss_scale: Option<f64>,
+    /// The gradients overflowed under loss scaling: no weight changed.
+    pub skipped: bool,
 }
 
 /// The rows of a micro-batch end to end, as one row: its samples stay
@@ -106,6 +110,8 @@ impl JoinedRows {
 /// Forward and backward over `rows` (one global batch) in micro-batches of
 /// `micro_batch` rows, gradients summed, then one update: the loss is the
 /// mean over every masked token of the whole batch, whatever the split.
+/// Under the optimizer's loss scaling, each backward pass starts from the
+/// scaled loss, and a step whose gradients overflow is skipped.
 pub fn train_step(
     model: &Model,
     opt: &mut Optimizer,
@@ -128,6 +134,7 @@ pub fn train_step(
             .collect::<Vec<_>>()
             .join(", ")
     };
+    let loss_scale = opt.loss_scale.map(|s| s.scale);
     let mut acc: Option<Vec<Option<Tensor>>> = None;
     let mut loss = 0f64;
     let mut passes = 0;
@@ -147,7 +154,11 @@ pub fn train_step(
         }
         loss += value;
         passes += 1;
-        let mut grads = part.backward().map_err(fail)?;
+        let mut grads = match loss_scale {
+            Some(factor) => (&part * factor).and_then(|p| p.backward()),
+            None => part.backward(),
+        }
+        .map_err(fail)?;
         model.merge_recomputed(&mut grads).map_err(fail)?;
         let grads = opt.collect(&grads);
         acc = Some(match acc {
@@ -164,7 +175,26 @@ pub fn train_step(
         });
     }
     let grads = acc.unwrap_or_default();
-    let norm = opt.grad_norm(&grads).map_err(fail)?;
+    let unscale = 1.0 / loss_scale.unwrap_or(1.0);
+    let norm = opt.grad_norm(&grads).map_err(fail)? * unscale;
+    let record = |grad_norm: f64, skipped: bool, step: u64| StepRecord {
+        step,
+        loss,
+        lr,
+        grad_norm,
+        tokens,
+        loss_tokens: f64::from(count),
+        micro_batches: passes,
+        loss_scale,
+        skipped,
+    };
+    if !norm.is_finite()
+        && let Some(scaler) = &mut opt.loss_scale
+        && scaler.overflowed()
+    {
+        opt.skip();
+        return Ok(record(norm, true, opt.step));
+    }
     if !norm.is_finite() {
         return Err(Error::Diverged {
             step: opt.step + 1,
@@ -177,23 +207,18 @@ pub fn train_step(
     } else {
         1.0
     };
-    opt.update(&grads, lr, scale).map_err(fail)?;
-    Ok(StepRecord {
-        step: opt.step,
-        loss,
-        lr,
-        grad_norm: norm,
-        tokens,
-        loss_tokens: f64::from(count),
-        micro_batches: passes,
-    })
+    opt.update(&grads, lr, scale * unscale).map_err(fail)?;
+    if let Some(scaler) = &mut opt.loss_scale {
+        scaler.stepped();
+    }
+    Ok(record(norm, false, opt.step))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::Config;
-    use crate::optim::OptimizerKind;
+    use crate::optim::{LossScale, OptimizerKind};
     use candle_core::DType;
     use candle_nn::VarMap;
     use std::collections::HashMap;
@@ -253,46 +278,108 @@ mod tests {
         assert!(changed > 0);
     }
 
-    /// bf16 compute over f32 master weights: the same start and row as
-    /// f32, every module training, twenty steps. The losses differ (bf16
-    /// rounds) but stay within 3% of f32's, and fall as far; the weights
-    /// and their optimizer state stay f32.
+    /// One sample with an image, for the precision tests.
+    struct ImageRow {
+        ids: Vec<u32>,
+        mask: Vec<u8>,
+        bounds: [u32; 2],
+        pixels: Vec<f32>,
+    }
+
+    impl ImageRow {
+        fn row(&self) -> Row<'_> {
+            Row {
+                input_ids: &self.ids,
+                loss_mask: &self.mask,
+                boundaries: &self.bounds,
+                pixels: &self.pixels,
+            }
+        }
+    }
+
+    fn image_row() -> ImageRow {
+        ImageRow {
+            ids: vec![1, 19, 3, 4, 5, 6, 3, 4, 5, 6, 7, 8, 3, 4],
+            mask: vec![0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+            bounds: [0, 14],
+            pixels: (0..3 * 64).map(|i| (i % 7) as f32 / 3.5 - 1.0).collect(),
+        }
+    }
+
+    /// A seeded model computing in `dtype` and an AdamW over all of it,
+    /// loss-scaled in f16 as a run sets it up.
+    fn all_modules(dtype: DType) -> (VarMap, Model, Optimizer) {
+        let vars = VarMap::new();
+        let mut model = Model::new(config(), &vars, &Device::Cpu).unwrap();
+        crate::model::tests::seed_vars(&vars, 3);
+        model.set_compute_dtype(dtype);
+        let modules = [
+            TrainableModule::Vision,
+            TrainableModule::Projector,
+            TrainableModule::Llm,
+        ];
+        let mut opt = Optimizer::new(&vars, &modules, OptimizerKind::AdamW).unwrap();
+        if dtype == DType::F16 {
+            opt.loss_scale = Some(LossScale::default());
+        }
+        (vars, model, opt)
+    }
+
+    /// bf16 and f16 compute over f32 master weights: the same start and
+    /// row as f32, every module training, twenty steps. The losses differ
+    /// (half precision rounds) but stay within 3% of f32's, and fall as far;
+    /// the weights and their optimizer state stay f32.
     #[test]
-    fn bf16_compute_trains_within_a_tolerance_of_f32() {
-        let ids: Vec<u32> = vec![1, 19, 3, 4, 5, 6, 3, 4, 5, 6, 7, 8, 3, 4];
-        let mask: Vec<u8> = vec![0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1];
-        let pixels: Vec<f32> = (0..3 * 64).map(|i| (i % 7) as f32 / 3.5 - 1.0).collect();
-        let row = Row {
-            input_ids: &ids,
-            loss_mask: &mask,
-            boundaries: &[0, 14],
-            pixels: &pixels,
-        };
+    fn half_precision_trains_within_a_tolerance_of_f32() {
+        let row = image_row();
         let run = |dtype: DType| {
-            let vars = VarMap::new();
-            let mut model = Model::new(config(), &vars, &Device::Cpu).unwrap();
-            crate::model::tests::seed_vars(&vars, 3);
-            model.set_compute_dtype(dtype);
-            let modules = [
-                TrainableModule::Vision,
-                TrainableModule::Projector,
-                TrainableModule::Llm,
-            ];
-            let mut opt = Optimizer::new(&vars, &modules, OptimizerKind::AdamW).unwrap();
-            let losses = repeat_step(&model, &mut opt, &row, 20, 1e-2, 1.0);
+            let (vars, model, mut opt) = all_modules(dtype);
+            let losses = repeat_step(&model, &mut opt, &row.row(), 20, 1e-2, 1.0);
             let data = vars.data().lock().unwrap();
             assert!(data.values().all(|v| v.dtype() == DType::F32));
             losses
         };
-        let (full, half) = (run(DType::F32), run(DType::BF16));
-        assert_ne!(full, half, "bf16 computed nothing in bf16");
-        for (step, (f, h)) in full.iter().zip(&half).enumerate() {
-            assert!(
-                (f - h).abs() <= 0.03 * f.abs(),
-                "step {step}: f32 {f}, bf16 {h}"
-            );
+        let full = run(DType::F32);
+        for dtype in [DType::BF16, DType::F16] {
+            let half = run(dtype);
+            assert_ne!(full, half, "{dtype:?} computed nothing in {dtype:?}");
+            for (step, (f, h)) in full.iter().zip(&half).enumerate() {
+                assert!(
+                    (f - h).abs() <= 0.03 * f.abs(),
+                    "step {step}: f32 {f}, {dtype:?} {h}"
+                );
+            }
+            assert!(half[19] < half[0] * 0.5, "{dtype:?}: {half:?}");
         }
-        assert!(half[19] < half[0] * 0.5, "{half:?}");
+    }
+
+    /// A loss scale so large that f16 gradients overflow: the step is
+    /// skipped (no weight or moment changes), the scale halves; with a
+    /// sound scale the next step trains.
+    #[test]
+    fn an_overflowing_f16_step_is_skipped_and_the_scale_backs_off() {
+        let row = image_row();
+        let (vars, model, mut opt) = all_modules(DType::F16);
+        let huge = 2f64.powi(40);
+        opt.loss_scale = Some(LossScale {
+            scale: huge,
+            good_steps: 7,
+        });
+        let before = snapshot(&vars);
+        let names = vec!["sample".to_string()];
+        let batch = [(row.row(), names.as_slice())];
+        let rec = train_step(&model, &mut opt, &batch, 1, 1e-2, 1.0, &Device::Cpu).unwrap();
+        assert!(rec.skipped && !rec.grad_norm.is_finite(), "{rec:?}");
+        assert_eq!(rec.loss_scale, Some(huge));
+        assert_eq!(opt.step, 1);
+        assert_eq!(snapshot(&vars), before, "a skipped step changed weights");
+        let after = opt.loss_scale.unwrap();
+        assert_eq!((after.scale, after.good_steps), (huge / 2.0, 0));
+        opt.loss_scale = Some(LossScale::default());
+        let rec = train_step(&model, &mut opt, &batch, 1, 1e-2, 1.0, &Device::Cpu).unwrap();
+        assert!(!rec.skipped && rec.grad_norm.is_finite(), "{rec:?}");
+        assert_eq!(opt.step, 2);
+        assert_ne!(snapshot(&vars), before);
     }
 
     #[test]

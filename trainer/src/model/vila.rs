@@ -401,6 +401,7 @@ impl Model {
             let h = self.llm.forward_cached(x, &mut cache)?;
             let last = h.narrow(0, h.dim(0)? - 1, 1)?;
             let logits = self.llm.lm_head(&last)?.squeeze(0)?;
+            let logits = logits.to_dtype(DType::F32)?;
             let log_probs: Vec<f32> = candle_nn::ops::log_softmax(&logits, 0)?.to_vec1()?;
             let next = sampling.pick(&log_probs, &mut rng);
             out.tokens.push(next);

@@ -15,6 +15,7 @@
 
 mod adafactor;
 mod adamw8bit;
+mod loss_scale;
 pub mod quantized;
 
 use std::collections::HashMap;
@@ -29,6 +30,7 @@ use lvpipe_schemas::TrainableModule;
 use crate::ops;
 use crate::train::is_trainable;
 use crate::{Error, Result};
+pub use loss_scale::LossScale;
 use quantized::Quantized;
 
 /// Tensors smaller than this keep f32 moments under `adamw8bit`
@@ -66,6 +68,8 @@ pub struct Optimizer {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+    /// Dynamic loss scaling, for f16 compute ([`LossScale`]).
+    pub loss_scale: Option<LossScale>,
 }
 
 impl Optimizer {
@@ -94,6 +98,7 @@ impl Optimizer {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: 0.0,
+            loss_scale: None,
         })
     }
 
@@ -155,6 +160,13 @@ impl Optimizer {
             }
         }
         Ok(())
+    }
+
+    /// Counts a step whose gradients overflowed under loss scaling: no
+    /// weight or moment changes (the bias corrections of later steps count
+    /// it, a difference of one step's in `1 - beta^t`).
+    pub fn skip(&mut self) {
+        self.step += 1;
     }
 
     /// Drops the parameters (and their state) that are no longer in `vars`,
