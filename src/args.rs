@@ -79,6 +79,13 @@ pub struct BenchMemoryArgs {
     /// Where the PNG curve of peak memory against context goes.
     #[arg(long, default_value = "bench-memory.png")]
     pub plot: PathBuf,
+    /// Where the step computes: cpu, or cuda / cuda:N in a build with
+    /// `--features cuda` (then the device's peak memory is measured too).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// What activations are computed in: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
     /// Run one context in this process and print its JSON (what the
     /// benchmark starts per setting).
     #[arg(long, hide = true)]

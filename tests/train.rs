@@ -543,4 +543,76 @@ fn light_optimizers_and_checkpointing_resume_with_the_same_losses() {
         assert!((x - z).abs() <= 0.05 * x.abs(), "f32 {x}, bf16 {z}");
     }
     assert_ne!(la, le, "bf16 computed nothing in bf16");
+
+    // f16 scales its loss; killed and resumed, it goes on with the scale it
+    // had (the same losses as straight through), near f32's.
+    let (g, h) = (d("runs-f16"), d("runs-f16-resumed"));
+    let out = chain(&light_recipe, &g, &["--dtype", "f16"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for stage in ["stage-1", "stage-2"] {
+        let out = chain(&light_recipe, &h, &["--dtype", "f16", "--abort-after", "3"]);
+        assert!(!out.status.success());
+        let err = lvpipe_ok_stderr(corpus, &["train", "--resume", &format!("{h}/{stage}")]);
+        assert!(err.contains("resumed after step 2"), "{stage}: {err}");
+    }
+    same_two_stages(&g, &h);
+    let lg = losses(&format!("{g}/stage-2"));
+    for ((_, x), (_, z)) in la.iter().zip(&lg) {
+        assert!((x - z).abs() <= 0.05 * x.abs(), "f32 {x}, f16 {z}");
+    }
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{g}/stage-2/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        state["loss_scale"]["scale"].as_f64().unwrap() >= 1.0,
+        "{state}"
+    );
+    let metrics = std::fs::read_to_string(format!("{g}/stage-2/metrics.jsonl")).unwrap();
+    assert!(
+        metrics.lines().all(|l| l.contains("\"loss_scale\"")),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn bench_memory_reports_each_setting_and_plots_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let plot = dir.path().join("curve.png");
+    let plot = plot.to_str().unwrap();
+    let out = lvpipe_ok(
+        dir.path(),
+        &[
+            "bench-memory",
+            "--recipe",
+            &recipe(),
+            "--contexts",
+            "128,512",
+            "--checkpointing",
+            "true",
+            "--dtype",
+            "bf16",
+            "--json",
+            "--plot",
+            plot,
+        ],
+    );
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(rows.len(), 2, "{out}");
+    for (row, context) in rows.iter().zip([128, 512]) {
+        assert_eq!(row["context"], context, "{row}");
+        assert_eq!(
+            (row["device"].as_str(), row["dtype"].as_str()),
+            (Some("cpu"), Some("bf16"))
+        );
+        assert!(row["tokens_per_s"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["peak_rss_mb"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["peak_device_mb"].is_null(), "{row}");
+    }
+    let png = std::fs::read(plot).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
 }

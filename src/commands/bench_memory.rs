@@ -24,6 +24,8 @@ pub fn run(args: BenchMemoryArgs) -> Result<ExitCode> {
             args.checkpointing == Some(true),
             optimizer,
             args.steps,
+            &lvpipe_trainer::device::parse(&args.device)?,
+            lvpipe_trainer::device::parse_dtype(&args.dtype)?,
         )?;
         out(&format!("{report}\n"))?;
         return Ok(ExitCode::SUCCESS);
@@ -43,6 +45,7 @@ pub fn run(args: BenchMemoryArgs) -> Result<ExitCode> {
                 .args(["--checkpointing", &on.to_string()])
                 .args(["--optimizer", optimizer.as_str()])
                 .args(["--steps", &args.steps.to_string()])
+                .args(["--device", &args.device, "--dtype", &args.dtype])
                 .output()
                 .context("starting a benchmark process")?;
             let row = if child.status.success() {
@@ -74,10 +77,26 @@ pub fn run(args: BenchMemoryArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// What the peak is read from: the GPU's memory pool where the step ran
+/// on one, else the process's resident memory. (key, its "before the
+/// step" key, label).
+fn measured(rows: &[Value]) -> (&'static str, &'static str, &'static str) {
+    match rows.iter().any(|r| r["peak_device_mb"].is_number()) {
+        true => ("peak_device_mb", "device_before_step_mb", "device"),
+        false => ("peak_rss_mb", "rss_before_step_mb", "RSS"),
+    }
+}
+
 fn table(rows: &[Value]) -> String {
+    let (peak, before, what) = measured(rows);
     let mut text = format!(
         "{:>8} {:>13} {:>12} {:>15} {:>9} {:>10}\n",
-        "context", "checkpointing", "peak RSS MB", "before step MB", "step s", "tokens/s"
+        "context",
+        "checkpointing",
+        format!("peak {what} MB"),
+        "before step MB",
+        "step s",
+        "tokens/s"
     );
     for r in rows {
         let num = |k: &str, digits: usize| {
@@ -97,8 +116,8 @@ fn table(rows: &[Value]) -> String {
             "{:>8} {:>13} {:>12} {:>15} {:>9} {:>10}\n",
             r["context"].to_string(),
             r["gradient_checkpointing"].to_string(),
-            num("peak_rss_mb", 0),
-            num("rss_before_step_mb", 0),
+            num(peak, 0),
+            num(before, 0),
             num("step_s", 2),
             num("tokens_per_s", 0)
         ));
@@ -108,6 +127,7 @@ fn table(rows: &[Value]) -> String {
 
 /// Peak memory against context, one line per checkpointing setting.
 fn plot(path: &Path, rows: &[Value]) -> Result<()> {
+    let (peak, _, what) = measured(rows);
     let series: Vec<Series> = [false, true]
         .into_iter()
         .map(|on| Series {
@@ -118,14 +138,14 @@ fn plot(path: &Path, rows: &[Value]) -> Result<()> {
             points: rows
                 .iter()
                 .filter(|r| r["gradient_checkpointing"] == on)
-                .filter_map(|r| Some((r["context"].as_f64()?, r["peak_rss_mb"].as_f64()?)))
+                .filter_map(|r| Some((r["context"].as_f64()?, r[peak].as_f64()?)))
                 .collect(),
         })
         .filter(|s| !s.points.is_empty())
         .collect();
     line_chart(
         path,
-        "Peak RSS of one training step",
+        &format!("Peak {what} memory of one training step"),
         "context (tokens)",
         "MB",
         &series,

@@ -116,24 +116,28 @@ pub fn resident_bytes() -> (Option<u64>, Option<u64>) {
 
 /// One long-context training step of a recipe's LLM (no vision tower):
 /// one sample of `context` tokens, every token in the loss, with or without
-/// activation checkpointing, under `optimizer`. Runs one untimed step and
-/// `steps` timed ones; reports the best step's time and the process's peak
-/// resident memory (run it in a fresh process per setting: the peak never
-/// falls), with the memory before the first step (weights and optimizer
-/// state) beside it.
+/// activation checkpointing, under `optimizer`, on `device` computing in
+/// `dtype`. Runs one untimed step and `steps` timed ones; reports the best
+/// step's time and the process's peak resident memory (run it in a fresh
+/// process per setting: the peak never falls), with the memory before the
+/// first step (weights and optimizer state) beside it; on a GPU, the
+/// device's peak too.
 pub fn memory_step_bench(
     model: &lvpipe_pipeline::recipe::ModelConfig,
     context: usize,
     checkpointing: bool,
     optimizer: OptimizerKind,
     steps: usize,
+    device: &Device,
+    dtype: candle_core::DType,
 ) -> Result<serde_json::Value> {
     let mut config = Config::from_recipe(model, model.vocab_size - 1);
     config.vision = None;
-    let device = Device::Cpu;
+    let device = device.clone();
     let vars = VarMap::new();
     let mut model = Model::new(config.clone(), &vars, &device).context("model")?;
     model.set_gradient_checkpointing(checkpointing);
+    model.set_compute_dtype(dtype);
     let mut opt = Optimizer::new(&vars, &[TrainableModule::Llm], optimizer).context("optimizer")?;
     let vocab = config.llm.vocab_size - 1;
     let ids: Vec<u32> = (0..context).map(|i| ((i * 7919) % vocab) as u32).collect();
@@ -152,18 +156,28 @@ pub fn memory_step_bench(
         .iter()
         .map(|v| v.as_tensor().elem_count())
         .sum();
+    if dtype == candle_core::DType::F16 {
+        opt.loss_scale = Some(crate::optim::LossScale::default());
+    }
     let before = resident_bytes().1;
+    let device_before = crate::device::peak_device_bytes(&device, true)?;
     let times = timed(1, steps, || {
-        train_step(&model, &mut opt, &rows, 1, 1e-4, 1.0, &device).map(|_| ())
+        train_step(&model, &mut opt, &rows, 1, 1e-4, 1.0, &device)?;
+        Ok(device.synchronize().context("device")?)
     })?;
     let (peak, _) = resident_bytes();
+    let device_peak = crate::device::peak_device_bytes(&device, false)?;
     let mb = |b: Option<u64>| b.map(|b| (b as f64 / 1e6).round());
     Ok(serde_json::json!({
         "context": context,
         "gradient_checkpointing": checkpointing,
         "optimizer": optimizer.as_str(),
+        "device": crate::device::name(&device),
+        "dtype": dtype.as_str(),
         "peak_rss_mb": mb(peak),
         "rss_before_step_mb": mb(before),
+        "peak_device_mb": mb(device_peak),
+        "device_before_step_mb": mb(device_before),
         "parameters": params,
         "optimizer_state_bytes": opt.state_bytes().context("optimizer state")?,
         "step_s": times[0],

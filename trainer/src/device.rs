@@ -45,6 +45,47 @@ pub fn parse_dtype(spec: &str) -> Result<DType> {
     }
 }
 
+/// `device` as `--device` names it.
+pub fn name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+/// The most bytes the device's memory pool had handed out at once since
+/// the last call with `reset`; `None` on the CPU (whose peak is the
+/// process's, [`crate::bench::resident_bytes`]). Candle allocates CUDA
+/// memory stream-ordered from the device's default pool, whose
+/// `USED_MEM_HIGH` counter this reads.
+pub fn peak_device_bytes(device: &Device, reset: bool) -> Result<Option<u64>> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        use candle_core::cuda_backend::cudarc::driver::{result, sys};
+        let failed = |e: result::DriverError| Error::Config(format!("CUDA memory pool: {e}"));
+        device.synchronize()?;
+        let ctx = d.cuda_stream().context().clone();
+        ctx.bind_to_thread().map_err(failed)?;
+        let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+        let mut value: u64 = 0;
+        // SAFETY: the pool is the device's own, and both attributes are
+        // 64-bit counters, as `value` is.
+        unsafe {
+            let pool = result::device::get_default_mem_pool(ctx.cu_device()).map_err(failed)?;
+            let ptr = (&mut value as *mut u64).cast();
+            result::mem_pool::get_attribute(pool, attr, ptr).map_err(failed)?;
+            if reset {
+                let mut zero: u64 = 0;
+                let zero_ptr = (&mut zero as *mut u64).cast();
+                result::mem_pool::set_attribute(pool, attr, zero_ptr).map_err(failed)?;
+            }
+        }
+        return Ok(Some(value));
+    }
+    let _ = (device, reset);
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
