@@ -1,8 +1,10 @@
-//! The decoder's attention as one CPU kernel whose memory is linear in the
-//! sequence, and which computes only the blocks of `[T, T]` a query can see.
+//! Attention as one CPU kernel whose memory is linear in the sequence, and
+//! which computes only the blocks of `[T, T]` a query can see.
 //!
-//! In a packed row, query `q` sees keys `starts[q] ..= q`: its own sample,
-//! causally. Scores, softmax and `P V` as three tensor ops compute all
+//! In a packed row, query `q` sees keys `starts[q]..ends[q]` ([`Visible`]):
+//! its own sample, causally in the decoder (`starts[q] ..= q`), whole in the
+//! vision tower (each image's patches see all of that image's). Scores,
+//! softmax and `P V` as three tensor ops compute all
 //! `T * T` scores, most of them then masked, and keep them for the backward
 //! pass: half of them for one long sample, nine in ten for a row of 100-token
 //! SFT samples. Here the queries go in blocks of [`BLOCK`] rows; a block
@@ -22,7 +24,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, 
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
-use crate::ops::{f32_slice, plain_block_causal_softmax};
+use crate::ops::{f32_slice, plain_softmax};
 
 /// Query rows per block: small enough to skip most masked keys, large
 /// enough for the matrix products to run at speed.
@@ -39,18 +41,59 @@ const KEYS: usize = 512;
 /// 2,048 tokens with the tiny recipe's 4 heads keep 35 MB.
 pub(crate) const KEEP_BYTES: usize = 64 << 20;
 
+/// The keys each position of a packed row sees: query `q` sees keys
+/// `starts[q]..ends[q]`, where both never decrease along the row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Visible {
+    starts: Vec<u32>,
+    ends: Vec<u32>,
+}
+
+impl Visible {
+    /// Samples attended causally: query `q` sees `starts[q] ..= q`, where
+    /// `starts[q]` is the first position of its sample.
+    pub fn causal(starts: Vec<u32>) -> Self {
+        let ends = (1..=starts.len() as u32).collect();
+        Visible { starts, ends }
+    }
+
+    /// Samples attended whole: query `q` sees every position of its sample
+    /// (those with its `starts[q]`).
+    pub fn bidirectional(starts: Vec<u32>) -> Self {
+        let t = starts.len();
+        let mut ends = vec![t as u32; t];
+        for q in (0..t.saturating_sub(1)).rev() {
+            ends[q] = match starts[q + 1] != starts[q] {
+                true => q as u32 + 1,
+                false => ends[q + 1],
+            };
+        }
+        Visible { starts, ends }
+    }
+
+    /// Positions in the row.
+    pub fn positions(&self) -> usize {
+        self.starts.len()
+    }
+
+    /// The keys query `q` sees.
+    fn span(&self, q: usize) -> std::ops::Range<usize> {
+        self.starts[q] as usize..self.ends[q] as usize
+    }
+}
+
 /// Attention of `q` `[kv, group * T, dh]` (the `group` query heads of each
 /// KV head stacked, as Qwen2 orders them) over `k` and `v` `[kv, T, dh]`:
-/// `softmax(scale * q k^T) v` where query `q` sees keys `starts[q] ..= q`.
-/// Returns `[kv, group * T, dh]`.
+/// `softmax(scale * q k^T) v` where query `q` sees the keys `visible` gives
+/// it. Returns `[kv, group * T, dh]`.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    starts: &Arc<Vec<u32>>,
+    visible: &Arc<Visible>,
     scale: f32,
 ) -> Result<Tensor> {
-    attention_keeping(q, k, v, starts, scale, KEEP_BYTES)
+    attention_keeping(q, k, v, visible, scale, KEEP_BYTES)
 }
 
 /// [`attention`] keeping the probabilities up to `keep_bytes`.
@@ -58,13 +101,13 @@ fn attention_keeping(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    starts: &Arc<Vec<u32>>,
+    visible: &Arc<Visible>,
     scale: f32,
     keep_bytes: usize,
 ) -> Result<Tensor> {
     if q.dtype() != DType::F32 {
         let f32 = |t: &Tensor| t.to_dtype(DType::F32);
-        return attention_keeping(&f32(q)?, &f32(k)?, &f32(v)?, starts, scale, keep_bytes)?
+        return attention_keeping(&f32(q)?, &f32(k)?, &f32(v)?, visible, scale, keep_bytes)?
             .to_dtype(q.dtype());
     }
     if q.device().is_cpu() {
@@ -72,7 +115,7 @@ fn attention_keeping(
             &k.contiguous()?,
             &v.contiguous()?,
             Attention {
-                starts: starts.clone(),
+                visible: visible.clone(),
                 scale,
                 lse: Mutex::new(Vec::new()),
                 probs: Mutex::new(None),
@@ -80,7 +123,7 @@ fn attention_keeping(
             },
         );
     }
-    plain_attention(q, k, v, starts, scale)
+    plain_attention(q, k, v, visible, scale)
 }
 
 /// What [`attention`] computes, from plain ops.
@@ -88,27 +131,34 @@ pub(crate) fn plain_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    starts: &[u32],
+    visible: &Visible,
     scale: f32,
 ) -> Result<Tensor> {
     let (kv, gt, _) = q.dims3()?;
-    let t = starts.len();
+    let t = visible.positions();
+    let mut mask = vec![-1e9f32; t * t];
+    for q in 0..t {
+        let span = visible.span(q);
+        mask[q * t + span.start..q * t + span.end].fill(0.0);
+    }
+    let mask = Tensor::from_vec(mask, (t, t), q.device())?;
     // [kv, group * T, T] as [kv, group, T, T], so that the [T, T] mask
     // lines up with each query head's rows.
     let scores = q.matmul(&k.t()?)?.reshape((kv, gt / t, t, t))?;
-    plain_block_causal_softmax(&scores, starts, scale)?
+    plain_softmax(&(scores * f64::from(scale))?.broadcast_add(&mask)?)?
         .reshape((kv, gt, t))?
         .matmul(v)
 }
 
-/// A block of queries `q0..q1` and the keys `lo..q1` it multiplies against;
-/// its probabilities, where kept, are `(q1 - q0) x (q1 - lo)` at `offset` in
+/// A block of queries `q0..q1` and the keys `lo..hi` it multiplies against;
+/// its probabilities, where kept, are `(q1 - q0) x (hi - lo)` at `offset` in
 /// a head's.
 #[derive(Debug, Clone, Copy)]
 struct Block {
     q0: usize,
     q1: usize,
     lo: usize,
+    hi: usize,
     offset: usize,
 }
 
@@ -119,23 +169,23 @@ impl Block {
 
     /// The key chunks `c0..c1` of the block, `keys` at a time.
     fn chunks(&self, keys: usize) -> impl Iterator<Item = (usize, usize)> {
-        let q1 = self.q1;
-        (self.lo..q1)
+        let hi = self.hi;
+        (self.lo..hi)
             .step_by(keys)
-            .map(move |c0| (c0, c0.saturating_add(keys).min(q1)))
+            .map(move |c0| (c0, c0.saturating_add(keys).min(hi)))
     }
 
     /// The keys of chunk `c0..c1` that query row `i` of the block sees,
     /// relative to `c0`; empty when it sees none of them.
     fn visible(
         &self,
-        starts: &[u32],
+        visible: &Visible,
         i: usize,
         (c0, c1): (usize, usize),
     ) -> std::ops::Range<usize> {
-        let q = self.q0 + i;
-        let lo = (starts[q] as usize).max(c0);
-        let hi = (q + 1).min(c1);
+        let span = visible.span(self.q0 + i);
+        let lo = span.start.max(c0);
+        let hi = span.end.min(c1);
         if lo >= hi {
             return 0..0;
         }
@@ -143,22 +193,32 @@ impl Block {
     }
 }
 
-/// The query blocks of a head of `starts.len()` queries, and the size of
-/// its probabilities.
-fn blocks(starts: &[u32]) -> Result<(Vec<Block>, usize)> {
-    let t = starts.len();
+/// The query blocks of a head of `visible.positions()` queries, and the
+/// size of its probabilities.
+fn blocks(visible: &Visible) -> Result<(Vec<Block>, usize)> {
+    let t = visible.positions();
     let mut out = Vec::with_capacity(t.div_ceil(BLOCK));
     let mut offset = 0;
     for q0 in (0..t).step_by(BLOCK) {
         let q1 = (q0 + BLOCK).min(t);
-        // Sample starts never decrease along a row, so the block's first
-        // query has the earliest.
-        let lo = starts[q0] as usize;
-        if (q0..q1).any(|q| starts[q] as usize > q || (starts[q] as usize) < lo) {
-            bail!("attention: sample starts must not decrease and not pass their query")
+        // Spans never move back along a row, so the block's first query
+        // sees the earliest key and its last the latest.
+        let (lo, hi) = (visible.span(q0).start, visible.span(q1 - 1).end);
+        let bad = |q: usize| {
+            let span = visible.span(q);
+            !span.contains(&q) || span.start < lo || span.end > hi || hi > t
+        };
+        if (q0..q1).any(bad) {
+            bail!("attention: each query must see itself, and the spans must not move back")
         }
-        out.push(Block { q0, q1, lo, offset });
-        offset += (q1 - q0) * (q1 - lo);
+        out.push(Block {
+            q0,
+            q1,
+            lo,
+            hi,
+            offset,
+        });
+        offset += (q1 - q0) * (hi - lo);
     }
     Ok((out, offset))
 }
@@ -232,7 +292,7 @@ fn dims(ql: &Layout, kl: &Layout, vl: &Layout, t: usize) -> Result<(usize, usize
 }
 
 struct Attention {
-    starts: Arc<Vec<u32>>,
+    visible: Arc<Visible>,
     scale: f32,
     /// Each query head's log-sum-exp of its scaled scores per query, kept
     /// from forward for backward: `[heads * T]`.
@@ -248,7 +308,7 @@ struct Attention {
 #[allow(clippy::too_many_arguments)]
 fn head_forward(
     blocks: &[Block],
-    starts: &[u32],
+    visible: &Visible,
     scale: f32,
     dh: usize,
     (q, k, v): (&[f32], &[f32], &[f32]),
@@ -279,7 +339,7 @@ fn head_forward(
                 (&k[c0 * dh..], 1, dh),
             );
             for (i, row) in scores.chunks_mut(n).enumerate() {
-                let seen = b.visible(starts, i, (c0, c1));
+                let seen = b.visible(visible, i, (c0, c1));
                 if seen.is_empty() {
                     row.fill(0.0);
                     continue;
@@ -322,7 +382,7 @@ fn head_forward(
         }
         if let Some(probs) = probs.as_deref_mut() {
             // One chunk: `scores` holds the block's unnormalized probabilities.
-            let n = b.q1 - b.lo;
+            let n = b.hi - b.lo;
             let out = &mut probs[b.offset..b.offset + m * n];
             for ((out, row), s) in out.chunks_mut(n).zip(scores.chunks(n)).zip(&*sum) {
                 let inv = 1.0 / s;
@@ -334,7 +394,7 @@ fn head_forward(
 
 impl CustomOp3 for Attention {
     fn name(&self) -> &'static str {
-        "block-causal-attention"
+        "block-attention"
     }
 
     fn cpu_fwd(
@@ -351,13 +411,13 @@ impl CustomOp3 for Attention {
             f32_slice(ks, kl, "attention k")?,
             f32_slice(vs, vl, "attention v")?,
         );
-        let starts = self.starts.as_slice();
-        let t = starts.len();
+        let visible = self.visible.as_ref();
+        let t = visible.positions();
         if t == 0 {
             bail!("attention: no positions")
         }
         let (_, group, dh) = dims(ql, kl, vl, t)?;
-        let (blocks, per_head) = blocks(starts)?;
+        let (blocks, per_head) = blocks(visible)?;
         let heads = q.len() / (t * dh);
         let keep = per_head * heads * std::mem::size_of::<f32>() <= self.keep_bytes;
         let mut probs = vec![0.0f32; if keep { per_head * heads } else { 0 }];
@@ -378,7 +438,7 @@ impl CustomOp3 for Attention {
                 let p = p.as_deref_mut();
                 head_forward(
                     &blocks,
-                    starts,
+                    visible,
                     self.scale,
                     dh,
                     (q, k, v),
@@ -402,11 +462,11 @@ impl CustomOp3 for Attention {
         res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let starts = self.starts.as_slice();
-        let t = starts.len();
+        let visible = self.visible.as_ref();
+        let t = visible.positions();
         let (kv, gt, dh) = q.dims3()?;
         let group = gt / t;
-        let (blocks, per_head) = blocks(starts)?;
+        let (blocks, per_head) = blocks(visible)?;
         let lse = self.lse.lock().expect("attention log-sum-exp");
         let kept = self.probs.lock().expect("attention probabilities");
         let keys = if kept.is_some() { usize::MAX } else { KEYS };
@@ -473,7 +533,7 @@ impl CustomOp3 for Attention {
                                     (&k[c0 * dh..], 1, dh),
                                 );
                                 for (i, p) in fresh.chunks_mut(n).enumerate() {
-                                    let seen = b.visible(starts, i, (c0, c1));
+                                    let seen = b.visible(visible, i, (c0, c1));
                                     let l = lse[b.q0 + i];
                                     for (j, p) in p.iter_mut().enumerate() {
                                         *p = match seen.contains(&j) {
@@ -571,17 +631,23 @@ mod tests {
     }
 
     /// Forward and all three gradients against the plain ops, for a packed
-    /// row (`starts`) with two query heads per KV head, with the
-    /// probabilities kept and recomputed.
+    /// row of samples starting at `starts`, attended causally and whole,
+    /// with two query heads per KV head, with the probabilities kept and
+    /// recomputed.
     fn check(starts: Vec<u32>, seed: u64) {
-        for keep_bytes in [KEEP_BYTES, 0] {
-            check_keeping(starts.clone(), seed, keep_bytes);
+        for visible in [
+            Visible::causal(starts.clone()),
+            Visible::bidirectional(starts),
+        ] {
+            for keep_bytes in [KEEP_BYTES, 0] {
+                check_keeping(visible.clone(), seed, keep_bytes);
+            }
         }
     }
 
-    fn check_keeping(starts: Vec<u32>, seed: u64, keep_bytes: usize) {
-        let t = starts.len();
-        let starts = Arc::new(starts);
+    fn check_keeping(visible: Visible, seed: u64, keep_bytes: usize) {
+        let t = visible.positions();
+        let starts = Arc::new(visible);
         let (kv, group, dh) = (2, 2, 8);
         let q = Var::from_tensor(&random(&[kv, group * t, dh], seed)).unwrap();
         let k = Var::from_tensor(&random(&[kv, t, dh], seed + 1)).unwrap();
@@ -625,17 +691,35 @@ mod tests {
     }
 
     #[test]
+    fn whole_samples_see_all_their_positions() {
+        let v = Visible::bidirectional(vec![0, 0, 0, 3, 4, 4]);
+        let spans: Vec<_> = (0..6).map(|q| v.span(q)).collect();
+        assert_eq!(spans, [0..3, 0..3, 0..3, 3..4, 4..6, 4..6]);
+        let c = Visible::causal(vec![0, 0, 2]);
+        assert_eq!((c.span(1), c.span(2)), (0..2, 2..3));
+    }
+
+    #[test]
     fn a_query_sees_nothing_outside_its_sample() {
         // Changing the first sample's keys and values leaves the second
-        // sample's outputs bitwise unchanged.
-        let starts = Arc::new([vec![0u32; 70], vec![70; 30]].concat());
+        // sample's outputs bitwise unchanged, causal or whole.
+        let starts = [vec![0u32; 70], vec![70; 30]].concat();
+        for visible in [
+            Visible::causal(starts.clone()),
+            Visible::bidirectional(starts.clone()),
+        ] {
+            sample_isolation(&Arc::new(visible));
+        }
+    }
+
+    fn sample_isolation(starts: &Arc<Visible>) {
         let (q, k, v) = (
             random(&[1, 100, 4], 1),
             random(&[1, 100, 4], 2),
             random(&[1, 100, 4], 3),
         );
         for keep in [KEEP_BYTES, 0] {
-            let y = attention_keeping(&q, &k, &v, &starts, 0.5, keep).unwrap();
+            let y = attention_keeping(&q, &k, &v, starts, 0.5, keep).unwrap();
             let noise = Tensor::cat(
                 &[
                     random(&[1, 70, 4], 4),
@@ -648,7 +732,7 @@ mod tests {
                 &q,
                 &(&k + &noise).unwrap(),
                 &(&v + &noise).unwrap(),
-                &starts,
+                starts,
                 0.5,
                 keep,
             )

@@ -14,7 +14,7 @@ use super::init::reinit_one;
 use super::layers::{Linear, Lora, RmsNorm};
 use super::recompute::Recompute;
 use super::rope::RopeSpec;
-use crate::attention::attention;
+use crate::attention::{Visible, attention};
 use crate::ops;
 
 /// Qwen2 decoder layer: RMSNorm, grouped-query attention with RoPE, SwiGLU.
@@ -113,17 +113,17 @@ impl DecoderLayer {
         x + mlp
     }
 
-    /// `x` is [T, H]; `rope` holds the positions' angles; query `q` attends
-    /// to keys `starts[q] ..= q`.
+    /// `x` is [T, H]; `rope` holds the positions' angles; each query attends
+    /// to the keys `visible` gives it.
     pub(crate) fn forward(
         &self,
         x: &Tensor,
         rope: &Arc<ops::Rope>,
-        starts: &Arc<Vec<u32>>,
+        visible: &Arc<Visible>,
     ) -> Result<Tensor> {
         let (q, k, v) = self.qkv(x, rope)?;
         let dh = q.dim(2)?;
-        let y = attention(&q, &k, &v, starts, 1.0 / (dh as f32).sqrt())?;
+        let y = attention(&q, &k, &v, visible, 1.0 / (dh as f32).sqrt())?;
         self.finish(x, y)
     }
 
@@ -231,15 +231,15 @@ impl Decoder {
         boundaries: &[usize],
     ) -> Result<Tensor> {
         let rope = Arc::new(self.rope.tables(positions));
-        let starts = Arc::new(sample_starts(boundaries));
+        let visible = Arc::new(Visible::causal(sample_starts(boundaries)));
         for layer in &self.layers {
             x = match &self.recompute {
                 Some(r) => {
-                    let (l, rope, starts) = (layer.clone(), rope.clone(), starts.clone());
-                    let block = Arc::new(move |x: &Tensor| l.forward(x, &rope, &starts));
+                    let (l, rope, visible) = (layer.clone(), rope.clone(), visible.clone());
+                    let block = Arc::new(move |x: &Tensor| l.forward(x, &rope, &visible));
                     r.apply(&x, layer.params(), block)?
                 }
-                None => layer.forward(&x, &rope, &starts)?,
+                None => layer.forward(&x, &rope, &visible)?,
             };
         }
         self.norm.forward(&x)

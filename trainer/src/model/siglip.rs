@@ -13,7 +13,7 @@ use super::init::POSITION_EMBEDDING_STD;
 use super::layers::{LayerNorm, Linear};
 use super::recompute::Recompute;
 use super::{Activation, SiglipVisionConfig};
-use crate::ops;
+use crate::attention::{Visible, attention};
 
 /// Pre-norm ViT block (SigLIP's encoder layer).
 #[derive(Clone)]
@@ -55,23 +55,26 @@ impl VisionBlock {
         out
     }
 
-    /// `x` is [N, P, D].
+    /// `x` is [N, P, D]: each image's patches attend to all of that
+    /// image's, through the memory-linear kernel with the images as the
+    /// samples of one row.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (n, p, d) = x.dims3()?;
         let dh = d / self.heads;
         let h = self.ln1.forward(x)?;
+        // [N, P, heads * dh] to [heads, N * P, dh].
         let split = |t: Tensor| -> Result<Tensor> {
-            t.reshape((n, p, self.heads, dh))?
-                .transpose(1, 2)?
+            t.reshape((n * p, self.heads, dh))?
+                .transpose(0, 1)?
                 .contiguous()
         };
         let q = split(self.q.forward(&h)?)?;
         let k = split(self.k.forward(&h)?)?;
         let v = split(self.v.forward(&h)?)?;
-        let att = ops::softmax_last_dim(&q.matmul(&k.t()?)?, 1.0 / (dh as f32).sqrt())?;
-        let y = att
-            .matmul(&v)?
-            .transpose(1, 2)?
+        let images = (0..n * p).map(|i| (i - i % p) as u32).collect();
+        let visible = Arc::new(Visible::bidirectional(images));
+        let y = attention(&q, &k, &v, &visible, 1.0 / (dh as f32).sqrt())?
+            .transpose(0, 1)?
             .contiguous()?
             .reshape((n, p, d))?;
         let x = (x + self.o.forward(&y)?)?;

@@ -1,17 +1,11 @@
-//! Fused CPU kernels with their gradients: the vision tower's attention
-//! probabilities (`[heads, T, T]`), the log-probabilities over the
-//! vocabulary (`[N, V]`), and the decoder's elementwise layers (RMSNorm,
-//! RoPE with the split into heads, SwiGLU's gate). The decoder's attention
-//! is one kernel of its own ([`crate::attention`]).
+//! Fused CPU kernels with their gradients: the log-probabilities over the
+//! vocabulary (`[N, V]`) and the decoder's elementwise layers (RMSNorm, RoPE
+//! with the split into heads, SwiGLU's gate). Attention, the decoder's and
+//! the vision tower's, is one kernel of its own ([`crate::attention`]).
 //!
-//! Built from plain tensor ops, a softmax is a max, subtract, exp, sum and
-//! divide: five passes over the scores forward and as many tensors kept for
-//! backward. Here it is one pass forward, keeping only the probabilities,
-//! and one pass backward; attention's 1/sqrt(head size) scale is applied
-//! inside it.
-//! Cross-entropy likewise never materializes the log-probabilities: forward
-//! keeps the per-row loss, backward writes `softmax - one_hot`. RMSNorm
-//! (six plain ops forward), RoPE (a transpose copy and nine ops) and
+//! Cross-entropy never materializes the log-probabilities: forward keeps
+//! the per-row loss, backward writes `softmax - one_hot`. RMSNorm (six
+//! plain ops forward), RoPE (a transpose copy and nine ops) and
 //! `silu(gate) * up` (two) are each one pass forward and one backward; the
 //! backward passes that yield two gradients write both in that pass.
 //!
@@ -28,27 +22,13 @@ mod adam;
 mod cross_entropy;
 mod rms_norm;
 mod rope;
-mod softmax;
 mod swiglu;
 
 pub use adam::{AdamStep, Moment};
 use cross_entropy::CrossEntropy;
 use rms_norm::RmsNorm;
 use rope::RopeHeads;
-use softmax::FullSoftmax;
 use swiglu::SwiGlu;
-
-/// Softmax over the last dimension of `scale` times `x` (the vision tower's
-/// full attention).
-pub fn softmax_last_dim(x: &Tensor, scale: f32) -> Result<Tensor> {
-    if x.dtype() != DType::F32 {
-        return softmax_last_dim(&x.to_dtype(DType::F32)?, scale)?.to_dtype(x.dtype());
-    }
-    if x.device().is_cpu() {
-        return x.contiguous()?.apply_op1(FullSoftmax { scale });
-    }
-    plain_softmax(&(x * f64::from(scale))?)
-}
 
 /// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * w`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
@@ -116,21 +96,8 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     plain_cross_entropy(logits, targets)
 }
 
-/// What the fused kernels compute, from plain ops: the path of other
-/// devices, and the tests' reference.
-pub(crate) fn plain_block_causal_softmax(
-    scores: &Tensor,
-    starts: &[u32],
-    scale: f32,
-) -> Result<Tensor> {
-    let t = starts.len();
-    let mut mask = vec![-1e9f32; t * t];
-    for (q, &s) in starts.iter().enumerate() {
-        mask[q * t + s as usize..=q * t + q].fill(0.0);
-    }
-    let mask = Tensor::from_vec(mask, (t, t), scores.device())?;
-    plain_softmax(&(scores * f64::from(scale))?.broadcast_add(&mask)?)
-}
+// What the fused kernels compute, from plain ops: the path of other devices,
+// and the tests' reference.
 
 fn plain_rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -162,7 +129,7 @@ fn plain_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()
 }
 
-fn plain_softmax(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn plain_softmax(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?;
     let e = x.broadcast_sub(&max)?.exp()?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
@@ -229,18 +196,6 @@ pub(crate) mod tests {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap()
-    }
-
-    #[test]
-    fn full_softmax_and_its_gradient_match_the_plain_ops() {
-        let x = Var::from_tensor(&random(&[2, 5, 5], 3)).unwrap();
-        let w = random(&[2, 5, 5], 4);
-        let fused = softmax_last_dim(x.as_tensor(), 0.25).unwrap();
-        let plain = plain_softmax(&(x.as_tensor() * 0.25).unwrap()).unwrap();
-        assert!(max_diff(&fused, &plain) < 1e-6);
-        let gf = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let gp = (plain * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        assert!(max_diff(gf.get(&x).unwrap(), gp.get(&x).unwrap()) < 1e-6);
     }
 
     #[test]
