@@ -58,12 +58,15 @@ pub fn name(device: &Device) -> String {
 /// process's, [`crate::bench::resident_bytes`]). Candle allocates CUDA
 /// memory stream-ordered from the device's default pool, whose
 /// `USED_MEM_HIGH` counter this reads.
+#[allow(unsafe_code)]
 pub fn peak_device_bytes(device: &Device, reset: bool) -> Result<Option<u64>> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = device {
         use candle_core::cuda_backend::cudarc::driver::{result, sys};
         let failed = |e: result::DriverError| Error::Config(format!("CUDA memory pool: {e}"));
-        device.synchronize()?;
+        device
+            .synchronize()
+            .map_err(|e| Error::Config(format!("CUDA synchronize: {e}")))?;
         let ctx = d.cuda_stream().context().clone();
         ctx.bind_to_thread().map_err(failed)?;
         let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
