@@ -3,12 +3,14 @@
 # through sudo, after refreshing the package lists (they may be empty):
 # a C/C++ toolchain for the -sys crates (oniguruma, zstd, mimalloc);
 # libjpeg-turbo, which encodes the JPEGs stored in shards; FFmpeg's libraries
-# for video (libx264 and libvpx come with libavcodec); and clang's libclang,
-# which ffmpeg-sys-next's bindgen needs. Does nothing where apt-get is absent.
+# for video (libx264 and libvpx come with libavcodec); clang's libclang,
+# which the bindgen of ffmpeg-sys-next and mpi-sys needs; and OpenMPI
+# (`mpirun` and its headers) for training as a group of processes. Does
+# nothing where apt-get is absent.
 set -euo pipefail
 
 if ! command -v apt-get >/dev/null 2>&1; then
-  echo "install-deps: no apt-get here; install the equivalents of: build-essential pkg-config libturbojpeg0-dev libav*-dev clang libclang-dev" >&2
+  echo "install-deps: no apt-get here; install the equivalents of: build-essential pkg-config libturbojpeg0-dev libav*-dev clang libclang-dev openmpi-bin libopenmpi-dev" >&2
   exit 0
 fi
 SUDO=""
@@ -17,4 +19,4 @@ export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends build-essential pkg-config libturbojpeg0-dev \
   libavcodec-dev libavformat-dev libavutil-dev libswscale-dev libavfilter-dev libavdevice-dev \
-  clang libclang-dev >/dev/null
+  clang libclang-dev openmpi-bin libopenmpi-dev >/dev/null

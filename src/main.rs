@@ -60,14 +60,26 @@ fn main() -> ExitCode {
     quiet_candle_workers();
     keep_freed_memory();
     let cli = args::Cli::parse();
-    match commands::run(cli) {
-        Ok(code) => code,
+    let result = commands::run(cli);
+    let group = lvpipe_trainer::dist::group();
+    match result {
+        Ok(code) => {
+            lvpipe_trainer::dist::finalize();
+            code
+        }
         Err(err) => {
+            let code = commands::exit_code(&err);
             #[allow(clippy::print_stderr)]
-            {
-                eprintln!("lvpipe: error: {err:#}");
+            match group.size() {
+                1 => eprintln!("lvpipe: error: {err:#}"),
+                // One rank's error ends the group's run: the others would
+                // wait for it in the next exchange.
+                n => {
+                    eprintln!("lvpipe: error: rank {} of {n}: {err:#}", group.rank());
+                    group.abort(i32::from(code));
+                }
             }
-            ExitCode::from(commands::exit_code(&err))
+            ExitCode::from(code)
         }
     }
 }

@@ -97,19 +97,26 @@ impl BuildProgress {
 pub struct TrainProgress {
     bar: Mutex<Option<ProgressBar>>,
     /// Abort the process right after this step, as a kill would: the crash
-    /// tests' way to stop a run where no clean-up happens.
+    /// tests' way to stop a run where no clean-up happens (in a group, rank
+    /// 0 alone dies).
     abort_after: Option<u64>,
+    /// Whether this process shows progress: rank 0 of a group only.
+    speaks: bool,
 }
 
 impl TrainProgress {
-    pub fn new(abort_after: Option<u64>) -> Self {
+    pub fn new(abort_after: Option<u64>, speaks: bool) -> Self {
         TrainProgress {
             bar: Mutex::new(None),
             abort_after,
+            speaks,
         }
     }
 
     pub fn on_event(&self, event: TrainEvent) {
+        if !self.speaks {
+            return;
+        }
         let mut bar = self.bar.lock().unwrap_or_else(|e| e.into_inner());
         match event {
             TrainEvent::Mixing { stage, name } => log(&format!("stage {stage} ({name}): mixing")),
@@ -190,7 +197,7 @@ impl DemoProgress {
     pub fn new() -> Self {
         DemoProgress {
             build: Mutex::new(None),
-            train: TrainProgress::new(None),
+            train: TrainProgress::new(None, true),
         }
     }
 

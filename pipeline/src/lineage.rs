@@ -46,6 +46,20 @@ pub fn lineage(loader: &Loader, stage: usize, steps: u64) -> Result<RecordBatch>
     Ok(RecordBatch::try_new(lineage_schema(), columns)?)
 }
 
+/// The lineage of every rank of a `world_size`-process run, rank after
+/// rank: each sample with the data-parallel rank that trained it.
+pub fn group_lineage(
+    mix: &Arc<crate::Mix>,
+    stage: usize,
+    steps: u64,
+    world_size: u32,
+) -> Result<RecordBatch> {
+    let batches = (0..world_size)
+        .map(|rank| lineage(&Loader::new(mix.clone(), rank, world_size)?, stage, steps))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(arrow::compute::concat_batches(&lineage_schema(), &batches)?)
+}
+
 #[derive(Default)]
 struct LineageColumns {
     stage: Vec<u32>,

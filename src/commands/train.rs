@@ -11,7 +11,9 @@ use crate::args::TrainArgs;
 use crate::progress::{TrainProgress, log};
 
 pub fn run(args: TrainArgs) -> Result<ExitCode> {
-    let progress = TrainProgress::new(args.abort_after);
+    // Under `mpirun`/`srun`, this process is one rank of the group.
+    let group = lvpipe_trainer::dist::init()?;
+    let progress = TrainProgress::new(args.abort_after, group.is_root());
     let on_event = &mut |event: TrainEvent| progress.on_event(event);
     if let Some(dir) = &args.resume {
         resume(dir, on_event)?;
@@ -40,6 +42,9 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             dtype: args.dtype.clone(),
         };
         chain(&c, on_event)?;
+        if !group.is_root() {
+            return Ok(ExitCode::SUCCESS);
+        }
         let plots = lvpipe_eval::charts::plot_runs(out)?;
         if !plots.is_empty() {
             let names: Vec<String> = plots.iter().map(|p| p.display().to_string()).collect();

@@ -14,12 +14,19 @@ use candle_nn::VarMap;
 use lvpipe_schemas::TrainableModule;
 
 use crate::Result;
+use crate::dist::Group;
 use crate::error::TensorContext;
 use crate::model::{
     Activation, Config, Model, ProjectorConfig, Qwen2Config, Row, SelectFeature, SiglipVisionConfig,
 };
 use crate::optim::{Optimizer, OptimizerKind};
-use crate::train::train_step;
+use crate::train::{StepSettings, train_step};
+
+/// One process, the whole batch in one pass, at a small learning rate.
+fn one_process(device: &Device) -> StepSettings<'_> {
+    static GROUP: std::sync::LazyLock<Group> = std::sync::LazyLock::new(Group::single);
+    StepSettings::new(1e-4, 1.0, device, &GROUP)
+}
 
 /// Best-of and median step time and tokens/s over `steps` steps (at least
 /// one) after 2 warm-up steps, as one JSON object.
@@ -86,7 +93,7 @@ pub fn train_step_bench(steps: usize) -> Result<serde_json::Value> {
         })
         .collect();
     let times = timed(2, steps, || {
-        train_step(&model, &mut opt, &rows, rows.len(), 1e-4, 1.0, &device).map(|_| ())
+        train_step(&model, &mut opt, &rows, &one_process(&device)).map(|_| ())
     })?;
     let tokens = (rows_n * t) as f64;
     Ok(serde_json::json!({
@@ -162,7 +169,15 @@ pub fn memory_step_bench(
     let before = resident_bytes().1;
     let device_before = crate::device::peak_device_bytes(&device, true)?;
     let times = timed(1, steps, || {
-        train_step(&model, &mut opt, &rows, 1, 1e-4, 1.0, &device)?;
+        train_step(
+            &model,
+            &mut opt,
+            &rows,
+            &StepSettings {
+                micro_batch: 1,
+                ..one_process(&device)
+            },
+        )?;
         Ok(device.synchronize().context("device")?)
     })?;
     let (peak, _) = resident_bytes();

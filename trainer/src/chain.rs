@@ -161,15 +161,28 @@ pub fn chain(c: &Chain, on_event: &mut dyn FnMut(TrainEvent)) -> Result<Vec<(usi
         let stage = recipe.stage(number)?;
         let name = stage.name.as_str();
         let dir = c.out.join(format!("stage-{number}"));
-        let meta = match current_mix(&catalog, &recipe, number, &mixes) {
+        // In a group, rank 0 mixes while the others wait, then they read
+        // the mix it wrote.
+        let group = crate::dist::group();
+        let mut meta = None;
+        if group.is_root() {
+            meta = Some(match current_mix(&catalog, &recipe, number, &mixes) {
+                Some(meta) => meta,
+                None => {
+                    on_event(TrainEvent::Mixing {
+                        stage: number,
+                        name,
+                    });
+                    runtime.block_on(build_mix(&catalog, &recipe, number, &mixes))?
+                }
+            });
+        }
+        group.barrier();
+        let meta = match meta {
             Some(meta) => meta,
-            None => {
-                on_event(TrainEvent::Mixing {
-                    stage: number,
-                    name,
-                });
-                runtime.block_on(build_mix(&catalog, &recipe, number, &mixes))?
-            }
+            None => current_mix(&catalog, &recipe, number, &mixes).ok_or_else(|| {
+                Error::Config(format!("stage {number}: rank 0 left no current mix"))
+            })?,
         };
         let init = start_of(&recipe, &recipe_path, number, c.out)?;
         // The start's weights: a finished stage whose start has been
@@ -192,7 +205,10 @@ pub fn chain(c: &Chain, on_event: &mut dyn FnMut(TrainEvent)) -> Result<Vec<(usi
                 name,
                 dir: &dir,
             });
-            fs_err::remove_dir_all(&dir)?;
+            group.barrier();
+            if group.is_root() {
+                fs_err::remove_dir_all(&dir)?;
+            }
         }
         let spec = RunSpec {
             recipe: recipe_path.clone(),
@@ -340,11 +356,19 @@ pub fn train_stage(
         )));
     }
     fs_err::create_dir_all(out)?;
-    let _lock = lvpipe_schemas::FolderLock::acquire(out, "train")?;
-    // Rewritten on every resume: atomically, so a kill keeps the run resumable.
-    let json = serde_json::to_string_pretty(&spec).expect("the spec serializes") + "\n";
-    write_atomic(&out.join(RunSpec::FILE_NAME), json.as_bytes())?;
-    write_atomic(&out.join("tokenizer.json"), tokenizer.json())?;
+    // Rank 0 holds the folder and writes it; the other ranks of a group
+    // train beside it.
+    let group = crate::dist::group();
+    let _lock = match group.is_root() {
+        true => Some(lvpipe_schemas::FolderLock::acquire(out, "train")?),
+        false => None,
+    };
+    if group.is_root() {
+        // Rewritten on every resume: atomically, so a kill keeps the run resumable.
+        let json = serde_json::to_string_pretty(&spec).expect("the spec serializes") + "\n";
+        write_atomic(&out.join(RunSpec::FILE_NAME), json.as_bytes())?;
+        write_atomic(&out.join("tokenizer.json"), tokenizer.json())?;
+    }
     let name = recipe.stage(spec.stage)?.name.clone();
     let run = StageRun {
         recipe: &recipe,

@@ -44,6 +44,23 @@ pub struct TrainerState {
     /// The loss scaling of an f16 run, as it stood after `step`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss_scale: Option<crate::optim::LossScale>,
+    /// Processes of the run that wrote this (a resume may use another
+    /// number: the loader's batches do not depend on it).
+    #[serde(default = "one")]
+    pub world_size: usize,
+    /// Data-parallel degree: world size / sequence-parallel degree.
+    #[serde(default = "one")]
+    pub data_parallel: usize,
+    /// Sequence-parallel degree (ranks sharing one packed row).
+    #[serde(default = "one")]
+    pub sequence_parallel: usize,
+    /// How sequence-parallel ranks attend (`ulysses` or `ring`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sp_mode: Option<String>,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl TrainerState {

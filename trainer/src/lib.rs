@@ -42,6 +42,7 @@ pub mod bench;
 pub mod chain;
 pub mod checkpoint;
 pub mod device;
+pub mod dist;
 mod error;
 pub mod hf;
 pub mod memory;

@@ -31,7 +31,7 @@ use crate::error::TensorContext;
 use crate::memory;
 use crate::model::{Config, Model, Row, init_seeded};
 use crate::optim::Optimizer;
-use crate::train::{learning_rate, train_step};
+use crate::train::{StepSettings, learning_rate, train_step};
 use crate::{Error, Result};
 
 /// What to run.
@@ -85,8 +85,9 @@ pub struct Summary {
 pub fn run_stage(run: &StageRun, on_step: &mut dyn FnMut(&StepMetrics, u64)) -> Result<Summary> {
     let started = Instant::now();
     let mut t = Training::init(run)?;
+    let group = crate::dist::group();
     let resumed_from = if run.resume { t.resume(run)? } else { None };
-    if resumed_from.is_none() {
+    if resumed_from.is_none() && group.is_root() {
         // A fresh start: checkpoints of an earlier run in this folder must
         // not be taken for this run's by a later resume.
         match fs_err::remove_dir_all(run.out.join("checkpoints")) {
@@ -95,7 +96,11 @@ pub fn run_stage(run: &StageRun, on_step: &mut dyn FnMut(&StepMetrics, u64)) -> 
         }
     }
     let losses = t.step_loop(run, resumed_from.unwrap_or(0), started, on_step)?;
-    t.finish(run)?;
+    t.check_same_weights_on_every_rank()?;
+    if group.is_root() {
+        t.finish(run)?;
+    }
+    group.barrier();
     Ok(Summary {
         steps: t.opt.step,
         resumed_from,
@@ -272,12 +277,20 @@ impl<'a> Training<'a> {
         started: Instant,
         on_step: &mut dyn FnMut(&StepMetrics, u64),
     ) -> Result<Losses> {
-        let metrics_path = run.out.join(StepMetrics::FILE_NAME);
-        keep_metrics_until(&metrics_path, start)?;
-        let mut metrics = fs_err::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&metrics_path)?;
+        let group = crate::dist::group();
+        // Rank 0 writes what the group writes once.
+        let mut metrics = match group.is_root() {
+            true => {
+                let metrics_path = run.out.join(StepMetrics::FILE_NAME);
+                keep_metrics_until(&metrics_path, start)?;
+                let file = fs_err::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&metrics_path)?;
+                Some(file)
+            }
+            false => None,
+        };
         let micro = self
             .stage
             .micro_batch
@@ -288,8 +301,8 @@ impl<'a> Training<'a> {
             tokens: 0,
         };
         let mut last_step_at = Instant::now();
-        let stream =
-            Loader::new(run.mix.clone(), 0, 1)?.stream(start, self.steps.saturating_sub(start), 2);
+        let loader = Loader::new(run.mix.clone(), group.rank() as u32, group.size() as u32)?;
+        let stream = loader.stream(start, self.steps.saturating_sub(start), 2);
         for (i, batch) in stream.into_iter().enumerate() {
             let step = start + i as u64;
             let batch = batch?;
@@ -321,15 +334,11 @@ impl<'a> Training<'a> {
                 })
                 .collect();
             self.check_memory(run, &rows, micro)?;
-            let record = train_step(
-                &self.model,
-                &mut self.opt,
-                &rows,
-                micro,
-                self.lr,
-                run.clip,
-                &self.device,
-            )?;
+            let settings = StepSettings {
+                micro_batch: micro,
+                ..StepSettings::new(self.lr, run.clip, &self.device, group)
+            };
+            let record = train_step(&self.model, &mut self.opt, &rows, &settings)?;
             if i == 0 {
                 losses.first = record.loss;
             }
@@ -353,8 +362,14 @@ impl<'a> Training<'a> {
                 loss_scale: record.loss_scale,
                 skipped: record.skipped,
             };
-            writeln!(metrics, "{}", line.to_line())?;
-            if run.save_every > 0 && record.step % run.save_every == 0 && record.step < self.steps {
+            if let Some(metrics) = &mut metrics {
+                writeln!(metrics, "{}", line.to_line())?;
+            }
+            if run.save_every > 0
+                && record.step % run.save_every == 0
+                && record.step < self.steps
+                && group.is_root()
+            {
                 save_intermediate(
                     &run.out,
                     &self.vars,
@@ -419,8 +434,11 @@ impl<'a> Training<'a> {
             self.model.merge_lora(&self.vars).context("merging LoRA")?;
             self.opt.forget_missing(&self.vars);
         }
-        let loader = Loader::new(run.mix.clone(), 0, 1)?;
-        let lineage = lvpipe_pipeline::lineage::lineage(&loader, run.stage, self.steps)?;
+        // Every rank's samples, replayed from the mix (the loader's batches
+        // are a function of the mix, the step and the rank).
+        let size = crate::dist::group().size() as u32;
+        let lineage =
+            lvpipe_pipeline::lineage::group_lineage(&run.mix, run.stage, self.steps, size)?;
         lvpipe_pipeline::lineage::write_parquet(&run.out.join("lineage.parquet"), &lineage)?;
         let mut model = self.config.clone();
         model.llm.rope_theta = self.stage.final_rope_base(run.recipe.model.rope_base);
@@ -438,6 +456,40 @@ impl<'a> Training<'a> {
             &self.opt,
             &self.state(run, self.opt.step),
         )
+    }
+
+    /// Fails unless every rank holds the same weights (a blake3 hash of
+    /// them, gathered): data parallelism applies the same update on every
+    /// rank, so any difference is a bug, not noise.
+    fn check_same_weights_on_every_rank(&self) -> Result<()> {
+        let group = crate::dist::group();
+        if group.size() == 1 {
+            return Ok(());
+        }
+        let mut hasher = blake3::Hasher::new();
+        let data = self.vars.data().lock().expect("var map lock");
+        let mut names: Vec<&String> = data.keys().collect();
+        names.sort();
+        for name in names {
+            let values: Vec<f32> = data[name]
+                .as_tensor()
+                .flatten_all()
+                .and_then(|t| t.to_vec1())
+                .context(name)?;
+            hasher.update(name.as_bytes());
+            for v in values {
+                hasher.update(&v.to_le_bytes());
+            }
+        }
+        let mine = u64::from_le_bytes(hasher.finalize().as_bytes()[..8].try_into().unwrap());
+        let all = group.gather_u64(mine)?;
+        match all.iter().position(|&h| h != all[0]) {
+            None => Ok(()),
+            Some(rank) => Err(Error::Config(format!(
+                "rank {rank}'s weights differ from rank 0's after step {}",
+                self.opt.step
+            ))),
+        }
     }
 
     /// The trainer state after `step`.
@@ -458,6 +510,10 @@ impl<'a> Training<'a> {
             mix_fingerprint: self.mix_fingerprint.clone(),
             init_fingerprint: self.init_fingerprint.clone(),
             loss_scale: self.opt.loss_scale,
+            world_size: crate::dist::group().size(),
+            data_parallel: crate::dist::group().size(),
+            sequence_parallel: 1,
+            sp_mode: None,
         }
     }
 }

@@ -2,10 +2,11 @@
 //! constant learning rate, global-norm clipping, masked loss, and a
 //! non-finite guard that names the step and the samples.
 
-use candle_core::{Device, Result as CandleResult, Tensor};
+use candle_core::{DType, Device, Result as CandleResult, Tensor};
 use lvpipe_pipeline::recipe::Schedule;
 use lvpipe_schemas::TrainableModule;
 
+use crate::dist::Group;
 use crate::{Error, Result};
 
 use crate::model::{Model, Row};
@@ -107,27 +108,67 @@ impl JoinedRows {
     }
 }
 
-/// Forward and backward over `rows` (one global batch) in micro-batches of
-/// `micro_batch` rows, gradients summed, then one update: the loss is the
-/// mean over every masked token of the whole batch, whatever the split.
-/// Under the optimizer's loss scaling, each backward pass starts from the
-/// scaled loss, and a step whose gradients overflow is skipped.
+/// How one step runs: micro-batch size, learning rate, clipping, where,
+/// and with which group of processes.
+#[derive(Clone, Copy)]
+pub struct StepSettings<'a> {
+    /// Rows per forward and backward pass (the gradients accumulate).
+    pub micro_batch: usize,
+    pub lr: f64,
+    /// Global gradient-norm clip (0: none).
+    pub clip: f64,
+    pub device: &'a Device,
+    /// The data-parallel group: each rank holds its share of the global
+    /// batch, and the gradients are summed over the ranks.
+    pub group: &'a Group,
+}
+
+impl<'a> StepSettings<'a> {
+    /// One process on `device`, the whole batch in one pass.
+    pub fn new(lr: f64, clip: f64, device: &'a Device, group: &'a Group) -> Self {
+        StepSettings {
+            micro_batch: usize::MAX,
+            lr,
+            clip,
+            device,
+            group,
+        }
+    }
+}
+
+/// Forward and backward over `rows` (this rank's share of one global batch)
+/// in micro-batches, gradients summed over the passes and the ranks, then
+/// one update: the loss is the mean over every masked token of the whole
+/// global batch, whatever the split. Under the optimizer's loss scaling,
+/// each backward pass starts from the scaled loss, and a step whose
+/// gradients overflow is skipped. Every decision (divergence, overflow,
+/// clipping) is taken on numbers all ranks share, so they take it together.
 pub fn train_step(
     model: &Model,
     opt: &mut Optimizer,
     rows: &[(Row, &[String])],
-    micro_batch: usize,
-    lr: f64,
-    clip: f64,
-    device: &Device,
+    settings: &StepSettings,
 ) -> Result<StepRecord> {
+    let StepSettings {
+        micro_batch,
+        lr,
+        clip,
+        device,
+        group,
+    } = *settings;
     let this_step = opt.step + 1;
     let fail = |source: candle_core::Error| Error::Tensor {
         context: format!("step {this_step}"),
         source,
     };
-    let count: f32 = rows.iter().map(|(row, _)| model.loss_tokens(row)).sum();
-    let tokens: u64 = rows.iter().map(|(row, _)| row.input_ids.len() as u64).sum();
+    let mut totals = [
+        rows.iter()
+            .map(|(row, _)| f64::from(model.loss_tokens(row)))
+            .sum(),
+        rows.iter().map(|(row, _)| row.input_ids.len() as f64).sum(),
+    ];
+    group.sum_f64(&mut totals)?;
+    let [count, tokens] = totals;
     let samples = |rows: &[(Row, &[String])]| -> String {
         rows.iter()
             .flat_map(|(_, ids)| ids.iter().cloned())
@@ -138,19 +179,17 @@ pub fn train_step(
     let mut acc: Option<Vec<Option<Tensor>>> = None;
     let mut loss = 0f64;
     let mut passes = 0;
+    let mut diverged = None;
     for chunk in rows.chunks(micro_batch.max(1)) {
         let joined = JoinedRows::new(chunk.iter().map(|(row, _)| row));
         let part = model
             .row_loss(&joined.row(), device)
-            .and_then(|(sum, _, _)| sum / f64::from(count.max(1.0)))
+            .and_then(|(sum, _, _)| sum / count.max(1.0))
             .map_err(fail)?;
         let value = f64::from(part.to_scalar::<f32>().map_err(fail)?);
         if !value.is_finite() {
-            return Err(Error::Diverged {
-                step: opt.step + 1,
-                loss: value,
-                samples: samples(chunk),
-            });
+            diverged = Some((value, samples(chunk)));
+            break;
         }
         loss += value;
         passes += 1;
@@ -174,7 +213,23 @@ pub fn train_step(
                 .map_err(fail)?,
         });
     }
-    let grads = acc.unwrap_or_default();
+    // The loss of the whole batch, and whether any rank's diverged.
+    let mut shared = [loss, f64::from(u8::from(diverged.is_some()))];
+    group.sum_f64(&mut shared)?;
+    if shared[1] > 0.0 {
+        let (value, samples) = diverged.unwrap_or((f64::NAN, "on another rank".into()));
+        return Err(Error::Diverged {
+            step: this_step,
+            loss: value,
+            samples,
+        });
+    }
+    let loss = shared[0];
+    let grads = match acc {
+        Some(grads) => grads,
+        None => opt.names().map(|_| None).collect(),
+    };
+    let grads = sum_over_ranks(opt, grads, group, device).map_err(fail)?;
     let unscale = 1.0 / loss_scale.unwrap_or(1.0);
     let norm = opt.grad_norm(&grads).map_err(fail)? * unscale;
     let record = |grad_norm: f64, skipped: bool, step: u64| StepRecord {
@@ -182,8 +237,8 @@ pub fn train_step(
         loss,
         lr,
         grad_norm,
-        tokens,
-        loss_tokens: f64::from(count),
+        tokens: tokens as u64,
+        loss_tokens: count,
         micro_batches: passes,
         loss_scale,
         skipped,
@@ -197,7 +252,7 @@ pub fn train_step(
     }
     if !norm.is_finite() {
         return Err(Error::Diverged {
-            step: opt.step + 1,
+            step: this_step,
             loss: norm,
             samples: format!("{} (the gradient norm)", samples(rows)),
         });
@@ -212,6 +267,49 @@ pub fn train_step(
         scaler.stepped();
     }
     Ok(record(norm, false, opt.step))
+}
+
+/// The gradients summed over the group's ranks (in [`Optimizer::names`]
+/// order): each as f32 with a presence flag, so that a parameter no rank's
+/// rows reached stays `None`, as in one process over the whole batch.
+fn sum_over_ranks(
+    opt: &Optimizer,
+    grads: Vec<Option<Tensor>>,
+    group: &Group,
+    device: &Device,
+) -> CandleResult<Vec<Option<Tensor>>> {
+    if group.size() == 1 {
+        return Ok(grads);
+    }
+    let shapes = opt.shapes();
+    let mut flat = Vec::with_capacity(shapes.iter().map(|s| s.elem_count() + 1).sum());
+    for (g, shape) in grads.iter().zip(&shapes) {
+        match g {
+            Some(g) => {
+                flat.push(1.0);
+                flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+            }
+            None => {
+                flat.push(0.0);
+                flat.resize(flat.len() + shape.elem_count(), 0.0);
+            }
+        }
+    }
+    group
+        .sum_f32(&mut flat)
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let mut at = 0;
+    shapes
+        .iter()
+        .map(|shape| {
+            let (present, n) = (flat[at] > 0.0, shape.elem_count());
+            let values = &flat[at + 1..at + 1 + n];
+            at += 1 + n;
+            present
+                .then(|| Tensor::from_slice(values, shape, device))
+                .transpose()
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -368,7 +466,7 @@ mod tests {
         let before = snapshot(&vars);
         let names = vec!["sample".to_string()];
         let batch = [(row.row(), names.as_slice())];
-        let rec = train_step(&model, &mut opt, &batch, 1, 1e-2, 1.0, &Device::Cpu).unwrap();
+        let rec = train_step(&model, &mut opt, &batch, &settings(1, 1e-2, 1.0)).unwrap();
         assert!(rec.skipped && !rec.grad_norm.is_finite(), "{rec:?}");
         assert_eq!(rec.loss_scale, Some(huge));
         assert_eq!(opt.step, 1);
@@ -376,7 +474,7 @@ mod tests {
         let after = opt.loss_scale.unwrap();
         assert_eq!((after.scale, after.good_steps), (huge / 2.0, 0));
         opt.loss_scale = Some(LossScale::default());
-        let rec = train_step(&model, &mut opt, &batch, 1, 1e-2, 1.0, &Device::Cpu).unwrap();
+        let rec = train_step(&model, &mut opt, &batch, &settings(1, 1e-2, 1.0)).unwrap();
         assert!(!rec.skipped && rec.grad_norm.is_finite(), "{rec:?}");
         assert_eq!(opt.step, 2);
         assert_ne!(snapshot(&vars), before);
@@ -405,6 +503,15 @@ mod tests {
         assert!(is_trainable("llm.lm_head.weight", &m("embed")));
     }
 
+    /// One process on the CPU.
+    fn settings(micro_batch: usize, lr: f64, clip: f64) -> StepSettings<'static> {
+        static GROUP: std::sync::LazyLock<Group> = std::sync::LazyLock::new(Group::single);
+        StepSettings {
+            micro_batch,
+            ..StepSettings::new(lr, clip, &Device::Cpu, &GROUP)
+        }
+    }
+
     /// `steps` steps on one row; the losses.
     fn repeat_step(
         model: &Model,
@@ -418,7 +525,7 @@ mod tests {
         (0..steps)
             .map(|_| {
                 let batch = [(row.clone(), names.as_slice())];
-                train_step(model, opt, &batch, 1, lr, clip, &Device::Cpu)
+                train_step(model, opt, &batch, &settings(1, lr, clip))
                     .unwrap()
                     .loss
             })
@@ -477,7 +584,7 @@ mod tests {
                     )
                 })
                 .collect();
-            let rec = train_step(&model, &mut opt, &rows, micro, 1e-2, 0.0, &device).unwrap();
+            let rec = train_step(&model, &mut opt, &rows, &settings(micro, 1e-2, 0.0)).unwrap();
             (rec, snapshot(&vars))
         };
         let (whole, after_whole) = run(4);
@@ -590,7 +697,7 @@ mod tests {
                 (row(&a, &mask, &dark), names.as_slice()),
                 (row(&b, &mask, &light), names.as_slice()),
             ];
-            train_step(&model, &mut opt, &batch, 2, 1e-2, 1.0, &device).unwrap();
+            train_step(&model, &mut opt, &batch, &settings(2, 1e-2, 1.0)).unwrap();
         }
         let loss = |r: Row| {
             model

@@ -107,6 +107,14 @@ impl Optimizer {
         self.vars.iter().map(|(n, _)| n.as_str())
     }
 
+    /// The shapes of the parameters it updates, in [`Optimizer::names`] order.
+    pub fn shapes(&self) -> Vec<candle_core::Shape> {
+        self.vars
+            .iter()
+            .map(|(_, var)| var.as_tensor().shape().clone())
+            .collect()
+    }
+
     /// The trainable parameters' gradients out of a backward pass, in
     /// [`Optimizer::names`] order (`None`: the loss does not depend on it).
     pub fn collect(&self, grads: &GradStore) -> Vec<Option<Tensor>> {

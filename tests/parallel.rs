@@ -1,0 +1,205 @@
+//! Training as a group of processes under OpenMPI's `mpirun` (built with
+//! `--features mpi`): a group computes what one process computes.
+#![cfg(feature = "mpi")]
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use common::*;
+
+fn recipe() -> String {
+    format!("{}/recipes/tiny.toml", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `mpirun -n N lvpipe ARGS` in `cwd`, each rank on one thread (more ranks
+/// than cores allowed; as root, as the tests may run).
+fn mpirun(cwd: &Path, n: usize, args: &[&str]) -> Output {
+    Command::new("mpirun")
+        .args(["-n", &n.to_string(), "--oversubscribe", "--bind-to", "none"])
+        .arg(env!("CARGO_BIN_EXE_lvpipe"))
+        .args(args)
+        .current_dir(cwd)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("RAYON_NUM_THREADS", "1")
+        // One machine: no ssh needed to start the ranks.
+        .env("OMPI_MCA_plm", "isolated")
+        .output()
+        .expect("mpirun runs (openmpi-bin)")
+}
+
+fn ok(out: Output) -> Output {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn losses(run: &str) -> Vec<f64> {
+    std::fs::read_to_string(format!("{run}/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
+}
+
+fn weights(run: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(format!("{run}/model.safetensors"), &Device::Cpu).unwrap()
+}
+
+/// Largest `|a - b| / max |b|` over tensors of the same names, but for the
+/// key projections' biases: a bias added to every key adds the same number
+/// to all of a query's scores, which the softmax cancels, so their exact
+/// gradient is zero and what they get is rounding noise, which Adam scales
+/// up to full-size steps whose signs depend on the order of every sum.
+fn worst_relative(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .filter(|(name, _)| !name.ends_with("k_proj.bias"))
+        .map(|(name, x)| {
+            let y = &b[name];
+            let norm = |t: &Tensor| {
+                let sq = t.sqr().unwrap().sum_all().unwrap();
+                sq.to_scalar::<f32>().unwrap().sqrt()
+            };
+            norm(&(x - y).unwrap()) / norm(y).max(1e-12)
+        })
+        .fold(0.0, f32::max)
+}
+
+/// `train` of the tiny recipe's stage 3 over `mix` into `out`: six steps, a
+/// checkpoint every two.
+fn train_args<'a>(recipe: &'a str, mix: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "train",
+        "--recipe",
+        recipe,
+        "--stage",
+        "3",
+        "--mix",
+        mix,
+        "--tokenizer",
+        "raw/tokenizer.json",
+        "--out",
+        out,
+        "--steps",
+        "6",
+        "--save-every",
+        "2",
+    ];
+    args.extend(extra);
+    args
+}
+
+/// Stage 3 of the tiny recipe (global batch 8, images in every row), six
+/// steps, as one process and as groups of 2 and 4.
+#[test]
+fn groups_of_processes_train_what_one_process_trains() {
+    let corpus = tiny_corpus();
+    let dir = tempfile::tempdir().unwrap();
+    let d = |p: &str| dir.path().join(p).to_str().unwrap().to_string();
+    lvpipe_ok(corpus, &build_args(&d("shards"), &[]));
+    mix_ok(corpus, &recipe(), "3", &d("shards"), &d("mixes"));
+    let (recipe, mix) = (recipe(), d("mixes/stage-3"));
+    let one = d("one");
+    lvpipe_ok(corpus, &train_args(&recipe, &mix, &one, &[]));
+    let (l1, w1) = (losses(&one), weights(&one));
+    assert_eq!(l1.len(), 6);
+    for n in [2usize, 4] {
+        let run = d(&format!("group-{n}"));
+        let out = ok(mpirun(corpus, n, &train_args(&recipe, &mix, &run, &[])));
+        // Rank 0 alone reports.
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            stderr.matches("stage 3 (short-sft): 6 steps").count(),
+            1,
+            "{stderr}"
+        );
+        for (step, (a, b)) in l1.iter().zip(losses(&run)).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-5 * a.abs(),
+                "{n} ranks, step {step}: {a} vs {b}"
+            );
+        }
+        let worst = worst_relative(&weights(&run), &w1);
+        assert!(worst <= 1e-5, "{n} ranks: weights differ by {worst}");
+        let state: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(format!("{run}/trainer_state.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(state["world_size"], n, "{state}");
+        assert_eq!(state["data_parallel"], n, "{state}");
+        // The lineage names each sample's rank: all of them, the same
+        // samples as one process trained.
+        let ranks: Vec<u32> = read_table(Path::new(&run), "lineage")
+            .iter()
+            .flat_map(|b| {
+                let col = b.column_by_name("rank").unwrap();
+                let col = col
+                    .as_any()
+                    .downcast_ref::<arrow::array::UInt32Array>()
+                    .unwrap();
+                col.values().to_vec()
+            })
+            .collect();
+        for rank in 0..n as u32 {
+            assert!(ranks.contains(&rank), "{n} ranks: no rows of rank {rank}");
+        }
+        let single_rows: usize = read_table(Path::new(&one), "lineage")
+            .iter()
+            .map(|b| b.num_rows())
+            .sum();
+        assert_eq!(ranks.len(), single_rows);
+    }
+    // A world size that does not divide the global batch: refused at start.
+    let out = mpirun(corpus, 3, &train_args(&recipe, &mix, &d("three"), &[]));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("must divide the global batch 8"), "{err}");
+}
+
+/// Rank 0 of two dies after step 3: the group stops (mpirun ends the other
+/// rank) instead of waiting; resumed by one process from the step-2
+/// checkpoint, the run ends with the losses of an uninterrupted one.
+#[test]
+fn a_dead_rank_stops_the_group_and_another_world_size_resumes() {
+    let corpus = tiny_corpus();
+    let dir = tempfile::tempdir().unwrap();
+    let d = |p: &str| dir.path().join(p).to_str().unwrap().to_string();
+    lvpipe_ok(corpus, &build_args(&d("shards"), &[]));
+    mix_ok(corpus, &recipe(), "3", &d("shards"), &d("mixes"));
+    let (recipe, mix) = (recipe(), d("mixes/stage-3"));
+    let (straight, killed) = (d("straight"), d("killed"));
+    lvpipe_ok(corpus, &train_args(&recipe, &mix, &straight, &[]));
+    let started = Instant::now();
+    let out = mpirun(
+        corpus,
+        2,
+        &train_args(&recipe, &mix, &killed, &["--abort-after", "3"]),
+    );
+    assert!(!out.status.success());
+    assert!(started.elapsed() < Duration::from_secs(120));
+    let err = lvpipe_ok_stderr(corpus, &["train", "--resume", &killed]);
+    assert!(err.contains("resumed after step 2"), "{err}");
+    let (a, b) = (losses(&straight), losses(&killed));
+    assert_eq!(b.len(), 6);
+    for (step, (a, b)) in a.iter().zip(&b).enumerate() {
+        assert!((a - b).abs() <= 1e-5 * a.abs(), "step {step}: {a} vs {b}");
+    }
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{killed}/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["world_size"], 1, "{state}");
+}

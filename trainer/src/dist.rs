@@ -1,0 +1,224 @@
+//! Training as a group of processes: the ranks of an `mpirun` or `srun`
+//! launch, talking through MPI (OpenMPI through the `mpi` crate, with
+//! `--features mpi`), or a group of one when no launcher started this
+//! process (no MPI needed at run time).
+//!
+//! Every reduction here gives the same bits on every rank (a reduce to rank
+//! 0, then a broadcast of its result), so ranks that apply the same update
+//! to the same weights keep identical weights; `MPI_Allreduce` does not
+//! promise that.
+
+use std::sync::OnceLock;
+
+use crate::{Error, Result};
+
+/// The environment variables launchers set to a process's rank and the
+/// group's size: OpenMPI's `mpirun`, PMI (MPICH, Slurm's `srun --mpi=pmi2`)
+/// and Slurm itself.
+const LAUNCHERS: [(&str, &str); 3] = [
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+    ("PMI_RANK", "PMI_SIZE"),
+    ("SLURM_PROCID", "SLURM_NTASKS"),
+];
+
+/// Floats reduced at once: gradients go in buckets of this many (64 MB),
+/// so the send buffer stays bounded whatever the model.
+pub const BUCKET: usize = 16 << 20;
+
+/// The processes training together, and this one's rank among them.
+pub struct Group {
+    rank: usize,
+    size: usize,
+    /// MPI's environment while it is up ([`finalize`] ends it).
+    #[cfg(feature = "mpi")]
+    mpi: std::sync::Mutex<Option<mpi::environment::Universe>>,
+}
+
+static GROUP: OnceLock<Group> = OnceLock::new();
+
+/// Joins the group a launcher started this process in ([`Group::from_env`]);
+/// once per process, before any training. Later calls return the same
+/// group.
+pub fn init() -> Result<&'static Group> {
+    if let Some(g) = GROUP.get() {
+        return Ok(g);
+    }
+    let g = Group::from_env()?;
+    Ok(GROUP.get_or_init(|| g))
+}
+
+/// The group [`init`] joined; a group of one where it was never called.
+pub fn group() -> &'static Group {
+    GROUP.get_or_init(Group::single)
+}
+
+/// Leaves the group at the end of a successful run (`MPI_Finalize`, which
+/// `mpirun` expects of every rank). After an error, call [`Group::abort`]
+/// instead: finalizing waits for ranks that may never come.
+pub fn finalize() {
+    #[cfg(feature = "mpi")]
+    if let Some(g) = GROUP.get() {
+        drop(g.mpi.lock().expect("MPI environment lock").take());
+    }
+}
+
+impl Group {
+    /// A group of one: no exchange at all.
+    pub fn single() -> Self {
+        Group {
+            rank: 0,
+            size: 1,
+            #[cfg(feature = "mpi")]
+            mpi: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The group a launcher started this process in (MPI), or a group of
+    /// one without a launcher. A launch of several processes by a build
+    /// without MPI is an error, not N independent runs.
+    pub fn from_env() -> Result<Self> {
+        let Some((rank, size)) = launched() else {
+            return Ok(Self::single());
+        };
+        #[cfg(feature = "mpi")]
+        {
+            let _ = (rank, size);
+            use mpi::traits::Communicator;
+            let universe = mpi::initialize()
+                .ok_or_else(|| Error::Config("MPI was initialized twice".into()))?;
+            let world = universe.world();
+            Ok(Group {
+                rank: world.rank() as usize,
+                size: world.size() as usize,
+                mpi: std::sync::Mutex::new(Some(universe)),
+            })
+        }
+        #[cfg(not(feature = "mpi"))]
+        {
+            if size > 1 {
+                return Err(Error::Config(format!(
+                    "started as rank {rank} of {size} processes, but this lvpipe was built \
+                     without MPI: build it with `cargo build --release --features mpi` \
+                     (needs libopenmpi-dev)"
+                )));
+            }
+            Ok(Self::single())
+        }
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Whether this process writes what the group writes once
+    /// (checkpoints, metrics, the model): rank 0.
+    pub fn is_root(&self) -> bool {
+        self.rank == 0
+    }
+
+    /// Sums `values` over the ranks, in place, the same bits on every rank.
+    pub fn sum_f32(&self, values: &mut [f32]) -> Result<()> {
+        if self.size == 1 {
+            return Ok(());
+        }
+        for bucket in values.chunks_mut(BUCKET) {
+            self.reduce_then_broadcast(bucket)?;
+        }
+        Ok(())
+    }
+
+    /// Sums `values` over the ranks, in place, the same bits on every rank.
+    pub fn sum_f64(&self, values: &mut [f64]) -> Result<()> {
+        if self.size == 1 {
+            return Ok(());
+        }
+        self.reduce_then_broadcast(values)
+    }
+
+    /// Every rank's `value`, in rank order, on every rank.
+    pub fn gather_u64(&self, value: u64) -> Result<Vec<u64>> {
+        // Exact in f64: two 32-bit halves per rank, zeros elsewhere.
+        let mut slots = vec![0f64; 2 * self.size];
+        slots[2 * self.rank] = (value >> 32) as f64;
+        slots[2 * self.rank + 1] = (value & 0xffff_ffff) as f64;
+        self.sum_f64(&mut slots)?;
+        Ok(slots
+            .chunks(2)
+            .map(|h| ((h[0] as u64) << 32) | h[1] as u64)
+            .collect())
+    }
+
+    /// Waits until every rank got here.
+    pub fn barrier(&self) {
+        #[cfg(feature = "mpi")]
+        if self.size > 1 {
+            use mpi::traits::CommunicatorCollectives;
+            mpi::topology::SimpleCommunicator::world().barrier();
+        }
+    }
+
+    /// Ends every process of the group (`MPI_Abort`): what a rank that
+    /// failed does, so the others do not wait for it forever.
+    pub fn abort(&self, code: i32) -> ! {
+        #[cfg(feature = "mpi")]
+        if self.size > 1 {
+            use mpi::traits::Communicator;
+            mpi::topology::SimpleCommunicator::world().abort(code);
+        }
+        std::process::exit(code)
+    }
+
+    #[cfg(feature = "mpi")]
+    fn reduce_then_broadcast<T>(&self, values: &mut [T]) -> Result<()>
+    where
+        T: mpi::datatype::Equivalence + Copy,
+    {
+        use mpi::collective::SystemOperation;
+        use mpi::traits::{Communicator, Root};
+        let world = mpi::topology::SimpleCommunicator::world();
+        let root = world.process_at_rank(0);
+        if self.is_root() {
+            let mine = values.to_vec();
+            root.reduce_into_root(&mine[..], values, SystemOperation::sum());
+        } else {
+            root.reduce_into(&values[..], SystemOperation::sum());
+        }
+        root.broadcast_into(values);
+        Ok(())
+    }
+
+    /// Without MPI a group is never larger than one ([`Group::from_env`]).
+    #[cfg(not(feature = "mpi"))]
+    fn reduce_then_broadcast<T>(&self, _: &mut [T]) -> Result<()> {
+        Err(Error::Config(
+            "a group of several processes needs MPI (--features mpi)".into(),
+        ))
+    }
+}
+
+/// (rank, size) as a launcher set them, if one did.
+fn launched() -> Option<(usize, usize)> {
+    let var = |name: &str| std::env::var(name).ok()?.parse::<usize>().ok();
+    LAUNCHERS
+        .iter()
+        .find_map(|(rank, size)| Some((var(rank)?, var(size)?)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_group_of_one_keeps_its_values() {
+        let g = Group::single();
+        assert!(g.is_root() && g.size() == 1);
+        let mut v = vec![1.5f32, -2.0];
+        g.sum_f32(&mut v).unwrap();
+        assert_eq!(v, [1.5, -2.0]);
+        assert_eq!(g.gather_u64(u64::MAX - 5).unwrap(), [u64::MAX - 5]);
+    }
+}
