@@ -212,6 +212,10 @@ pub struct TrainArgs {
     /// Abort the process right after this step, as a kill would (crash tests).
     #[arg(long, hide = true)]
     pub abort_after: Option<u64>,
+    /// Stop making progress right after this step, as a stuck rank would
+    /// (rank 0 of a group; tests of the collective timeout).
+    #[arg(long, hide = true)]
+    pub stall_after: Option<u64>,
 }
 
 /// A model folder, with or without the `hf:` prefix.

@@ -100,6 +100,8 @@ pub struct TrainProgress {
     /// tests' way to stop a run where no clean-up happens (in a group, rank
     /// 0 alone dies).
     abort_after: Option<u64>,
+    /// Hang right after this step, as a stuck rank would (tests).
+    stall_after: Option<u64>,
     /// Whether this process shows progress: rank 0 of a group only.
     speaks: bool,
 }
@@ -109,8 +111,15 @@ impl TrainProgress {
         TrainProgress {
             bar: Mutex::new(None),
             abort_after,
+            stall_after: None,
             speaks,
         }
+    }
+
+    /// Hang after step `step` (rank 0 of a group).
+    pub fn stall_after(mut self, step: Option<u64>) -> Self {
+        self.stall_after = step;
+        self
     }
 
     pub fn on_event(&self, event: TrainEvent) {
@@ -152,6 +161,11 @@ impl TrainProgress {
                 }
                 if self.abort_after == Some(metrics.step) {
                     std::process::abort();
+                }
+                if self.stall_after == Some(metrics.step) {
+                    loop {
+                        std::thread::sleep(std::time::Duration::from_secs(3600));
+                    }
                 }
             }
             TrainEvent::Finished {

@@ -19,6 +19,10 @@ fn recipe() -> String {
 /// `mpirun -n N lvpipe ARGS` in `cwd`, each rank on one thread (more ranks
 /// than cores allowed; as root, as the tests may run).
 fn mpirun(cwd: &Path, n: usize, args: &[&str]) -> Output {
+    mpirun_with(cwd, n, args, &[])
+}
+
+fn mpirun_with(cwd: &Path, n: usize, args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new("mpirun")
         .args(["-n", &n.to_string(), "--oversubscribe", "--bind-to", "none"])
         .arg(env!("CARGO_BIN_EXE_lvpipe"))
@@ -29,6 +33,7 @@ fn mpirun(cwd: &Path, n: usize, args: &[&str]) -> Output {
         .env("RAYON_NUM_THREADS", "1")
         // One machine: no ssh needed to start the ranks.
         .env("OMPI_MCA_plm", "isolated")
+        .envs(env.iter().copied())
         .output()
         .expect("mpirun runs (openmpi-bin)")
 }
@@ -202,4 +207,30 @@ fn a_dead_rank_stops_the_group_and_another_world_size_resumes() {
     )
     .unwrap();
     assert_eq!(state["world_size"], 1, "{state}");
+}
+
+/// Rank 0 of two hangs after step 3 (alive, making no progress): rank 1
+/// gives up waiting in the next exchange after the collective timeout, and
+/// the launcher ends the group; the step-2 checkpoint resumes.
+#[test]
+fn a_stuck_rank_stops_the_group_after_the_collective_timeout() {
+    let corpus = tiny_corpus();
+    let dir = tempfile::tempdir().unwrap();
+    let d = |p: &str| dir.path().join(p).to_str().unwrap().to_string();
+    lvpipe_ok(corpus, &build_args(&d("shards"), &[]));
+    mix_ok(corpus, &recipe(), "3", &d("shards"), &d("mixes"));
+    let (recipe, mix, run) = (recipe(), d("mixes/stage-3"), d("stuck"));
+    let started = Instant::now();
+    let out = mpirun_with(
+        corpus,
+        2,
+        &train_args(&recipe, &mix, &run, &["--stall-after", "3"]),
+        &[("LVPIPE_COLLECTIVE_TIMEOUT", "5")],
+    );
+    assert!(!out.status.success());
+    assert!(started.elapsed() < Duration::from_secs(120));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("rank 1 of 2: waited"), "{err}");
+    let err = lvpipe_ok_stderr(corpus, &["train", "--resume", &run]);
+    assert!(err.contains("resumed after step 2"), "{err}");
 }

@@ -13,7 +13,8 @@ use crate::progress::{TrainProgress, log};
 pub fn run(args: TrainArgs) -> Result<ExitCode> {
     // Under `mpirun`/`srun`, this process is one rank of the group.
     let group = lvpipe_trainer::dist::init()?;
-    let progress = TrainProgress::new(args.abort_after, group.is_root());
+    let progress =
+        TrainProgress::new(args.abort_after, group.is_root()).stall_after(args.stall_after);
     let on_event = &mut |event: TrainEvent| progress.on_event(event);
     if let Some(dir) = &args.resume {
         resume(dir, on_event)?;

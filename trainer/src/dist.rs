@@ -9,6 +9,8 @@
 //! promise that.
 
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::{Error, Result};
 
@@ -20,6 +22,17 @@ const LAUNCHERS: [(&str, &str); 3] = [
     ("PMI_RANK", "PMI_SIZE"),
     ("SLURM_PROCID", "SLURM_NTASKS"),
 ];
+
+/// How long a rank waits in one exchange for the others before it gives up
+/// and exits, which makes the launcher end the group: a rank that died or
+/// hangs stops the run instead of leaving the others waiting forever.
+/// `LVPIPE_COLLECTIVE_TIMEOUT` (seconds) sets it; the default leaves room
+/// for the longest step of a long-context stage.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1800);
+
+/// When this process entered the exchange it is in (milliseconds since the
+/// Unix epoch; 0: in none), for the watchdog.
+static WAITING_SINCE: AtomicU64 = AtomicU64::new(0);
 
 /// Floats reduced at once: gradients go in buckets of this many (64 MB),
 /// so the send buffer stays bounded whatever the model.
@@ -87,6 +100,7 @@ impl Group {
             let universe = mpi::initialize()
                 .ok_or_else(|| Error::Config("MPI was initialized twice".into()))?;
             let world = universe.world();
+            start_watchdog(world.rank() as usize, world.size() as usize)?;
             Ok(Group {
                 rank: world.rank() as usize,
                 size: world.size() as usize,
@@ -181,6 +195,7 @@ impl Group {
         use mpi::traits::{Communicator, Root};
         let world = mpi::topology::SimpleCommunicator::world();
         let root = world.process_at_rank(0);
+        WAITING_SINCE.store(now_ms(), Ordering::Relaxed);
         if self.is_root() {
             let mine = values.to_vec();
             root.reduce_into_root(&mine[..], values, SystemOperation::sum());
@@ -188,6 +203,7 @@ impl Group {
             root.reduce_into(&values[..], SystemOperation::sum());
         }
         root.broadcast_into(values);
+        WAITING_SINCE.store(0, Ordering::Relaxed);
         Ok(())
     }
 
@@ -198,6 +214,52 @@ impl Group {
             "a group of several processes needs MPI (--features mpi)".into(),
         ))
     }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A thread that ends this process when it has waited in one exchange
+/// longer than the timeout (`LVPIPE_COLLECTIVE_TIMEOUT` seconds, else
+/// [`DEFAULT_TIMEOUT`]). It exits rather than calling `MPI_Abort`, which
+/// MPI does not allow from a second thread here; the launcher then ends
+/// the other ranks.
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+fn start_watchdog(rank: usize, size: usize) -> Result<()> {
+    let timeout = match std::env::var("LVPIPE_COLLECTIVE_TIMEOUT") {
+        Ok(s) => Duration::from_secs_f64(s.trim().parse::<f64>().map_err(|_| {
+            Error::Config(format!("LVPIPE_COLLECTIVE_TIMEOUT={s}: expected seconds"))
+        })?),
+        Err(_) => DEFAULT_TIMEOUT,
+    };
+    let every = (timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    std::thread::Builder::new()
+        .name("lvpipe-watchdog".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(every);
+                let since = WAITING_SINCE.load(Ordering::Relaxed);
+                let waited = Duration::from_millis(now_ms().saturating_sub(since));
+                if since != 0 && waited > timeout {
+                    #[allow(clippy::print_stderr)]
+                    {
+                        eprintln!(
+                            "lvpipe: error: rank {rank} of {size}: waited {:.0} s for the other \
+                             ranks in an exchange (LVPIPE_COLLECTIVE_TIMEOUT is {:.0} s): a rank \
+                             is stuck or dead; the checkpoints on disk can be resumed",
+                            waited.as_secs_f64(),
+                            timeout.as_secs_f64()
+                        );
+                    }
+                    std::process::exit(2);
+                }
+            }
+        })
+        .map_err(Error::Io)?;
+    Ok(())
 }
 
 /// (rank, size) as a launcher set them, if one did.
