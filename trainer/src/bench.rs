@@ -178,7 +178,7 @@ pub fn memory_step_bench(
                 ..one_process(&device)
             },
         )?;
-        Ok(device.synchronize().context("device")?)
+        device.synchronize().context("device")
     })?;
     let (peak, _) = resident_bytes();
     let device_peak = crate::device::peak_device_bytes(&device, false)?;
