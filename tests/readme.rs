@@ -89,9 +89,34 @@ fn the_readme_command_block_runs_as_written() {
     copy_dir(&root.join("recipes"), &dir.path().join("recipes"));
     for line in &lines {
         let words = words(line);
-        assert_eq!(words[0], "lvpipe", "{line}");
-        let args: Vec<&str> = words[1..].iter().map(String::as_str).collect();
-        let out = common::lvpipe(dir.path(), &args);
+        let out = match words[0].as_str() {
+            "lvpipe" => {
+                let args: Vec<&str> = words[1..].iter().map(String::as_str).collect();
+                common::lvpipe(dir.path(), &args)
+            }
+            // A data-parallel line: the launcher's arguments, then lvpipe's
+            // (a build with MPI; the README's test command has it).
+            "mpirun" if cfg!(feature = "mpi") => {
+                let at = words
+                    .iter()
+                    .position(|w| w == "lvpipe")
+                    .expect("lvpipe in the line");
+                std::process::Command::new("mpirun")
+                    .args(&words[1..at])
+                    .args(["--oversubscribe", "--bind-to", "none"])
+                    .arg(env!("CARGO_BIN_EXE_lvpipe"))
+                    .args(&words[at + 1..])
+                    .current_dir(dir.path())
+                    .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+                    .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+                    .env("OMPI_MCA_plm", "isolated")
+                    .env("RAYON_NUM_THREADS", "1")
+                    .output()
+                    .expect("mpirun runs (openmpi-bin)")
+            }
+            "mpirun" => continue,
+            _ => panic!("not an lvpipe command: {line}"),
+        };
         assert!(
             out.status.success(),
             "README line failed ({:?}): {line}\n{}",
