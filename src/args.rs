@@ -23,6 +23,9 @@ pub enum Command {
     BuildShards(BuildArgs),
     /// Run a read-only SQL query over a shard folder.
     Sql(SqlArgs),
+    /// Read every shard file back against the manifest's sizes and blake3
+    /// checksums; exit 1 if any differs or is missing.
+    Verify(VerifyArgs),
     /// Check a curriculum recipe on its own and against shards; print what each stage will see.
     Plan(PlanArgs),
     /// Select, weigh, order and pack one stage's data into a memory-mappable mix.
@@ -53,6 +56,16 @@ pub enum Command {
         #[arg(long, default_value_t = 10)]
         steps: usize,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// A shard folder (with its manifest.json).
+    #[arg(long)]
+    pub shards: PathBuf,
+    /// Print one JSON object instead of lines.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -818,3 +818,67 @@ fn changed_shards_are_refused_by_size_always_and_by_checksum_on_request_and_in_m
     let err = String::from_utf8_lossy(&cut.stderr);
     assert!(err.contains("the manifest says"), "{err}");
 }
+
+#[test]
+fn verify_finds_a_flipped_byte_a_truncated_file_and_a_missing_one() {
+    let corpus = tiny_corpus();
+    let dir = tempfile::tempdir().unwrap();
+    let shards = dir.path().join("shards");
+    let s = shards.to_str().unwrap();
+    lvpipe_ok(corpus, &build_args(s, &["--shard-size", "200KiB"]));
+    let verify = |json: bool| {
+        let mut args = vec!["verify", "--shards", s];
+        if json {
+            args.push("--json");
+        }
+        lvpipe(corpus, &args)
+    };
+    let clean = verify(true);
+    assert!(
+        clean.status.success(),
+        "{}",
+        String::from_utf8_lossy(&clean.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&clean.stdout).unwrap();
+    let files = report["files"].as_u64().unwrap();
+    assert!(files >= 3, "{report}");
+    assert_eq!(report["problems"].as_array().unwrap().len(), 0);
+
+    let mut parts: Vec<_> = std::fs::read_dir(&shards)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .collect();
+    parts.sort();
+    // One byte in the middle of the first, the last 10 bytes of the second,
+    // the third removed.
+    let mut bytes = std::fs::read(&parts[0]).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&parts[0], bytes).unwrap();
+    let len = std::fs::metadata(&parts[1]).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&parts[1])
+        .unwrap()
+        .set_len(len - 10)
+        .unwrap();
+    std::fs::remove_file(&parts[2]).unwrap();
+    let bad = verify(false);
+    assert_eq!(bad.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&bad.stdout);
+    let name = |i: usize| parts[i].file_name().unwrap().to_str().unwrap().to_string();
+    let line = |i: usize| {
+        text.lines()
+            .find(|l| l.contains(&name(i)))
+            .unwrap_or("")
+            .to_string()
+    };
+    assert!(line(0).contains("blake3"), "{text}");
+    assert!(
+        line(1).contains(&format!("{} bytes, the manifest says {len}", len - 10)),
+        "{text}"
+    );
+    assert!(line(2).ends_with("missing"), "{text}");
+    assert_eq!(text.lines().count(), 3, "{text}");
+}

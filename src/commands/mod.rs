@@ -14,6 +14,7 @@ mod sql;
 mod stream;
 mod synth;
 mod train;
+mod verify;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -27,6 +28,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Synth(args) => synth::run(args),
         Command::BuildShards(args) => build::run(args),
         Command::Sql(args) => sql::run(args),
+        Command::Verify(args) => verify::run(args),
         Command::Plan(args) => plan::run(args),
         Command::Mix(args) => mix::run(args),
         Command::Stream(args) => stream::run(args),
