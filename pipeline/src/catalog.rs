@@ -115,16 +115,19 @@ impl Catalog {
         if self.verified.load(Ordering::Relaxed) {
             return Ok(());
         }
-        for shard in &self.manifest()?.shards {
-            let path = self.dir.join(&shard.file);
-            let mut hasher = blake3::Hasher::new();
-            hasher.update_reader(fs_err::File::open(&path)?)?;
-            if hasher.finalize().to_hex().as_str() != shard.blake3 {
-                return Err(Error::Folder {
-                    path,
-                    message: "its blake3 is not the manifest's: the shard was changed or damaged after the build".into(),
-                });
-            }
+        self.manifest()?;
+        let report =
+            lvpipe_sharding::verify::verify(&self.dir, &|_| {}).map_err(|e| Error::Folder {
+                path: self.dir.clone(),
+                message: e.to_string(),
+            })?;
+        if let Some(problem) = report.problems.first() {
+            return Err(Error::Folder {
+                path: self.dir.clone(),
+                message: format!(
+                    "{problem}: the shard was changed or damaged after the build (`lvpipe verify` lists every such file)"
+                ),
+            });
         }
         self.verified.store(true, Ordering::Relaxed);
         Ok(())
