@@ -105,6 +105,10 @@ pub struct BenchMemoryArgs {
     pub one: Option<usize>,
 }
 
+fn parse_partition(s: &str) -> Result<lvpipe_sharding::Partition, String> {
+    lvpipe_sharding::Partition::parse(s).map_err(|e| e.to_string())
+}
+
 fn parse_optimizer(s: &str) -> Result<lvpipe_pipeline::recipe::OptimizerKind, String> {
     serde_json::from_value(serde_json::Value::String(s.to_string()))
         .map_err(|_| format!("`{s}`: expected adamw, adamw8bit or adafactor"))
@@ -355,8 +359,17 @@ pub struct BuildArgs {
     pub out: PathBuf,
     /// A Hugging Face tokenizer.json; special tokens the template and media
     /// need that it lacks (`<image>`, `<video>`, ...) are added.
+    #[arg(long, required_unless_present = "finalize")]
+    pub tokenizer: Option<PathBuf>,
+    /// Build only task I of N (0-based; e.g. `$SLURM_ARRAY_TASK_ID/64`):
+    /// its share of the records, into `OUT/part-IIIII-of-NNNNN/`. Each
+    /// record goes to exactly one task; rerun a task to resume it.
+    #[arg(long, value_parser = parse_partition, conflicts_with = "finalize")]
+    pub partition: Option<lvpipe_sharding::Partition>,
+    /// After all tasks of a partitioned build: check that every part is
+    /// there, finished and intact, and write OUT's manifest over them.
     #[arg(long)]
-    pub tokenizer: PathBuf,
+    pub finalize: bool,
     /// The tokenizer family's chat format: chatml (Qwen2's, VILA's) or
     /// llama3 (Llama-3's header format).
     #[arg(long, default_value = "chatml")]

@@ -882,3 +882,103 @@ fn verify_finds_a_flipped_byte_a_truncated_file_and_a_missing_one() {
     assert!(line(2).ends_with("missing"), "{text}");
     assert_eq!(text.lines().count(), 3, "{text}");
 }
+
+/// `build-shards --partition I/4` four times, then `--finalize`: the same
+/// samples (every column, media bytes included) and the same quarantine
+/// rows (duplicates included) as one build, over the bad-input corpus; a
+/// missing part or parts of another count refused.
+#[test]
+fn four_partitions_finalized_equal_one_build() {
+    let corpus = tiny_corpus();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    bad_inputs(root);
+    // Duplicates of a good record (the same text and image bytes, the
+    // image under another name too): whichever task gets one gets them all.
+    std::fs::copy(root.join("img/good1.png"), root.join("img/again.png")).unwrap();
+    let mut vqa = std::fs::read(root.join("vqa.jsonl")).unwrap();
+    for (id, image) in [("dup-a", "img/good1.png"), ("dup-b", "img/again.png")] {
+        vqa.extend(conversation(id, Some(image), "<image>\\nWhat is it?").bytes());
+        vqa.push(b'\n');
+    }
+    std::fs::write(root.join("vqa.jsonl"), vqa).unwrap();
+    std::fs::copy(
+        corpus.join("raw/tokenizer.json"),
+        root.join("tokenizer.json"),
+    )
+    .unwrap();
+    let build = |out: &str, extra: &[&str]| {
+        let mut args = vec![
+            "build-shards",
+            "--out",
+            out,
+            "--tokenizer",
+            "tokenizer.json",
+            "--image-size",
+            "32",
+            "--source",
+            "llava:vqa.jsonl",
+            "--source",
+            "text:docs.jsonl",
+            "--source",
+            "wds:pairs.tar",
+        ];
+        args.extend(extra);
+        lvpipe_ok(root, &args);
+    };
+    build("single", &[]);
+    let finalize = || lvpipe(root, &["build-shards", "--finalize", "--out", "parts"]);
+    for i in 0..4 {
+        build("parts", &["--partition", &format!("{i}/4")]);
+        if i == 2 {
+            let out = finalize();
+            assert_eq!(out.status.code(), Some(2));
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("parts 3/4 missing"), "{err}");
+        }
+    }
+    let done = finalize();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    lvpipe_ok(root, &["verify", "--shards", "parts"]);
+    for query in [
+        "SELECT * FROM samples ORDER BY sample_id",
+        "SELECT * FROM quarantine ORDER BY origin, reason",
+        "SELECT reason, count(*) FROM quarantine GROUP BY 1 ORDER BY 1",
+    ] {
+        let (a, b) = (
+            sql_json(root, "single", query),
+            sql_json(root, "parts", query),
+        );
+        assert!(!a.is_empty(), "{query}");
+        assert_eq!(a, b, "{query}");
+    }
+    let duplicates = sql_json(
+        root,
+        "parts",
+        "SELECT count(*) AS n FROM quarantine WHERE reason = 'duplicate'",
+    );
+    assert!(duplicates[0]["n"].as_u64().unwrap() > 0, "{duplicates:?}");
+    // Every part holds some of the records.
+    for i in 0..4 {
+        let part = format!("parts/part-{i:05}-of-00004");
+        let rows = sql_json(
+            root,
+            &part,
+            "SELECT (SELECT count(*) FROM samples) + (SELECT count(*) FROM quarantine) AS n",
+        );
+        assert!(rows[0]["n"].as_u64().unwrap() > 0, "part {i}: {rows:?}");
+    }
+    // A part of another partitioning beside them is refused.
+    std::fs::create_dir(root.join("parts/part-00001-of-00003")).unwrap();
+    let out = finalize();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("parts of a build in 3 and of one in 4"),
+        "{err}"
+    );
+}

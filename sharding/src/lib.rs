@@ -34,7 +34,9 @@ pub mod verify;
 pub mod video;
 mod writer;
 
-pub use build::{BuildEvent, BuildSettings, BuildSummary, ImageAspect, build_shards};
+pub use build::{
+    BuildEvent, BuildSettings, BuildSummary, ImageAspect, Partition, build_shards, finalize,
+};
 pub use chat::{CHAT_TEMPLATE, ChatTemplate, ChatTokenizer, Segment, SpecialTokens};
 pub use error::{Error, Result};
 pub use media::{ImageLimits, ImageSettings, ProcessedImage, process_image};

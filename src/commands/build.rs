@@ -24,7 +24,9 @@ fn build_settings(args: &BuildArgs) -> Result<BuildSettings> {
     for spec in &args.sources {
         sources.push(SourceSpec::parse(spec, args.media_root.as_deref())?);
     }
-    let mut settings = BuildSettings::new(&args.out, &args.tokenizer).with_sources(sources);
+    let tokenizer = args.tokenizer.as_ref().context("--tokenizer is required")?;
+    let mut settings = BuildSettings::new(&args.out, tokenizer).with_sources(sources);
+    settings.partition = args.partition;
     settings.chat_template = lvpipe_sharding::ChatTemplate::parse(&args.chat_template)?;
     settings.image = ImageSettings {
         size: args.image_size,
@@ -63,12 +65,15 @@ fn build_settings(args: &BuildArgs) -> Result<BuildSettings> {
 }
 
 pub fn run(args: BuildArgs) -> Result<ExitCode> {
-    let settings = build_settings(&args)?;
-    let summary = run_build(&settings)?;
+    let summary = match args.finalize {
+        true => lvpipe_sharding::finalize(&args.out)
+            .with_context(|| format!("build-shards --finalize in {}", args.out.display()))?,
+        false => run_build(&build_settings(&args)?)?,
+    };
     if args.json {
         out(&(serde_json::to_string_pretty(&summary_json(&summary))? + "\n"))?;
     } else {
-        out(&summary_text(&summary, &settings.out))?;
+        out(&summary_text(&summary, &args.out))?;
     }
     Ok(ExitCode::SUCCESS)
 }

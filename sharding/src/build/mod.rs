@@ -16,18 +16,20 @@ use crate::chat::ChatTokenizer;
 use crate::writer::{PartIdentity, PartWriter};
 use crate::{Error, Result};
 
+mod finalize;
 mod manifest;
 mod pipeline;
 mod resume;
 mod sample;
 mod settings;
 
+pub use finalize::finalize;
 use manifest::{summarize, write_manifest};
 use pipeline::{Processed, RawRecord, process, read_all, write_all};
 use resume::{OutState, existing_sample_ids, prepare_out_dir};
 use sample::SourcePrep;
 use settings::build_fingerprint;
-pub use settings::{BuildSettings, ImageAspect};
+pub use settings::{BuildSettings, ImageAspect, Partition};
 
 /// What a build reports while it runs.
 #[derive(Debug, Clone)]
@@ -72,8 +74,26 @@ pub struct BuildSummary {
     pub manifest: Manifest,
 }
 
-/// Builds (or resumes, or confirms) the shards of `settings.out`.
+/// Builds (or resumes, or confirms) the shards of `settings.out`; with a
+/// partition, this task's share into its folder there.
 pub fn build_shards(
+    settings: &BuildSettings,
+    observer: &(dyn Fn(BuildEvent) + Sync),
+) -> Result<BuildSummary> {
+    match settings.partition {
+        None => build_folder(settings, observer),
+        Some(p) => {
+            fs_err::create_dir_all(&settings.out)?;
+            let task = BuildSettings {
+                out: settings.out.join(p.dir_name()),
+                ..settings.clone()
+            };
+            build_folder(&task, observer)
+        }
+    }
+}
+
+fn build_folder(
     settings: &BuildSettings,
     observer: &(dyn Fn(BuildEvent) + Sync),
 ) -> Result<BuildSummary> {
@@ -134,6 +154,7 @@ pub fn build_shards(
             let out: Vec<Processed> = pool.install(|| {
                 chunk
                     .into_par_iter()
+                    .filter(|r| r.belongs_to(settings.partition))
                     .map(|r| process(r, settings, &sources, &tokenizer))
                     .collect()
             });

@@ -13,7 +13,7 @@ use lvpipe_schemas::QuarantineReason;
 use super::sample::{MediaRoot, Prep, SourcePrep, sample_row};
 use super::{BuildEvent, BuildSettings};
 use crate::chat::ChatTokenizer;
-use crate::readers::{Body, ReadLimits, read_source};
+use crate::readers::{Body, RawMedia, ReadLimits, read_source};
 use crate::writer::{PartWriter, QuarantineRow, SampleRow};
 use crate::{Error, Result};
 
@@ -23,6 +23,49 @@ pub(super) struct RawRecord {
     source: usize,
     origin: String,
     body: Body,
+}
+
+impl RawRecord {
+    /// Whether `partition` builds this record: by a hash of its kind, turns,
+    /// token ids and media sizes (a stat, not a read). Duplicates (the same
+    /// kind, turns and media bytes, whatever the files' names) hash alike,
+    /// so a duplicate always meets its original in one task and is
+    /// quarantined as in one build; the sizes spread records that share a
+    /// prompt and answer over the tasks. Records that did not parse go by
+    /// their number.
+    pub(super) fn belongs_to(&self, partition: Option<super::Partition>) -> bool {
+        let Some(p) = partition else {
+            return true;
+        };
+        let key = match &self.body {
+            Ok(raw) => {
+                let mut hasher = blake3::Hasher::new();
+                hasher.update(raw.kind.as_str().as_bytes());
+                for turn in &raw.turns {
+                    for part in [turn.role, turn.content.as_str()] {
+                        hasher.update(&(part.len() as u64).to_le_bytes());
+                        hasher.update(part.as_bytes());
+                    }
+                }
+                for id in raw.tokens.iter().flatten() {
+                    hasher.update(&id.to_le_bytes());
+                }
+                for media in &raw.media {
+                    let size = match media {
+                        RawMedia::Bytes(bytes) => bytes.len() as u64,
+                        RawMedia::File { path, .. } | RawMedia::Video { path, .. } => {
+                            std::fs::metadata(path).map_or(u64::MAX, |m| m.len())
+                        }
+                    };
+                    hasher.update(&size.to_le_bytes());
+                }
+                let bytes = hasher.finalize();
+                u64::from_le_bytes(bytes.as_bytes()[..8].try_into().expect("8 bytes"))
+            }
+            Err(_) => self.seq,
+        };
+        key % u64::from(p.count) == u64::from(p.index)
+    }
 }
 
 pub(super) enum Processed {

@@ -23,6 +23,48 @@ pub enum ImageAspect {
     Resize,
 }
 
+/// One of `count` tasks of a distributed build (`--partition INDEX/COUNT`,
+/// 0-based, as Slurm's `SLURM_ARRAY_TASK_ID` and Kubernetes' indexed jobs
+/// count). Each task writes its shards and manifest into its own folder,
+/// `part-IIIII-of-NNNNN/`, of the build's output; `--finalize` joins them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Partition {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl Partition {
+    /// `I/N` with `I < N`.
+    pub fn parse(s: &str) -> Result<Self> {
+        let bad = || Error::Config(format!("--partition {s}: expected I/N with 0 <= I < N"));
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let (index, count) = (
+            i.trim().parse::<u32>().map_err(|_| bad())?,
+            n.trim().parse::<u32>().map_err(|_| bad())?,
+        );
+        if index >= count {
+            return Err(bad());
+        }
+        Ok(Partition { index, count })
+    }
+
+    /// This task's folder in the build's output.
+    pub fn dir_name(&self) -> String {
+        format!("part-{:05}-of-{:05}", self.index, self.count)
+    }
+
+    /// The partition a folder name names (`part-IIIII-of-NNNNN`).
+    pub fn from_dir_name(name: &str) -> Option<Self> {
+        let rest = name.strip_prefix("part-")?;
+        let (i, n) = rest.split_once("-of-")?;
+        let p = Partition {
+            index: i.parse().ok()?,
+            count: n.parse().ok()?,
+        };
+        (p.index < p.count && p.dir_name() == name).then_some(p)
+    }
+}
+
 /// Everything a build needs, resolved and validated by the caller's CLI.
 #[derive(Debug, Clone)]
 pub struct BuildSettings {
@@ -57,6 +99,8 @@ pub struct BuildSettings {
     pub allow_media_outside_root: bool,
     /// Stop with an error after writing this many shards (to test resume).
     pub fail_after_shards: Option<u32>,
+    /// Build only this task's share of the records, into its own folder.
+    pub partition: Option<Partition>,
 }
 
 impl BuildSettings {
@@ -90,6 +134,7 @@ impl BuildSettings {
             allow_media_outside_root: false,
             max_record_bytes: 64 << 20,
             fail_after_shards: None,
+            partition: None,
         }
     }
 
@@ -195,6 +240,12 @@ pub(super) fn build_fingerprint(
         "max_record_bytes": settings.max_record_bytes,
         "sources": sources,
     });
+    // The tasks of a partitioned build share one fingerprint: the count is
+    // part of it, a task's index is not.
+    let mut args = args;
+    if let Some(p) = settings.partition {
+        args["partitions"] = serde_json::json!(p.count);
+    }
     let fingerprint = blake3::hash(args.to_string().as_bytes()).to_hex()[..32].to_string();
     Ok((fingerprint, args))
 }
