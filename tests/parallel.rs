@@ -7,6 +7,7 @@ mod common;
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Command, Output};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
@@ -14,6 +15,21 @@ use common::*;
 
 fn recipe() -> String {
     format!("{}/recipes/tiny.toml", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The tiny recipe's stage-3 mix of the tiny corpus, made once for all the
+/// tests of this file.
+fn stage_3_mix() -> String {
+    static MIX: OnceLock<String> = OnceLock::new();
+    MIX.get_or_init(|| {
+        let corpus = tiny_corpus();
+        let dir = tempfile::tempdir().unwrap().keep();
+        let d = |p: &str| dir.join(p).to_str().unwrap().to_string();
+        lvpipe_ok(corpus, &build_args(&d("shards"), &[]));
+        mix_ok(corpus, &recipe(), "3", &d("shards"), &d("mixes"));
+        d("mixes/stage-3")
+    })
+    .clone()
 }
 
 /// `mpirun -n N lvpipe ARGS` in `cwd`, each rank on one thread (more ranks
@@ -114,9 +130,7 @@ fn groups_of_processes_train_what_one_process_trains() {
     let corpus = tiny_corpus();
     let dir = tempfile::tempdir().unwrap();
     let d = |p: &str| dir.path().join(p).to_str().unwrap().to_string();
-    lvpipe_ok(corpus, &build_args(&d("shards"), &[]));
-    mix_ok(corpus, &recipe(), "3", &d("shards"), &d("mixes"));
-    let (recipe, mix) = (recipe(), d("mixes/stage-3"));
+    let (recipe, mix) = (recipe(), stage_3_mix());
     let one = d("one");
     lvpipe_ok(corpus, &train_args(&recipe, &mix, &one, &[]));
     let (l1, w1) = (losses(&one), weights(&one));
@@ -182,9 +196,7 @@ fn a_dead_rank_stops_the_group_and_another_world_size_resumes() {
     let corpus = tiny_corpus();
     let dir = tempfile::tempdir().unwrap();
     let d = |p: &str| dir.path().join(p).to_str().unwrap().to_string();
-    lvpipe_ok(corpus, &build_args(&d("shards"), &[]));
-    mix_ok(corpus, &recipe(), "3", &d("shards"), &d("mixes"));
-    let (recipe, mix) = (recipe(), d("mixes/stage-3"));
+    let (recipe, mix) = (recipe(), stage_3_mix());
     let (straight, killed) = (d("straight"), d("killed"));
     lvpipe_ok(corpus, &train_args(&recipe, &mix, &straight, &[]));
     let started = Instant::now();
@@ -216,10 +228,8 @@ fn a_dead_rank_stops_the_group_and_another_world_size_resumes() {
 fn a_stuck_rank_stops_the_group_after_the_collective_timeout() {
     let corpus = tiny_corpus();
     let dir = tempfile::tempdir().unwrap();
-    let d = |p: &str| dir.path().join(p).to_str().unwrap().to_string();
-    lvpipe_ok(corpus, &build_args(&d("shards"), &[]));
-    mix_ok(corpus, &recipe(), "3", &d("shards"), &d("mixes"));
-    let (recipe, mix, run) = (recipe(), d("mixes/stage-3"), d("stuck"));
+    let run = dir.path().join("stuck").to_str().unwrap().to_string();
+    let (recipe, mix) = (recipe(), stage_3_mix());
     let started = Instant::now();
     let out = mpirun_with(
         corpus,

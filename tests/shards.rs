@@ -216,6 +216,12 @@ fn conversation(id: &str, image: Option<&str>, human: &str) -> String {
     )
 }
 
+/// `build-shards` of three small sources in a test's folder (images at
+/// 32 px, with its tokenizer.json) into `out`, with `extra` arguments.
+fn small_build_args<'a>(out: &'a str, sources: [&'a str; 3], extra: &[&'a str]) -> Vec<&'a str> {
+    build_sources(out, "tokenizer.json", "32", &sources, extra)
+}
+
 /// Writes one fixture per bad-input kind between good records.
 fn bad_inputs(dir: &Path) {
     std::fs::create_dir_all(dir.join("img")).unwrap();
@@ -289,24 +295,8 @@ fn every_bad_input_kind_is_quarantined_and_good_records_survive() {
         dir.path().join("tokenizer.json"),
     )
     .unwrap();
-    lvpipe_ok(
-        dir.path(),
-        &[
-            "build-shards",
-            "--out",
-            "shards",
-            "--tokenizer",
-            "tokenizer.json",
-            "--image-size",
-            "32",
-            "--source",
-            "llava:vqa.jsonl",
-            "--source",
-            "text:docs.jsonl",
-            "--source",
-            "wds:pairs.tar",
-        ],
-    );
+    let sources = ["llava:vqa.jsonl", "text:docs.jsonl", "wds:pairs.tar"];
+    lvpipe_ok(dir.path(), &small_build_args("shards", sources, &[]));
     let rows = sql_json(
         dir.path(),
         "shards",
@@ -644,22 +634,8 @@ fn media_outside_the_root_special_files_and_huge_tar_members_are_quarantined() {
     )
     .unwrap();
     let build = |out: &str, extra: &[&str]| {
-        let mut args = vec![
-            "build-shards",
-            "--out",
-            out,
-            "--tokenizer",
-            "tokenizer.json",
-            "--image-size",
-            "32",
-            "--source",
-            "llava:vqa.jsonl",
-            "--source",
-            "interleaved:docs.jsonl",
-            "--source",
-            "wds:pairs.tar",
-        ];
-        args.extend(extra);
+        let sources = ["llava:vqa.jsonl", "interleaved:docs.jsonl", "wds:pairs.tar"];
+        let args = small_build_args(out, sources, extra);
         let started = std::time::Instant::now();
         let out = lvpipe_within(&root, &args, 120);
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -908,23 +884,8 @@ fn four_partitions_finalized_equal_one_build() {
     )
     .unwrap();
     let build = |out: &str, extra: &[&str]| {
-        let mut args = vec![
-            "build-shards",
-            "--out",
-            out,
-            "--tokenizer",
-            "tokenizer.json",
-            "--image-size",
-            "32",
-            "--source",
-            "llava:vqa.jsonl",
-            "--source",
-            "text:docs.jsonl",
-            "--source",
-            "wds:pairs.tar",
-        ];
-        args.extend(extra);
-        lvpipe_ok(root, &args);
+        let sources = ["llava:vqa.jsonl", "text:docs.jsonl", "wds:pairs.tar"];
+        lvpipe_ok(root, &small_build_args(out, sources, extra));
     };
     build("single", &[]);
     let finalize = || lvpipe(root, &["build-shards", "--finalize", "--out", "parts"]);

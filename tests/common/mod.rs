@@ -55,18 +55,31 @@ pub const SYNTH_SOURCES: [&str; 8] = [
     "llava:raw/longvideo.json",
 ];
 
+/// `build-shards` of the synthetic corpus's sources into `out`.
 pub fn build_args<'a>(out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    build_sources(out, "raw/tokenizer.json", "64", &SYNTH_SOURCES, extra)
+}
+
+/// `build-shards` of `sources` into `out` with `tokenizer`, images at
+/// `image_size` px, and `extra` arguments.
+pub fn build_sources<'a>(
+    out: &'a str,
+    tokenizer: &'a str,
+    image_size: &'a str,
+    sources: &[&'a str],
+    extra: &[&'a str],
+) -> Vec<&'a str> {
     let mut args = vec![
         "build-shards",
         "--out",
         out,
         "--tokenizer",
-        "raw/tokenizer.json",
+        tokenizer,
         "--image-size",
-        "64",
+        image_size,
     ];
-    for s in SYNTH_SOURCES {
-        args.extend(["--source", s]);
+    for s in sources {
+        args.extend(["--source", *s]);
     }
     args.extend(extra);
     args

@@ -40,13 +40,7 @@ impl RawRecord {
         let key = match &self.body {
             Ok(raw) => {
                 let mut hasher = blake3::Hasher::new();
-                hasher.update(raw.kind.as_str().as_bytes());
-                for turn in &raw.turns {
-                    for part in [turn.role, turn.content.as_str()] {
-                        hasher.update(&(part.len() as u64).to_le_bytes());
-                        hasher.update(part.as_bytes());
-                    }
-                }
+                super::sample::hash_text(&mut hasher, raw);
                 for id in raw.tokens.iter().flatten() {
                     hasher.update(&id.to_le_bytes());
                 }

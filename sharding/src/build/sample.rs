@@ -44,13 +44,7 @@ pub(super) fn sample_row(
         return token_row(&raw, ids, seq, origin, source, tokenizer.vocab_size());
     }
     let mut hasher = blake3::Hasher::new();
-    hasher.update(raw.kind.as_str().as_bytes());
-    for turn in &raw.turns {
-        for part in [turn.role, turn.content.as_str()] {
-            hasher.update(&(part.len() as u64).to_le_bytes());
-            hasher.update(part.as_bytes());
-        }
-    }
+    hash_text(&mut hasher, &raw);
     let media = prepare_media(&raw, prep, &mut hasher, &fail)?;
     let is_document = media.turns.iter().all(|t| t.role == "text");
     let encoded = if is_document {
@@ -384,4 +378,16 @@ fn expand_video(turns: &[Segment], frames: usize) -> Vec<Segment> {
                 .replacen(SpecialTokens::VIDEO, &expanded, 1),
         })
         .collect()
+}
+
+/// Feeds a record's kind and turns (lengths and text) to `hasher`: the part
+/// of a sample's content hash that comes before its media.
+pub(super) fn hash_text(hasher: &mut blake3::Hasher, raw: &RawSample) {
+    hasher.update(raw.kind.as_str().as_bytes());
+    for turn in &raw.turns {
+        for part in [turn.role, turn.content.as_str()] {
+            hasher.update(&(part.len() as u64).to_le_bytes());
+            hasher.update(part.as_bytes());
+        }
+    }
 }
