@@ -49,6 +49,9 @@ fn mpirun_with(cwd: &Path, n: usize, args: &[&str], env: &[(&str, &str)]) -> Out
         .env("RAYON_NUM_THREADS", "1")
         // One machine: no ssh needed to start the ranks.
         .env("OMPI_MCA_plm", "isolated")
+        // Containers often forbid the cross-process reads of OpenMPI's
+        // shared-memory transport: copy through the buffer instead.
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
         .envs(env.iter().copied())
         .output()
         .expect("mpirun runs (openmpi-bin)")
