@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -32,26 +32,17 @@ fn stage_3_mix() -> String {
     .clone()
 }
 
-/// `mpirun -n N lvpipe ARGS` in `cwd`, each rank on one thread (more ranks
-/// than cores allowed; as root, as the tests may run).
+/// `mpirun -n N lvpipe ARGS` in `cwd` ([`common::mpirun`]).
 fn mpirun(cwd: &Path, n: usize, args: &[&str]) -> Output {
     mpirun_with(cwd, n, args, &[])
 }
 
 fn mpirun_with(cwd: &Path, n: usize, args: &[&str], env: &[(&str, &str)]) -> Output {
-    Command::new("mpirun")
-        .args(["-n", &n.to_string(), "--oversubscribe", "--bind-to", "none"])
+    common::mpirun()
+        .args(["-n", &n.to_string()])
         .arg(env!("CARGO_BIN_EXE_lvpipe"))
         .args(args)
         .current_dir(cwd)
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("RAYON_NUM_THREADS", "1")
-        // One machine: no ssh needed to start the ranks.
-        .env("OMPI_MCA_plm", "isolated")
-        // Containers often forbid the cross-process reads of OpenMPI's
-        // shared-memory transport: copy through the buffer instead.
-        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
         .envs(env.iter().copied())
         .output()
         .expect("mpirun runs (openmpi-bin)")

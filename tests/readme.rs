@@ -101,19 +101,11 @@ fn the_readme_command_block_runs_as_written() {
                     .iter()
                     .position(|w| w == "lvpipe")
                     .expect("lvpipe in the line");
-                std::process::Command::new("mpirun")
+                common::mpirun()
                     .args(&words[1..at])
-                    .args(["--oversubscribe", "--bind-to", "none"])
                     .arg(env!("CARGO_BIN_EXE_lvpipe"))
                     .args(&words[at + 1..])
                     .current_dir(dir.path())
-                    .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-                    .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-                    .env("OMPI_MCA_plm", "isolated")
-                    // Containers often forbid the cross-process reads of OpenMPI's
-                    // shared-memory transport: copy through the buffer instead.
-                    .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
-                    .env("RAYON_NUM_THREADS", "1")
                     .output()
                     .expect("mpirun runs (openmpi-bin)")
             }

@@ -19,6 +19,22 @@ pub fn lvpipe(cwd: &Path, args: &[&str]) -> Output {
 }
 
 /// Runs `lvpipe ARGS` and fails the test, with its stderr, unless it succeeds.
+/// `mpirun` as the tests run it: as root too, more ranks than cores, on
+/// this machine without ssh, one thread per rank; the caller adds `-n N`,
+/// the program and its arguments.
+pub fn mpirun() -> Command {
+    let mut c = Command::new("mpirun");
+    c.args(["--oversubscribe", "--bind-to", "none"])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_plm", "isolated")
+        // Containers often forbid the cross-process reads of OpenMPI's
+        // shared-memory transport: copy through the buffer instead.
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+        .env("RAYON_NUM_THREADS", "1");
+    c
+}
+
 pub fn lvpipe_ok(cwd: &Path, args: &[&str]) -> String {
     let out = lvpipe(cwd, args);
     assert!(
