@@ -142,6 +142,14 @@ impl TrainProgress {
                 state.stage,
                 state.steps
             )),
+            TrainEvent::WholeRows {
+                stage,
+                name,
+                sequence_parallel,
+                ranks,
+            } => log(&format!(
+                "stage {stage} ({name}): planned for sequence_parallel = {sequence_parallel}, but lvpipe does not split rows yet: each of the {ranks} ranks trains whole rows (data parallel)"
+            )),
             TrainEvent::Started { stage, name } => {
                 let b = ProgressBar::new(0);
                 b.set_style(

@@ -238,3 +238,38 @@ fn a_stuck_rank_stops_the_group_after_the_collective_timeout() {
     let err = lvpipe_ok_stderr(corpus, &["train", "--resume", &run]);
     assert!(err.contains("resumed after step 2"), "{err}");
 }
+
+/// A stage planned for sequence parallelism still trains (whole rows on
+/// every rank, data parallel) and says so; the state records what ran.
+#[test]
+fn a_sequence_parallel_stage_says_it_trains_whole_rows() {
+    let corpus = tiny_corpus();
+    let dir = tempfile::tempdir().unwrap();
+    let d = |p: &str| dir.path().join(p).to_str().unwrap().to_string();
+    let text = std::fs::read_to_string(recipe()).unwrap().replace(
+        "name = \"short-sft\"\n",
+        "name = \"short-sft\"\nsequence_parallel = 2\n",
+    );
+    let sp_recipe = d("sp.toml");
+    std::fs::write(&sp_recipe, text).unwrap();
+    lvpipe_ok(corpus, &build_args(&d("shards"), &[]));
+    mix_ok(corpus, &sp_recipe, "3", &d("shards"), &d("mixes"));
+    let (mix, run) = (d("mixes/stage-3"), d("run"));
+    let out = ok(mpirun(corpus, 2, &train_args(&sp_recipe, &mix, &run, &[])));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("planned for sequence_parallel = 2, but lvpipe does not split rows yet: each of the 2 ranks"),
+        "{err}"
+    );
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{run}/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (
+            state["world_size"].as_u64(),
+            state["sequence_parallel"].as_u64()
+        ),
+        (Some(2), Some(1))
+    );
+}

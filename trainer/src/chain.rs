@@ -96,6 +96,14 @@ pub enum TrainEvent<'a> {
         dir: &'a Path,
         state: &'a TrainerState,
     },
+    /// A stage planned for sequence parallelism trains whole rows on each
+    /// rank (lvpipe splits no row yet): data parallel over `ranks`.
+    WholeRows {
+        stage: usize,
+        name: &'a str,
+        sequence_parallel: u32,
+        ranks: usize,
+    },
     /// A stage starts training.
     Started { stage: usize, name: &'a str },
     /// A step is done: its metrics and any checkpoint of it are on disk.
@@ -385,6 +393,15 @@ pub fn train_stage(
         dtype: crate::device::parse_dtype(&spec.dtype)?,
         resume,
     };
+    let sequence_parallel = recipe.stage(spec.stage)?.sequence_parallel;
+    if sequence_parallel > 1 {
+        on_event(TrainEvent::WholeRows {
+            stage: spec.stage,
+            name: &name,
+            sequence_parallel,
+            ranks: group.size(),
+        });
+    }
     on_event(TrainEvent::Started {
         stage: spec.stage,
         name: &name,
