@@ -115,11 +115,13 @@ impl Catalog {
         if self.verified.load(Ordering::Relaxed) {
             return Ok(());
         }
-        self.manifest()?;
+        let shards = &self.manifest()?.shards;
         let report =
-            lvpipe_sharding::verify::verify(&self.dir, &|_| {}).map_err(|e| Error::Folder {
-                path: self.dir.clone(),
-                message: e.to_string(),
+            lvpipe_sharding::verify::verify_shards(&self.dir, shards, &|_| {}).map_err(|e| {
+                Error::Folder {
+                    path: self.dir.clone(),
+                    message: e.to_string(),
+                }
             })?;
         if let Some(problem) = report.problems.first() {
             return Err(Error::Folder {
@@ -289,7 +291,18 @@ pub fn default_memory_limit() -> usize {
 
 /// A field of /proc/meminfo (`MemTotal`, `MemAvailable`, ...) in bytes.
 pub fn meminfo_bytes(field: &str) -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    proc_kib_field("/proc/meminfo", field)
+}
+
+/// A field of this process's /proc/self/status (`VmHWM`, the peak resident
+/// memory; `VmRSS`, the current) in bytes.
+pub fn process_status_bytes(field: &str) -> Option<u64> {
+    proc_kib_field("/proc/self/status", field)
+}
+
+/// A `Field:   N kB` line of a /proc file, in bytes.
+fn proc_kib_field(path: &str, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
     let value = text
         .lines()
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?;

@@ -29,7 +29,7 @@ mod plan;
 pub mod recipe;
 mod render;
 
-pub use catalog::{Catalog, default_memory_limit, meminfo_bytes};
+pub use catalog::{Catalog, default_memory_limit, meminfo_bytes, process_status_bytes};
 pub use error::{Error, Result};
 pub use loader::{Batch, Loader, LoaderState, Mix, PackData, splitmix};
 pub use mix::{MixMeta, build_mix, current_mix};

@@ -72,8 +72,16 @@ pub fn verify(dir: &Path, on_bytes: &(dyn Fn(u64) + Sync)) -> Result<VerifyRepor
     })?;
     let manifest = Manifest::from_json(&text)
         .map_err(|e| Error::Conflict(format!("{}: {e}", path.display())))?;
-    let mut problems: Vec<Problem> = manifest
-        .shards
+    verify_shards(dir, &manifest.shards, on_bytes)
+}
+
+/// [`verify`] of `shards` (a manifest already read) in `dir`.
+pub fn verify_shards(
+    dir: &Path,
+    shards: &[ManifestShard],
+    on_bytes: &(dyn Fn(u64) + Sync),
+) -> Result<VerifyReport> {
+    let mut problems: Vec<Problem> = shards
         .par_iter()
         .map(|shard| check(dir, shard, on_bytes))
         .collect::<Result<Vec<_>>>()?
@@ -83,8 +91,8 @@ pub fn verify(dir: &Path, on_bytes: &(dyn Fn(u64) + Sync)) -> Result<VerifyRepor
     problems.sort_by(|a, b| name(a).cmp(name(b)));
     Ok(VerifyReport {
         folder: dir.to_path_buf(),
-        files: manifest.shards.len(),
-        bytes: manifest.shards.iter().map(|s| s.bytes).sum(),
+        files: shards.len(),
+        bytes: shards.iter().map(|s| s.bytes).sum(),
         problems,
     })
 }

@@ -14,7 +14,6 @@ use candle_nn::VarMap;
 use lvpipe_schemas::TrainableModule;
 
 use crate::Result;
-use crate::dist::Group;
 use crate::error::TensorContext;
 use crate::model::{
     Activation, Config, Model, ProjectorConfig, Qwen2Config, Row, SelectFeature, SiglipVisionConfig,
@@ -22,10 +21,10 @@ use crate::model::{
 use crate::optim::{Optimizer, OptimizerKind};
 use crate::train::{StepSettings, train_step};
 
-/// One process, the whole batch in one pass, at a small learning rate.
+/// This process (a group of one unless a launcher started it), the whole
+/// batch in one pass, at a small learning rate.
 fn one_process(device: &Device) -> StepSettings<'_> {
-    static GROUP: std::sync::LazyLock<Group> = std::sync::LazyLock::new(Group::single);
-    StepSettings::new(1e-4, 1.0, device, &GROUP)
+    StepSettings::new(1e-4, 1.0, device, crate::dist::group())
 }
 
 /// Best-of and median step time and tokens/s over `steps` steps (at least
@@ -110,15 +109,8 @@ pub fn train_step_bench(steps: usize) -> Result<serde_json::Value> {
 /// The process's peak and current resident memory in bytes (`VmHWM`,
 /// `VmRSS`), where /proc tells.
 pub fn resident_bytes() -> (Option<u64>, Option<u64>) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map(|kb| kb * 1024)
-    };
-    (field("VmHWM:"), field("VmRSS:"))
+    let field = lvpipe_pipeline::process_status_bytes;
+    (field("VmHWM"), field("VmRSS"))
 }
 
 /// One long-context training step of a recipe's LLM (no vision tower):
@@ -163,9 +155,7 @@ pub fn memory_step_bench(
         .iter()
         .map(|v| v.as_tensor().elem_count())
         .sum();
-    if dtype == candle_core::DType::F16 {
-        opt.loss_scale = Some(crate::optim::LossScale::default());
-    }
+    opt.loss_scale = crate::optim::LossScale::for_dtype(dtype);
     let before = resident_bytes().1;
     let device_before = crate::device::peak_device_bytes(&device, true)?;
     let times = timed(1, steps, || {

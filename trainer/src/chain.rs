@@ -42,7 +42,7 @@ pub struct RunSpec {
     /// Where it computes: `cpu`, `cuda`, `cuda:N` ([`crate::device::parse`]).
     #[serde(default = "cpu")]
     pub device: String,
-    /// What activations are computed in: `f32` or `bf16`
+    /// What activations are computed in: `f32`, `bf16` or `f16`
     /// ([`crate::device::parse_dtype`]).
     #[serde(default = "f32")]
     pub dtype: String,
@@ -139,7 +139,7 @@ pub struct Chain<'a> {
     pub gradient_checkpointing: bool,
     /// Where the stages compute (`cpu`, `cuda:N`).
     pub device: String,
-    /// What activations are computed in (`f32`, `bf16`).
+    /// What activations are computed in (`f32`, `bf16`, `f16`).
     pub dtype: String,
 }
 
@@ -368,16 +368,18 @@ pub fn train_stage(
     // train beside it.
     let group = crate::dist::group();
     let _lock = match group.is_root() {
-        true => Some(lvpipe_schemas::FolderLock::acquire(out, "train")?),
+        true => {
+            let lock = lvpipe_schemas::FolderLock::acquire(out, "train")?;
+            // Rewritten on every resume: atomically, so a kill keeps the run resumable.
+            let json = serde_json::to_string_pretty(&spec).expect("the spec serializes") + "\n";
+            write_atomic(&out.join(RunSpec::FILE_NAME), json.as_bytes())?;
+            write_atomic(&out.join("tokenizer.json"), tokenizer.json())?;
+            Some(lock)
+        }
         false => None,
     };
-    if group.is_root() {
-        // Rewritten on every resume: atomically, so a kill keeps the run resumable.
-        let json = serde_json::to_string_pretty(&spec).expect("the spec serializes") + "\n";
-        write_atomic(&out.join(RunSpec::FILE_NAME), json.as_bytes())?;
-        write_atomic(&out.join("tokenizer.json"), tokenizer.json())?;
-    }
-    let name = recipe.stage(spec.stage)?.name.clone();
+    let stage = recipe.stage(spec.stage)?;
+    let name = stage.name.clone();
     let run = StageRun {
         recipe: &recipe,
         stage: spec.stage,
@@ -393,7 +395,7 @@ pub fn train_stage(
         dtype: crate::device::parse_dtype(&spec.dtype)?,
         resume,
     };
-    let sequence_parallel = recipe.stage(spec.stage)?.sequence_parallel;
+    let sequence_parallel = stage.sequence_parallel;
     if sequence_parallel > 1 {
         on_event(TrainEvent::WholeRows {
             stage: spec.stage,

@@ -192,9 +192,7 @@ impl<'a> Training<'a> {
         model.set_compute_dtype(run.dtype);
         let mut opt = Optimizer::new(&vars, &modules, stage.optimizer).context("optimizer")?;
         (opt.beta2, opt.weight_decay) = stage.adamw();
-        if run.dtype == candle_core::DType::F16 {
-            opt.loss_scale = Some(crate::optim::LossScale::default());
-        }
+        opt.loss_scale = crate::optim::LossScale::for_dtype(run.dtype);
         let trainable_params = {
             let data = vars.data().lock().expect("var map lock");
             opt.names().map(|n| data[n].as_tensor().elem_count()).sum()

@@ -417,9 +417,7 @@ mod tests {
             TrainableModule::Llm,
         ];
         let mut opt = Optimizer::new(&vars, &modules, OptimizerKind::AdamW).unwrap();
-        if dtype == DType::F16 {
-            opt.loss_scale = Some(LossScale::default());
-        }
+        opt.loss_scale = LossScale::for_dtype(dtype);
         (vars, model, opt)
     }
 
@@ -505,10 +503,9 @@ mod tests {
 
     /// One process on the CPU.
     fn settings(micro_batch: usize, lr: f64, clip: f64) -> StepSettings<'static> {
-        static GROUP: std::sync::LazyLock<Group> = std::sync::LazyLock::new(Group::single);
         StepSettings {
             micro_batch,
-            ..StepSettings::new(lr, clip, &Device::Cpu, &GROUP)
+            ..StepSettings::new(lr, clip, &Device::Cpu, crate::dist::group())
         }
     }
 

@@ -68,7 +68,7 @@ pub fn finalize(out: &Path) -> Result<BuildSummary> {
         if let Some(first) = manifests.first() {
             agree(first, &manifest, p, count)?;
         }
-        let report = crate::verify::verify(&dir, &|_| {})?;
+        let report = crate::verify::verify_shards(&dir, &manifest.shards, &|_| {})?;
         if let Some(problem) = report.problems.first() {
             return Err(Error::Conflict(format!(
                 "{}: {problem} ({} files of part {}/{count} do not read back as written)",

@@ -34,6 +34,12 @@ impl LossScale {
     /// from the scale: the step diverged.
     pub const MIN: f64 = 1.0;
 
+    /// The loss scaling a step computing in `dtype` needs: f16's, from
+    /// [`LossScale::INITIAL`]; none for f32 and bf16 (bf16 has f32's range).
+    pub fn for_dtype(dtype: candle_core::DType) -> Option<Self> {
+        (dtype == candle_core::DType::F16).then(Self::default)
+    }
+
     /// After a step whose gradients overflowed: halves the factor. False
     /// when it would fall below [`LossScale::MIN`].
     pub fn overflowed(&mut self) -> bool {
