@@ -6,6 +6,8 @@ use std::sync::Arc;
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use datafusion::catalog::MemTable;
+use datafusion::dataframe::DataFrame;
+use datafusion::execution::SendableRecordBatchStream;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
@@ -218,13 +220,22 @@ impl Catalog {
 
     /// Runs one read-only statement and collects its result.
     pub async fn query(&self, sql: &str) -> Result<Vec<RecordBatch>> {
+        Ok(self.frame(sql).await?.collect().await?)
+    }
+
+    /// Runs one read-only statement as a stream of record batches: its
+    /// result is never held whole.
+    pub async fn stream(&self, sql: &str) -> Result<SendableRecordBatchStream> {
+        Ok(self.frame(sql).await?.execute_stream().await?)
+    }
+
+    async fn frame(&self, sql: &str) -> Result<DataFrame> {
         check_read_only(sql)?;
         let options = SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_dml(false)
             .with_allow_statements(false);
-        let frame = self.ctx.sql_with_options(sql, options).await?;
-        Ok(frame.collect().await?)
+        Ok(self.ctx.sql_with_options(sql, options).await?)
     }
 }
 

@@ -72,7 +72,7 @@ pub async fn plan(recipe: &Recipe, catalog: &Catalog) -> Result<(Vec<String>, Ve
         if !crate::recipe::stage_limits(&at, stage).is_empty() {
             continue; // reported by the recipe's check; planning would not end
         }
-        let planned = match plan_stage(catalog, recipe, stage).await {
+        let planned = match plan_stage(catalog, recipe, stage, None).await {
             Ok(p) => p,
             Err(e) => {
                 problems.push(format!("{at}: {e}"));

@@ -13,8 +13,9 @@
 
 use std::path::Path;
 
-use arrow::array::{AsArray, RecordBatch};
+use arrow::array::AsArray;
 use arrow::datatypes::UInt32Type;
+use futures::StreamExt;
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
@@ -27,7 +28,8 @@ use crate::{Error, Result};
 mod files;
 
 pub use files::read_ipc;
-use files::{packs_batch, report_batch, samples_batches, write_ipc};
+pub(crate) use files::Spool;
+use files::{Spooled, packs_batch, report_batch, write_ipc, write_samples};
 
 /// `mix.json`: how a mix was made and what the loader needs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -82,104 +84,147 @@ pub struct SourceReport {
     pub tokens: u64,
 }
 
-/// Where each sample instance comes from: its batch and row, and the token
-/// range (a chunk of a long document, or the whole sample).
+/// One selected sample: what ordering and packing need, and where its
+/// tokens and media wait in the spool (only `mix` spools them; `plan` does
+/// not need them).
+#[derive(Debug, Clone)]
+pub(crate) struct Row {
+    sample_id: String,
+    /// Index into [`Selection::shard_sources`].
+    shard_source: u32,
+    tokens: u32,
+    media: u32,
+    spooled: Spooled,
+}
+
+/// Where each sample instance comes from: its row and the token range (a
+/// chunk of a long document, or the whole sample).
 #[derive(Debug, Clone, Copy)]
 struct Unit {
-    source: usize,
-    batch: usize,
-    row: usize,
+    source: u32,
+    row: u32,
     start: u32,
     end: u32,
     chunk: u32,
     expanded: u32,
 }
 
-/// Selected rows of one stage: the query results and the units cut from them.
+/// The selected samples of one stage and the units cut from them. Only
+/// their metadata is held: a stage's tokens and media stream from the shards
+/// into the spool and from the spool into the mix file.
 pub(crate) struct Selection {
-    pub batches: Vec<RecordBatch>,
+    rows: Vec<Row>,
+    /// The shards' `source` names of the selected rows, each once.
+    shard_sources: Vec<String>,
     units: Vec<Vec<Unit>>,
     pub reports: Vec<SourceReport>,
 }
 
+/// What `mix` reads of each selected sample; `plan` reads only the first six.
 const SELECT_COLUMNS: &str =
     "sample_id, source, kind, num_images, num_frames, input_ids, loss_mask, media";
+const PLAN_COLUMNS: &str = "sample_id, source, kind, num_images, num_frames, input_ids";
 
-/// Runs each source's query and cuts its rows into units that fit the context.
-pub(crate) async fn select(catalog: &Catalog, recipe: &Recipe, stage: &Stage) -> Result<Selection> {
+/// Runs each source's query as a stream of record batches and cuts its rows
+/// into units that fit the context. With a spool, each kept row's tokens,
+/// mask and media are appended to it as the batches arrive, so no more than
+/// DataFusion's batches in flight are ever held.
+pub(crate) async fn select(
+    catalog: &Catalog,
+    recipe: &Recipe,
+    stage: &Stage,
+    mut spool: Option<&mut Spool>,
+) -> Result<Selection> {
     let tpm = recipe.model.tokens_per_media();
-    let mut batches = Vec::new();
+    let columns = match spool {
+        Some(_) => SELECT_COLUMNS,
+        None => PLAN_COLUMNS,
+    };
+    let mut rows: Vec<Row> = Vec::new();
+    let mut shard_sources: Vec<String> = Vec::new();
     let mut units = Vec::new();
     let mut reports = Vec::new();
     for (index, source) in stage.sources.iter().enumerate() {
-        // A stable base order, whatever order the files are scanned in.
-        let sql = format!("{} ORDER BY sample_id", source.sql(SELECT_COLUMNS));
-        let result = catalog.query(&sql).await.map_err(|e| {
+        let query_err = |e: Error| {
             Error::Recipe(format!(
                 "stage `{}`, source `{}`: {e}",
                 stage.name, source.name
             ))
-        })?;
-        let mut these = Vec::new();
+        };
+        let mut stream = catalog
+            .stream(&source.sql(columns))
+            .await
+            .map_err(query_err)?;
+        let first = rows.len();
         let (mut selected, mut too_long) = (0u64, 0u64);
-        for batch in result {
-            let b = batches.len();
-            let ids = batch
-                .column_by_name("input_ids")
-                .expect("selected")
-                .as_list::<i32>();
-            let kinds = batch
-                .column_by_name("kind")
-                .expect("selected")
-                .as_string::<i32>();
-            let imgs = batch
-                .column_by_name("num_images")
-                .expect("selected")
-                .as_primitive::<UInt32Type>();
-            let frames = batch
-                .column_by_name("num_frames")
-                .expect("selected")
-                .as_primitive::<UInt32Type>();
+        while let Some(batch) = stream.next().await {
+            let batch = batch.map_err(|e| query_err(e.into()))?;
+            let column = |name: &str| batch.column_by_name(name).expect("selected");
+            let ids = column("input_ids").as_list::<i32>();
+            let kinds = column("kind").as_string::<i32>();
+            let names = column("source").as_string::<i32>();
+            let sample_ids = column("sample_id").as_string::<i32>();
+            let imgs = column("num_images").as_primitive::<UInt32Type>();
+            let frames = column("num_frames").as_primitive::<UInt32Type>();
             for row in 0..batch.num_rows() {
                 selected += 1;
-                let len = ids.value_length(row) as u32;
+                let tokens = ids.value_length(row) as u32;
                 let media = imgs.value(row) + frames.value(row);
-                let expanded = len + media * tpm.saturating_sub(1);
-                if expanded <= stage.context {
-                    these.push(Unit {
-                        source: index,
-                        batch: b,
-                        row,
-                        start: 0,
-                        end: len,
-                        chunk: 0,
-                        expanded,
-                    });
-                } else if stage.long_samples == LongSamples::Chunk
+                let expanded = tokens + media * tpm.saturating_sub(1);
+                let chunkable = stage.long_samples == LongSamples::Chunk
                     && media == 0
-                    && kinds.value(row) == "text"
-                {
-                    let mut start = 0;
-                    let mut chunk = 0;
-                    while start < len {
-                        let end = (start + stage.context).min(len);
-                        these.push(Unit {
-                            source: index,
-                            batch: b,
-                            row,
-                            start,
-                            end,
-                            chunk,
-                            expanded: end - start,
-                        });
-                        start = end;
-                        chunk += 1;
-                    }
-                } else {
+                    && kinds.value(row) == "text";
+                if expanded > stage.context && !chunkable {
                     too_long += 1;
+                    continue;
+                }
+                let name = names.value(row);
+                let shard_source = match shard_sources.iter().position(|s| s == name) {
+                    Some(i) => i,
+                    None => {
+                        shard_sources.push(name.to_string());
+                        shard_sources.len() - 1
+                    }
+                } as u32;
+                let spooled = match spool.as_deref_mut() {
+                    Some(spool) => spool.append(&batch, row)?,
+                    None => Spooled::default(),
+                };
+                rows.push(Row {
+                    sample_id: sample_ids.value(row).to_string(),
+                    shard_source,
+                    tokens,
+                    media,
+                    spooled,
+                });
+            }
+        }
+        // A stable base order, whatever order the files were scanned in.
+        rows[first..].sort_by(|a, b| a.sample_id.cmp(&b.sample_id));
+        let mut these = Vec::new();
+        for (i, row) in rows.iter().enumerate().skip(first) {
+            let expanded = row.tokens + row.media * tpm.saturating_sub(1);
+            let unit = |start: u32, end: u32, chunk: u32, expanded: u32| Unit {
+                source: index as u32,
+                row: i as u32,
+                start,
+                end,
+                chunk,
+                expanded,
+            };
+            if expanded <= stage.context {
+                these.push(unit(0, row.tokens, 0, expanded));
+            } else {
+                // A long text-only sample: context-sized chunks.
+                let mut start = 0;
+                let mut chunk = 0;
+                while start < row.tokens {
+                    let end = (start + stage.context).min(row.tokens);
+                    these.push(unit(start, end, chunk, end - start));
+                    start = end;
+                    chunk += 1;
                 }
             }
-            batches.push(batch);
         }
         reports.push(SourceReport {
             source: source.name.clone(),
@@ -193,7 +238,8 @@ pub(crate) async fn select(catalog: &Catalog, recipe: &Recipe, stage: &Stage) ->
         units.push(these);
     }
     Ok(Selection {
-        batches,
+        rows,
+        shard_sources,
         units,
         reports,
     })
@@ -265,24 +311,26 @@ impl PlannedStage {
     }
 }
 
-/// Everything `mix` decides, without writing: `plan` reports it.
+/// Everything `mix` decides, without writing: `plan` reports it. With a
+/// spool, the selected samples' tokens and media are copied into it too.
 pub(crate) async fn plan_stage(
     catalog: &Catalog,
     recipe: &Recipe,
     stage: &Stage,
+    spool: Option<&mut Spool>,
 ) -> Result<PlannedStage> {
-    let mut selection = select(catalog, recipe, stage).await?;
+    let mut selection = select(catalog, recipe, stage, spool).await?;
     let mut rng = SmallRng::seed_from_u64(stage.seed);
     let mut order = instances(stage, &mut selection, &mut rng);
     order.shuffle(&mut rng);
     if stage.order == Order::Sequential {
         // Stable: each part keeps its shuffled order.
-        order.sort_by_key(|u| stage.sources[u.source].part(u.source));
+        order.sort_by_key(|u| stage.sources[u.source as usize].part(u.source as usize));
     }
     let packs = pack(&order, stage.context);
     let tokens: u64 = order.iter().map(|u| u64::from(u.expanded)).sum();
     for unit in &order {
-        let r = &mut selection.reports[unit.source];
+        let r = &mut selection.reports[unit.source as usize];
         r.samples += 1;
         r.tokens += u64::from(unit.expanded);
     }
@@ -339,21 +387,6 @@ pub async fn build_mix(
         )));
     }
     let stage = recipe.stage(stage_number)?;
-    let PlannedStage {
-        selection,
-        order,
-        packs,
-        tokens,
-    } = plan_stage(catalog, recipe, stage).await?;
-    if order.is_empty() {
-        return Err(Error::Recipe(format!(
-            "stage `{}` selects no samples",
-            stage.name
-        )));
-    }
-    // A mix's output must be trustworthy: the shards are checked against
-    // their recorded checksums first.
-    catalog.verify()?;
     let dir = out.join(format!("stage-{stage_number}"));
     fs_err::create_dir_all(&dir)?;
     let _lock = lvpipe_schemas::FolderLock::acquire(&dir, "mix")?;
@@ -363,9 +396,31 @@ pub async fn build_mix(
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
         _ => {}
     }
-    write_ipc(
+    // The selected samples' tokens and media wait on disk, beside the mix,
+    // in an unnamed file the system deletes when it is closed.
+    let mut spool = Spool::new(&dir)?;
+    let PlannedStage {
+        selection,
+        order,
+        packs,
+        tokens,
+    } = plan_stage(catalog, recipe, stage, Some(&mut spool)).await?;
+    if order.is_empty() {
+        return Err(Error::Recipe(format!(
+            "stage `{}` selects no samples",
+            stage.name
+        )));
+    }
+    // A mix's output must be trustworthy: the shards are checked against
+    // their recorded checksums first.
+    catalog.verify()?;
+    write_samples(
         &dir.join("samples.arrow"),
-        &samples_batches(&selection, &order, &packs)?,
+        &selection,
+        &order,
+        &packs,
+        &spool.finish()?,
+        files::BYTES_PER_BATCH,
     )?;
     write_ipc(
         &dir.join("packs.arrow"),
@@ -439,7 +494,6 @@ mod tests {
     fn unit(expanded: u32) -> Unit {
         Unit {
             source: 0,
-            batch: 0,
             row: 0,
             start: 0,
             end: expanded,
