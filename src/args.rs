@@ -60,7 +60,8 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
-    /// A shard folder (with its manifest.json).
+    /// A shard folder (with its manifest.json), a path or an `s3://`,
+    /// `gs://`, `az://` URL (read as a stream; nothing is stored).
     #[arg(long)]
     pub shards: PathBuf,
     /// Print one JSON object instead of lines.
@@ -119,7 +120,8 @@ pub struct PlanArgs {
     /// Recipe file (TOML; see recipes/README.md).
     #[arg(long)]
     pub recipe: PathBuf,
-    /// Shard folder the recipe's queries run against.
+    /// Shard folder the recipe's queries run against (a path or an
+    /// `s3://`, `gs://`, `az://` URL).
     #[arg(long)]
     pub shards: PathBuf,
     /// Print the plan as JSON.
@@ -135,19 +137,26 @@ pub struct MixArgs {
     /// Stage number, 1-based.
     #[arg(long)]
     pub stage: usize,
-    /// Shard folder.
+    /// Shard folder (a path or an `s3://`, `gs://`, `az://` URL).
     #[arg(long)]
     pub shards: PathBuf,
-    /// Folder for mixes; the stage goes to OUT/stage-N.
+    /// Folder for mixes; the stage goes to OUT/stage-N. On object storage,
+    /// the mix is made in the cache ($LVPIPE_CACHE, else ~/.cache/lvpipe)
+    /// and uploaded, mix.json last.
     #[arg(long)]
     pub out: PathBuf,
 }
 
 #[derive(Debug, Args)]
 pub struct StreamArgs {
-    /// A stage's mix folder (OUT/stage-N of `lvpipe mix`).
+    /// A stage's mix folder (OUT/stage-N of `lvpipe mix`), local or on
+    /// object storage (`s3://...`).
     #[arg(long)]
     pub mix: PathBuf,
+    /// Folder that remote mixes are fetched into, checked against their
+    /// checksums (default: $LVPIPE_CACHE, else ~/.cache/lvpipe).
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
     /// This rank, 0-based.
     #[arg(long, default_value_t = 0)]
     pub rank: u32,
@@ -173,9 +182,14 @@ pub struct TrainArgs {
     /// Stage to train, 1-based (with --mix).
     #[arg(long, conflicts_with = "stages", required_unless_present_any = ["stages", "resume"])]
     pub stage: Option<usize>,
-    /// The stage's mix folder (OUT/stage-N of `lvpipe mix`).
+    /// The stage's mix folder (OUT/stage-N of `lvpipe mix`), local or on
+    /// object storage (`s3://...`, fetched into --cache first).
     #[arg(long, requires = "stage")]
     pub mix: Option<PathBuf>,
+    /// Folder that a remote --mix is fetched into (default: $LVPIPE_CACHE,
+    /// else ~/.cache/lvpipe).
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
     /// Stages to run in a chain, like `1-5` or `3`: each is mixed from
     /// --shards into OUT/mixes/stage-N and trained into OUT/stage-N from the
     /// stage its recipe `init` names. Finished stages are skipped and a
@@ -354,7 +368,10 @@ pub enum AspectArg {
 
 #[derive(Debug, Args)]
 pub struct BuildArgs {
-    /// Folder for the shards (created if missing; an interrupted build there resumes).
+    /// Folder for the shards (created if missing; an interrupted build there
+    /// resumes). On object storage (`s3://`, `gs://`, `az://`), the build is
+    /// made in the cache ($LVPIPE_CACHE, else ~/.cache/lvpipe) and uploaded,
+    /// its manifest last.
     #[arg(long)]
     pub out: PathBuf,
     /// A Hugging Face tokenizer.json; special tokens the template and media
@@ -486,7 +503,8 @@ pub enum FormatArg {
 
 #[derive(Debug, Args)]
 pub struct SqlArgs {
-    /// Shard folder written by build-shards (tables: samples, quarantine, manifest).
+    /// Shard folder written by build-shards (tables: samples, quarantine,
+    /// manifest), a path or an `s3://`, `gs://`, `az://` URL.
     #[arg(long, required_unless_present_any = ["mixes", "runs"])]
     pub shards: Option<PathBuf>,
     /// Folder of mixes written by `lvpipe mix` (adds tables mix_report and packs).

@@ -131,6 +131,7 @@ fn prepare(dir: &Path, gib: f64) -> u64 {
         packs: packs as u64,
         tokens,
         padding: 0,
+        files: Vec::new(),
     };
     std::fs::write(meta_path, serde_json::to_string_pretty(&meta).unwrap()).unwrap();
     tokens

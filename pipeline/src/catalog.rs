@@ -1,5 +1,6 @@
 //! A DataFusion session over a shard folder: `samples`, `quarantine`, `manifest`.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -7,16 +8,17 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use datafusion::catalog::MemTable;
 use datafusion::dataframe::DataFrame;
-use datafusion::execution::SendableRecordBatchStream;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
+use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::context::{SQLOptions, SessionConfig, SessionContext};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::sql::parser::{DFParser, Statement};
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 use lvpipe_schemas::{Manifest, SCHEMA_VERSION, TableKind, quarantine_schema, samples_schema};
+use lvpipe_sharding::storage::Location;
 
 use crate::{Error, Result};
 
@@ -25,8 +27,8 @@ pub struct Catalog {
     ctx: SessionContext,
     /// `None` for a session over run records only ([`Catalog::empty`]).
     manifest: Option<Manifest>,
-    /// The shard folder, absolute.
-    dir: PathBuf,
+    /// The shard folder (absolute where local).
+    location: Location,
     /// Set once [`Catalog::verify`] has passed: each stage mixed from this
     /// catalog would hash the same files again.
     verified: std::sync::atomic::AtomicBool,
@@ -44,20 +46,44 @@ impl Catalog {
     /// query that needs more fails with DataFusion's "resources exhausted"
     /// (spilling first where the operator can).
     pub async fn open_with_limit(shards: &Path, memory_limit: usize) -> Result<Self> {
+        Self::open_at(&Location::Local(shards.to_path_buf()), memory_limit).await
+    }
+
+    /// A shard folder that is local or on object storage (`s3://...`):
+    /// DataFusion reads remote shards where they are, through the same
+    /// `object_store` client.
+    pub async fn open_at(shards: &Location, memory_limit: usize) -> Result<Self> {
         let shards_err = |message: String| Error::Folder {
-            path: shards.to_path_buf(),
+            path: PathBuf::from(shards.to_string()),
             message,
         };
-        let manifest_path = shards.join(Manifest::FILE_NAME);
-        let text = match fs_err::read_to_string(&manifest_path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(shards_err(format!(
-                    "no {} here: not a shard folder, or its build did not finish (rerun build-shards to resume it)",
-                    Manifest::FILE_NAME
-                )));
+        let no_manifest = || {
+            shards_err(format!(
+                "no {} here: not a shard folder, or its build did not finish (rerun build-shards to resume it)",
+                Manifest::FILE_NAME
+            ))
+        };
+        let (location, text, sizes) = match shards {
+            Location::Local(path) => {
+                let dir = std::path::absolute(path)?;
+                let text = match fs_err::read_to_string(dir.join(Manifest::FILE_NAME)) {
+                    Ok(text) => text,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        return Err(no_manifest());
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                (Location::Local(dir), text, None)
             }
-            Err(e) => return Err(e.into()),
+            Location::Remote(remote) => {
+                let bytes = remote
+                    .read(Manifest::FILE_NAME)
+                    .await?
+                    .ok_or_else(no_manifest)?;
+                let text = String::from_utf8_lossy(&bytes).into_owned();
+                let sizes: HashMap<String, u64> = remote.list().await?.into_iter().collect();
+                (shards.clone(), text, Some(sizes))
+            }
         };
         let manifest = Manifest::from_json(&text)?;
         if manifest.schema_version != SCHEMA_VERSION {
@@ -67,31 +93,41 @@ impl Catalog {
             )));
         }
         let ctx = session(memory_limit)?;
-        let dir = std::path::absolute(shards)?;
-        // Sizes always (a stat per file): a truncated or replaced shard is
-        // an error here, not a misread later. Checksums: `verify`.
+        // Sizes always (a stat per file, or one listing): a truncated or
+        // replaced shard is an error here, not a misread later. Checksums:
+        // `verify`.
         for shard in &manifest.shards {
-            let path = dir.join(&shard.file);
-            let len = fs_err::metadata(&path)?.len();
-            if len != shard.bytes {
+            let len = match (&location, &sizes) {
+                (Location::Local(dir), _) => Some(fs_err::metadata(dir.join(&shard.file))?.len()),
+                (_, Some(sizes)) => sizes.get(&shard.file).copied(),
+                _ => None,
+            };
+            if len != Some(shard.bytes) {
                 return Err(Error::Folder {
-                    path,
-                    message: format!(
-                        "{len} bytes, but the manifest says {}: the shard was changed after the build",
-                        shard.bytes
-                    ),
+                    path: PathBuf::from(file_url(&location, &shard.file)),
+                    message: match len {
+                        Some(len) => format!(
+                            "{len} bytes, but the manifest says {}: the shard was changed after the build",
+                            shard.bytes
+                        ),
+                        None => "missing: the manifest lists it".into(),
+                    },
                 });
             }
+        }
+        if let Location::Remote(remote) = &location {
+            ctx.runtime_env()
+                .register_object_store(remote.root(), remote.store());
         }
         for (table, schema) in [
             (TableKind::Samples, samples_schema()),
             (TableKind::Quarantine, quarantine_schema()),
         ] {
-            let files: Vec<PathBuf> = manifest
+            let files: Vec<String> = manifest
                 .shards
                 .iter()
                 .filter(|s| s.table == table)
-                .map(|s| dir.join(&s.file))
+                .map(|s| file_url(&location, &s.file))
                 .collect();
             register(&ctx, table.as_str(), files, schema)?;
         }
@@ -103,7 +139,7 @@ impl Catalog {
         Ok(Catalog {
             ctx,
             manifest: Some(manifest),
-            dir,
+            location,
             verified: Default::default(),
         })
     }
@@ -118,16 +154,26 @@ impl Catalog {
             return Ok(());
         }
         let shards = &self.manifest()?.shards;
-        let report =
-            lvpipe_sharding::verify::verify_shards(&self.dir, shards, &|_| {}).map_err(|e| {
-                Error::Folder {
-                    path: self.dir.clone(),
-                    message: e.to_string(),
-                }
-            })?;
-        if let Some(problem) = report.problems.first() {
+        let folder = || PathBuf::from(self.location.to_string());
+        let problems = match &self.location {
+            Location::Local(dir) => {
+                lvpipe_sharding::verify::verify_shards(dir, shards, &|_| {})
+                    .map_err(|e| Error::Folder {
+                        path: folder(),
+                        message: e.to_string(),
+                    })?
+                    .problems
+            }
+            Location::Remote(remote) => {
+                lvpipe_sharding::storage::block_on(lvpipe_sharding::verify::verify_remote(
+                    remote, shards,
+                ))?
+                .problems
+            }
+        };
+        if let Some(problem) = problems.first() {
             return Err(Error::Folder {
-                path: self.dir.clone(),
+                path: folder(),
                 message: format!(
                     "{problem}: the shard was changed or damaged after the build (`lvpipe verify` lists every such file)"
                 ),
@@ -202,7 +248,7 @@ impl Catalog {
             "lineage",
             lineage
                 .iter()
-                .map(std::path::absolute)
+                .map(|p| Ok(std::path::absolute(p)?.to_string_lossy().into_owned()))
                 .collect::<std::io::Result<_>>()?,
             lvpipe_schemas::lineage_schema(),
         )
@@ -213,7 +259,7 @@ impl Catalog {
         Ok(Catalog {
             ctx: session(memory_limit)?,
             manifest: None,
-            dir: PathBuf::new(),
+            location: Location::Local(PathBuf::new()),
             verified: Default::default(),
         })
     }
@@ -239,19 +285,22 @@ impl Catalog {
     }
 }
 
-fn register(
-    ctx: &SessionContext,
-    name: &str,
-    files: Vec<PathBuf>,
-    schema: SchemaRef,
-) -> Result<()> {
+/// The URL (or absolute path) DataFusion reads `file` of a folder from.
+fn file_url(location: &Location, file: &str) -> String {
+    match location {
+        Location::Local(dir) => dir.join(file).to_string_lossy().into_owned(),
+        Location::Remote(remote) => remote.file_url(file),
+    }
+}
+
+fn register(ctx: &SessionContext, name: &str, files: Vec<String>, schema: SchemaRef) -> Result<()> {
     if files.is_empty() {
         ctx.register_table(name, Arc::new(MemTable::try_new(schema, vec![vec![]])?))?;
         return Ok(());
     }
     let urls = files
         .iter()
-        .map(|f| ListingTableUrl::parse(f.to_string_lossy()))
+        .map(ListingTableUrl::parse)
         .collect::<datafusion::error::Result<Vec<_>>>()?;
     let options =
         ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");

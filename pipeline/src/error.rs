@@ -33,6 +33,9 @@ pub enum Error {
     Parquet(#[from] parquet::errors::ParquetError),
     #[error(transparent)]
     Schema(#[from] lvpipe_schemas::Error),
+    /// Object storage, and the shard checks the sharding crate does.
+    #[error(transparent)]
+    Sharding(#[from] lvpipe_sharding::Error),
 }
 
 impl Error {
@@ -47,6 +50,7 @@ impl Error {
                 datafusion::error::DataFusionError::Internal(_)
             ),
             Error::Arrow(_) => true,
+            Error::Sharding(e) => e.is_internal(),
             _ => false,
         }
     }

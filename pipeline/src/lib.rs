@@ -32,7 +32,7 @@ mod render;
 pub use catalog::{Catalog, default_memory_limit, meminfo_bytes, process_status_bytes};
 pub use error::{Error, Result};
 pub use loader::{Batch, Loader, LoaderState, Mix, PackData, splitmix};
-pub use mix::{MixMeta, build_mix, current_mix};
+pub use mix::{MixFile, MixMeta, build_mix, current_mix, fetch_mix, publish_mix};
 pub use plan::{StagePlan, plan};
 pub use recipe::Recipe;
 pub use render::{OutputFormat, render};

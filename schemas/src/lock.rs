@@ -22,31 +22,49 @@ impl FolderLock {
     /// Locks `dir` (created if missing) for `what` writes there, or fails
     /// at once if another process holds it.
     pub fn acquire(dir: &Path, what: &str) -> Result<Self> {
-        let io = |e: std::io::Error| Error::Format {
-            file: dir.display().to_string(),
-            message: e.to_string(),
-        };
-        std::fs::create_dir_all(dir).map_err(io)?;
-        let path = dir.join(Self::FILE_NAME);
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io)?;
+        let (file, path) = Self::open(dir)?;
         match file.try_lock() {
             Ok(()) => Ok(FolderLock { _file: file, path }),
             Err(TryLockError::WouldBlock) => Err(Error::Busy {
                 dir: dir.to_path_buf(),
                 what: what.to_string(),
             }),
-            Err(TryLockError::Error(e)) => Err(io(e)),
+            Err(TryLockError::Error(e)) => Err(io_error(dir, e)),
         }
+    }
+
+    /// Locks `dir` (created if missing), waiting while another process
+    /// holds it: for work that every process of a machine may start and
+    /// one does (filling a shared cache).
+    pub fn wait(dir: &Path) -> Result<Self> {
+        let (file, path) = Self::open(dir)?;
+        file.lock().map_err(|e| io_error(dir, e))?;
+        Ok(FolderLock { _file: file, path })
+    }
+
+    /// The lock file of `dir`, opened (both created if missing).
+    fn open(dir: &Path) -> Result<(File, PathBuf)> {
+        std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
+        let path = dir.join(Self::FILE_NAME);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| io_error(dir, e))?;
+        Ok((file, path))
     }
 
     /// The lock file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+fn io_error(dir: &Path, e: std::io::Error) -> Error {
+    Error::Format {
+        file: dir.display().to_string(),
+        message: e.to_string(),
     }
 }
 

@@ -32,6 +32,9 @@ pub enum Error {
     /// asked (a crash, for testing resume).
     #[error("stopped after {0} shards as asked (--fail-after-shards)")]
     StoppedAsAsked(u32),
+    /// A file or folder on object storage that cannot be read or written.
+    #[error("{url}: {message}")]
+    Storage { url: String, message: String },
     #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error("parquet: {0}")]

@@ -30,6 +30,7 @@ mod error;
 pub mod media;
 mod readers;
 mod source;
+pub mod storage;
 pub mod verify;
 pub mod video;
 mod writer;

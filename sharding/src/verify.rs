@@ -97,6 +97,68 @@ pub fn verify_shards(
     })
 }
 
+/// [`verify`] of a shard folder on object storage.
+pub fn verify_remote_folder(remote: &crate::storage::Remote) -> Result<VerifyReport> {
+    crate::storage::block_on(async {
+        let text = remote.read(Manifest::FILE_NAME).await?.ok_or_else(|| {
+            Error::Config(format!(
+                "{}: no {} here: not a shard folder, or its build did not finish",
+                remote.url(),
+                Manifest::FILE_NAME
+            ))
+        })?;
+        let manifest = Manifest::from_json(&String::from_utf8_lossy(&text))?;
+        verify_remote(remote, &manifest.shards).await
+    })
+}
+
+/// [`verify_shards`] of a folder on object storage: every file read as a
+/// stream (four at a time) and hashed, nothing kept.
+pub async fn verify_remote(
+    remote: &crate::storage::Remote,
+    shards: &[ManifestShard],
+) -> Result<VerifyReport> {
+    use futures::StreamExt;
+    // Owned values: the futures must be `Send` for any caller's runtime.
+    let checks = shards.iter().cloned().map(|shard| {
+        let remote = remote.clone();
+        async move {
+            let file = shard.file.clone();
+            Ok::<_, crate::Error>(match remote.hash(&shard.file).await? {
+                None => Some(Problem::Missing { file }),
+                Some((found, _)) if found != shard.bytes => Some(Problem::Size {
+                    file,
+                    expected: shard.bytes,
+                    found,
+                }),
+                Some((_, blake3)) if blake3 != shard.blake3 => Some(Problem::Checksum {
+                    file,
+                    expected: shard.blake3.clone(),
+                    found: blake3,
+                }),
+                Some(_) => None,
+            })
+        }
+    });
+    let results: Vec<Result<Option<Problem>>> = futures::stream::iter(checks)
+        .buffer_unordered(4)
+        .collect()
+        .await;
+    let mut problems: Vec<Problem> = results
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .flatten()
+        .collect();
+    problems.sort_by(|a, b| name(a).cmp(name(b)));
+    Ok(VerifyReport {
+        folder: PathBuf::from(remote.url()),
+        files: shards.len(),
+        bytes: shards.iter().map(|s| s.bytes).sum(),
+        problems,
+    })
+}
+
 fn name(p: &Problem) -> &str {
     match p {
         Problem::Missing { file } | Problem::Size { file, .. } | Problem::Checksum { file, .. } => {
@@ -129,22 +191,26 @@ fn check(
             found,
         }));
     }
+    let found = blake3_of(&mut f, on_bytes)
+        .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+    Ok((found != shard.blake3).then(|| Problem::Checksum {
+        file,
+        expected: shard.blake3.clone(),
+        found,
+    }))
+}
+
+/// The blake3 of everything `reader` holds, read in 1 MiB chunks.
+pub fn blake3_of(reader: &mut impl Read, on_bytes: &dyn Fn(u64)) -> std::io::Result<String> {
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        let n = reader.read(&mut buf)?;
         if n == 0 {
             break;
         }
         hasher.update(&buf[..n]);
         on_bytes(n as u64);
     }
-    let found = hasher.finalize().to_hex().to_string();
-    Ok((found != shard.blake3).then(|| Problem::Checksum {
-        file,
-        expected: shard.blake3.clone(),
-        found,
-    }))
+    Ok(hasher.finalize().to_hex().to_string())
 }

@@ -9,11 +9,14 @@ use lvpipe_sharding::{
     BuildSettings, BuildSummary, ImageAspect, ImageLimits, ImageSettings, SourceSpec, build_shards,
 };
 
-use super::out;
+use lvpipe_schemas::Manifest;
+use lvpipe_sharding::storage::{Location, block_on, fetch_parts, local_folder, publish_shards};
+
+use super::{cache_dir, location, out};
 use crate::args::{AspectArg, BuildArgs, FrameSeekArg, ShortVideosArg};
 use crate::progress::BuildProgress;
 
-fn build_settings(args: &BuildArgs) -> Result<BuildSettings> {
+fn build_settings(args: &BuildArgs, out: &Path) -> Result<BuildSettings> {
     let mut sources = Vec::new();
     if let Some(registry) = &args.registry {
         sources.extend(
@@ -25,7 +28,7 @@ fn build_settings(args: &BuildArgs) -> Result<BuildSettings> {
         sources.push(SourceSpec::parse(spec, args.media_root.as_deref())?);
     }
     let tokenizer = args.tokenizer.as_ref().context("--tokenizer is required")?;
-    let mut settings = BuildSettings::new(&args.out, tokenizer).with_sources(sources);
+    let mut settings = BuildSettings::new(out, tokenizer).with_sources(sources);
     settings.partition = args.partition;
     settings.chat_template = lvpipe_sharding::ChatTemplate::parse(&args.chat_template)?;
     settings.image = ImageSettings {
@@ -65,10 +68,31 @@ fn build_settings(args: &BuildArgs) -> Result<BuildSettings> {
 }
 
 pub fn run(args: BuildArgs) -> Result<ExitCode> {
-    let summary = match args.finalize {
-        true => lvpipe_sharding::finalize(&args.out)
-            .with_context(|| format!("build-shards --finalize in {}", args.out.display()))?,
-        false => run_build(&build_settings(&args)?)?,
+    // A build for object storage is made in the cache (where a rerun
+    // resumes it), then published, its manifest last.
+    let target = location(&args.out)?;
+    let local = local_folder(&target, &cache_dir(None).join("staging"));
+    let summary = match (args.finalize, &target) {
+        (true, _) => {
+            if let Location::Remote(remote) = &target {
+                fetch_parts(remote, &local)?;
+            }
+            let summary = lvpipe_sharding::finalize(&local)
+                .with_context(|| format!("build-shards --finalize in {}", args.out.display()))?;
+            if let Location::Remote(remote) = &target {
+                block_on(remote.publish(&local, &["tokenizer.json".into()], Manifest::FILE_NAME))?;
+            }
+            summary
+        }
+        (false, Location::Local(_)) => run_build(&build_settings(&args, &local)?)?,
+        (false, Location::Remote(remote)) => {
+            let summary = run_build(&build_settings(&args, &local)?)?;
+            match args.partition {
+                Some(p) => publish_shards(&local.join(p.dir_name()), &remote.join(&p.dir_name()))?,
+                None => publish_shards(&local, remote)?,
+            }
+            summary
+        }
     };
     if args.json {
         out(&(serde_json::to_string_pretty(&summary_json(&summary))? + "\n"))?;

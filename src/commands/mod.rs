@@ -20,6 +20,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use anyhow::Result;
+use lvpipe_sharding::storage::Location;
 
 use crate::args::{Cli, Command, ScaleArg};
 
@@ -79,8 +80,38 @@ pub fn out(text: &str) -> Result<()> {
     Ok(())
 }
 
+/// The runtime DataFusion and object storage run on (its I/O and timers
+/// on: remote reads need both).
 pub fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// A folder argument: a local path, or an `s3://`, `gs://`, `az://` URL.
+pub fn location(arg: &std::path::Path) -> lvpipe_sharding::Result<Location> {
+    Location::parse(&arg.to_string_lossy())
+}
+
+/// Where remote mixes are fetched to and remote outputs staged: `--cache`,
+/// else `$LVPIPE_CACHE`, `$XDG_CACHE_HOME/lvpipe` or `~/.cache/lvpipe`.
+pub fn cache_dir(arg: Option<&std::path::Path>) -> std::path::PathBuf {
+    arg.map_or_else(lvpipe_sharding::storage::default_cache, |p| p.to_path_buf())
+}
+
+/// A stage's mix folder, local, or fetched from object storage into the
+/// cache first.
+pub fn local_mix(
+    arg: &std::path::Path,
+    cache: Option<&std::path::Path>,
+) -> Result<std::path::PathBuf> {
+    match location(arg)? {
+        Location::Local(path) => Ok(path),
+        Location::Remote(remote) => {
+            let cache = cache_dir(cache).join("mixes");
+            Ok(runtime()?.block_on(lvpipe_pipeline::fetch_mix(&remote, &cache))?)
+        }
+    }
 }
 
 pub fn scale(arg: ScaleArg) -> lvpipe_synth::Scale {

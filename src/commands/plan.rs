@@ -3,15 +3,15 @@
 use std::process::ExitCode;
 
 use anyhow::Result;
-use lvpipe_pipeline::{Catalog, Recipe, StagePlan};
+use lvpipe_pipeline::{Catalog, Recipe, StagePlan, default_memory_limit};
 
-use super::{out, runtime};
+use super::{location, out, runtime};
 use crate::args::PlanArgs;
 
 pub fn run(args: PlanArgs) -> Result<ExitCode> {
     let recipe = Recipe::load(&args.recipe)?;
     let (problems, stages) = runtime()?.block_on(async {
-        let catalog = Catalog::open(&args.shards).await?;
+        let catalog = Catalog::open_at(&location(&args.shards)?, default_memory_limit()).await?;
         lvpipe_pipeline::plan(&recipe, &catalog).await
     })?;
     if args.json {

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use lvpipe_pipeline::{Catalog, OutputFormat, default_memory_limit, render};
 
-use super::{out, runtime};
+use super::{location, out, runtime};
 use crate::args::{FormatArg, SqlArgs};
 
 pub fn run(args: SqlArgs) -> Result<ExitCode> {
@@ -20,7 +20,7 @@ pub fn run(args: SqlArgs) -> Result<ExitCode> {
     let text = runtime()?.block_on(async {
         let catalog = match &args.shards {
             Some(shards) => {
-                let catalog = Catalog::open_with_limit(shards, limit).await?;
+                let catalog = Catalog::open_at(&location(shards)?, limit).await?;
                 if args.verify {
                     catalog.verify()?;
                 }

@@ -6,13 +6,14 @@ use std::time::Instant;
 use anyhow::Result;
 use lvpipe_pipeline::{Batch, Loader, Mix};
 
-use super::out;
+use super::{local_mix, out};
 use crate::args::StreamArgs;
 use crate::progress::log;
 
 pub fn run(args: StreamArgs) -> Result<ExitCode> {
+    let mix_dir = local_mix(&args.mix, args.cache.as_deref())?;
     let started = Instant::now();
-    let mix = Mix::open(&args.mix)?;
+    let mix = Mix::open(&mix_dir)?;
     let opened = started.elapsed();
     let loader = Loader::new(mix, args.rank, args.world_size)?;
     let mut text = String::new();

@@ -4,9 +4,10 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
-use lvpipe_sharding::verify::verify;
+use lvpipe_sharding::storage::Location;
+use lvpipe_sharding::verify::{verify, verify_remote_folder};
 
-use super::out;
+use super::{location, out};
 use crate::args::VerifyArgs;
 use crate::progress::log;
 
@@ -18,7 +19,10 @@ pub fn run(args: VerifyArgs) -> Result<ExitCode> {
         )
         .expect("valid template"),
     );
-    let report = verify(&args.shards, &|n| bar.inc(n));
+    let report = match location(&args.shards)? {
+        Location::Local(dir) => verify(&dir, &|n| bar.inc(n)),
+        Location::Remote(remote) => verify_remote_folder(&remote),
+    };
     bar.finish_and_clear();
     let report = report?;
     if args.json {

@@ -163,7 +163,13 @@ pub fn chain(c: &Chain, on_event: &mut dyn FnMut(TrainEvent)) -> Result<Vec<(usi
         .mixes
         .map_or_else(|| c.out.join("mixes"), Path::to_path_buf);
     let runtime = runtime()?;
-    let catalog = runtime.block_on(Catalog::open(c.shards))?;
+    // Shards on object storage are read where they are.
+    let shards = lvpipe_sharding::storage::Location::parse(&c.shards.to_string_lossy())
+        .map_err(lvpipe_pipeline::Error::from)?;
+    let catalog = runtime.block_on(Catalog::open_at(
+        &shards,
+        lvpipe_pipeline::default_memory_limit(),
+    ))?;
     let mut done = Vec::new();
     for number in first..=last {
         let stage = recipe.stage(number)?;
@@ -429,5 +435,7 @@ fn absolute(path: &Path) -> Result<PathBuf> {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }

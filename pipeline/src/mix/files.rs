@@ -191,7 +191,9 @@ pub(super) fn write_samples(
         let rows = |u: &Unit| &selection.rows[u.row as usize];
         let item = |t: DataType| Arc::new(Field::new("item", t, false));
         let columns: Vec<ArrayRef> = vec![
-            Arc::new(UInt32Array::from_iter_values(pack_of[first..end].iter().copied())),
+            Arc::new(UInt32Array::from_iter_values(
+                pack_of[first..end].iter().copied(),
+            )),
             Arc::new(StringArray::from_iter_values(
                 chunk.iter().map(|u| rows(u).sample_id.as_str()),
             )),
@@ -386,8 +388,14 @@ mod tests {
             )
         };
         RecordBatch::try_from_iter([
-            ("input_ids", list(DataType::UInt32, &lens, Arc::new(UInt32Array::from(ids)))),
-            ("loss_mask", list(DataType::UInt8, &lens, Arc::new(UInt8Array::from(masks)))),
+            (
+                "input_ids",
+                list(DataType::UInt32, &lens, Arc::new(UInt32Array::from(ids))),
+            ),
+            (
+                "loss_mask",
+                list(DataType::UInt8, &lens, Arc::new(UInt8Array::from(masks))),
+            ),
             (
                 "media",
                 list(
@@ -453,7 +461,10 @@ mod tests {
         for (i, u) in order.iter().enumerate() {
             let k = u.row;
             let want: Vec<u32> = (u.start..u.end).map(|t| 100 * k + t).collect();
-            assert_eq!(ids.value(i).as_primitive::<UInt32Type>().values(), &want[..]);
+            assert_eq!(
+                ids.value(i).as_primitive::<UInt32Type>().values(),
+                &want[..]
+            );
             let items = media.value(i);
             let items = items.as_binary::<i32>();
             assert_eq!(items.len(), k as usize % 3, "row {k}");

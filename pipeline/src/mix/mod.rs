@@ -21,14 +21,16 @@ use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
+use lvpipe_sharding::storage::{Location, Remote};
+
 use crate::catalog::Catalog;
 use crate::recipe::{LongSamples, Order, Recipe, Stage, WeightBy};
 use crate::{Error, Result};
 
 mod files;
 
-pub use files::read_ipc;
 pub(crate) use files::Spool;
+pub use files::read_ipc;
 use files::{Spooled, packs_batch, report_batch, write_ipc, write_samples};
 
 /// `mix.json`: how a mix was made and what the loader needs.
@@ -54,10 +56,24 @@ pub struct MixMeta {
     pub packs: u64,
     pub tokens: u64,
     pub padding: u64,
+    /// Size and blake3 of each file of the mix: a copy fetched from object
+    /// storage is checked against them.
+    #[serde(default)]
+    pub files: Vec<MixFile>,
+}
+
+/// One file of a mix, as written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MixFile {
+    pub file: String,
+    pub bytes: u64,
+    pub blake3: String,
 }
 
 impl MixMeta {
     pub const FILE_NAME: &'static str = "mix.json";
+    /// The files of a mix besides `mix.json`, which is written last.
+    pub const FILES: [&'static str; 3] = ["samples.arrow", "packs.arrow", "mix_report.arrow"];
 
     /// The data a mix was made of: its shards' build and their tokenizer. A
     /// trained stage records it; a chain retrains a stage whose data changed.
@@ -452,10 +468,75 @@ pub async fn build_mix(
             .iter()
             .map(|p| u64::from(stage.context - p.tokens))
             .sum(),
+        files: MixMeta::FILES
+            .iter()
+            .map(|file| {
+                let mut f = fs_err::File::open(dir.join(file))?;
+                Ok(MixFile {
+                    file: file.to_string(),
+                    bytes: f.metadata()?.len(),
+                    blake3: lvpipe_sharding::verify::blake3_of(&mut f, &|_| {})?,
+                })
+            })
+            .collect::<Result<_>>()?,
     };
     let json = serde_json::to_string_pretty(&meta).expect("meta serializes") + "\n";
     fs_err::write(dir.join(MixMeta::FILE_NAME), json)?;
     Ok(meta)
+}
+
+/// Publishes a stage's mix folder to object storage, `mix.json` last.
+pub async fn publish_mix(local: &Path, remote: &Remote) -> Result<()> {
+    let files: Vec<String> = MixMeta::FILES.iter().map(|f| f.to_string()).collect();
+    Ok(remote.publish(local, &files, MixMeta::FILE_NAME).await?)
+}
+
+/// Fetches a stage's mix from object storage into a folder of `cache`
+/// named after its URL, unless the same mix is there already, and returns
+/// that folder. Each file is checked against the size and blake3 that
+/// `mix.json` records; the ranks of a machine share the cache (one fetches,
+/// the others wait for it).
+pub async fn fetch_mix(remote: &Remote, cache: &Path) -> Result<std::path::PathBuf> {
+    let folder = Location::Remote(remote.clone());
+    let local = lvpipe_sharding::storage::local_folder(&folder, cache);
+    let _lock = lvpipe_schemas::FolderLock::wait(&local)?;
+    let text = remote
+        .read(MixMeta::FILE_NAME)
+        .await?
+        .ok_or_else(|| Error::Folder {
+            path: remote.url().into(),
+            message: format!(
+                "no {} here: not a mix, or its upload did not finish (run `lvpipe mix` again)",
+                MixMeta::FILE_NAME
+            ),
+        })?;
+    let meta: MixMeta = serde_json::from_slice(&text).map_err(|e| Error::Folder {
+        path: remote.file_url(MixMeta::FILE_NAME).into(),
+        message: e.to_string(),
+    })?;
+    if meta.files.is_empty() {
+        return Err(Error::Folder {
+            path: remote.url().into(),
+            message:
+                "this mix records no checksums (an older lvpipe made it): run `lvpipe mix` again"
+                    .into(),
+        });
+    }
+    let current = fs_err::read(local.join(MixMeta::FILE_NAME)).ok();
+    if current.as_deref() != Some(&text[..]) {
+        // Another mix was here: it must not look complete while this one arrives.
+        match fs_err::remove_file(local.join(MixMeta::FILE_NAME)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
+        let files: Vec<(String, u64, Option<String>)> = meta
+            .files
+            .iter()
+            .map(|f| (f.file.clone(), f.bytes, Some(f.blake3.clone())))
+            .collect();
+        remote.fetch(&local, &files, MixMeta::FILE_NAME).await?;
+    }
+    Ok(local)
 }
 
 /// A pack: a run of consecutive instances of the ordered list.

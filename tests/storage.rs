@@ -1,0 +1,407 @@
+//! Shards and mixes on object storage, against a real S3-compatible server
+//! (moto's, started on 127.0.0.1 for each test): what `s3://` gives must be
+//! what the local filesystem gives, byte for byte.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{SYNTH_SOURCES, build_args, tiny_corpus};
+
+/// moto's server (`pip install --target DIR "moto[server]"`, as
+/// scripts/install-deps.sh does), on a free port, with one bucket `bkt`;
+/// stopped when dropped.
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+/// A machine that uses the server: its `LVPIPE_CACHE`.
+struct S3 {
+    port: u16,
+    cache: PathBuf,
+}
+
+impl Server {
+    fn start() -> Server {
+        let moto = std::env::var_os("LVPIPE_MOTO")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                Path::new(&std::env::var_os("HOME").expect("HOME")).join(".cache/lvpipe-moto")
+            });
+        assert!(
+            moto.join("moto").is_dir(),
+            "moto is not installed in {}: run scripts/install-deps.sh",
+            moto.display()
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("python3")
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .env("PYTHONPATH", &moto)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 runs moto");
+        let server = Server { child, port };
+        let started = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "moto did not start"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(
+            server
+                .client(Path::new("cache"))
+                .request("PUT", "/bkt", &[])
+                .0,
+            200,
+            "create bucket"
+        );
+        server
+    }
+
+    fn client(&self, cache: &Path) -> S3 {
+        S3 {
+            port: self.port,
+            cache: cache.to_path_buf(),
+        }
+    }
+}
+
+impl S3 {
+    /// One plain HTTP request: status and body. moto wants an
+    /// `Authorization` header for private objects but checks no signature.
+    fn request(&self, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\n\
+             Authorization: AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=0\r\n\
+             Connection: close\r\n\r\n",
+            self.port,
+            body.len()
+        )
+        .unwrap();
+        stream.write_all(body).unwrap();
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).unwrap();
+        let split = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let head = String::from_utf8_lossy(&response[..split]).to_lowercase();
+        let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let mut body = response[split + 4..].to_vec();
+        if head.contains("transfer-encoding: chunked") {
+            let (mut out, mut rest) = (Vec::new(), &body[..]);
+            loop {
+                let line = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+                let size =
+                    usize::from_str_radix(std::str::from_utf8(&rest[..line]).unwrap().trim(), 16)
+                        .unwrap();
+                if size == 0 {
+                    break;
+                }
+                out.extend_from_slice(&rest[line + 2..line + 2 + size]);
+                rest = &rest[line + 4 + size..];
+            }
+            body = out;
+        }
+        (status, body)
+    }
+
+    fn get(&self, key: &str) -> Option<Vec<u8>> {
+        match self.request("GET", &format!("/bkt/{key}"), &[]) {
+            (200, body) => Some(body),
+            (404, _) => None,
+            (status, body) => panic!("GET {key}: {status} {}", String::from_utf8_lossy(&body)),
+        }
+    }
+
+    fn put(&self, key: &str, body: &[u8]) {
+        assert_eq!(self.request("PUT", &format!("/bkt/{key}"), body).0, 200);
+    }
+
+    fn delete(&self, key: &str) {
+        assert_eq!(self.request("DELETE", &format!("/bkt/{key}"), &[]).0, 204);
+    }
+
+    /// `lvpipe ARGS` in `cwd` with the standard AWS variables set for this
+    /// server.
+    fn lvpipe(&self, cwd: &Path, args: &[&str]) -> Output {
+        self.command(cwd, args).output().expect("lvpipe runs")
+    }
+
+    fn command(&self, cwd: &Path, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_lvpipe"));
+        c.args(args)
+            .current_dir(cwd)
+            .env(
+                "AWS_ENDPOINT_URL",
+                format!("http://127.0.0.1:{}", self.port),
+            )
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "us-east-1")
+            .env("LVPIPE_CACHE", &self.cache);
+        c
+    }
+
+    fn lvpipe_ok(&self, cwd: &Path, args: &[&str]) -> String {
+        let out = self.lvpipe(cwd, args);
+        assert!(
+            out.status.success(),
+            "lvpipe {args:?} failed ({:?}):\n{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A copy of the tiny corpus in a fresh folder.
+fn corpus() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let status = Command::new("cp")
+        .arg("-r")
+        .arg(tiny_corpus().join("raw"))
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    dir
+}
+
+fn recipe() -> String {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/recipes/tiny.toml").to_string()
+}
+
+#[test]
+fn shards_sql_mixes_and_streams_on_s3_equal_the_local_ones() {
+    let dir = corpus();
+    let d = dir.path();
+    let server = Server::start();
+    let s3 = server.client(&d.join("cache"));
+    s3.lvpipe_ok(d, &build_args("local", &[]));
+    s3.lvpipe_ok(d, &build_args("s3://bkt/shards", &[]));
+    // The objects are the local files, byte for byte.
+    let local_manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("local/manifest.json")).unwrap()).unwrap();
+    for shard in local_manifest["shards"].as_array().unwrap() {
+        let file = shard["file"].as_str().unwrap();
+        assert_eq!(
+            s3.get(&format!("shards/{file}")).as_deref(),
+            Some(&std::fs::read(d.join("local").join(file)).unwrap()[..]),
+            "{file}"
+        );
+    }
+    assert!(s3.get("shards/tokenizer.json").is_some());
+
+    let query = "SELECT source, count(*) AS n, sum(media_bytes) AS m, sum(num_text_tokens) AS t FROM samples GROUP BY source ORDER BY source";
+    let sql =
+        |shards: &str| s3.lvpipe_ok(d, &["sql", "--shards", shards, "--format", "csv", query]);
+    assert_eq!(sql("s3://bkt/shards"), sql("local"));
+    assert!(sql("s3://bkt/shards").lines().count() > SYNTH_SOURCES.len() / 2);
+    s3.lvpipe_ok(d, &["verify", "--shards", "s3://bkt/shards"]);
+
+    // A mix from s3 to s3 is the local mix, and streams the same batches
+    // from the cache it is fetched into.
+    let r = recipe();
+    let mix = |shards: &str, out: &str| {
+        s3.lvpipe_ok(
+            d,
+            &[
+                "mix", "--recipe", &r, "--stage", "3", "--shards", shards, "--out", out,
+            ],
+        )
+    };
+    mix("s3://bkt/shards", "s3://bkt/mixes");
+    mix("local", "mixes");
+    for file in [
+        "samples.arrow",
+        "packs.arrow",
+        "mix_report.arrow",
+        "mix.json",
+    ] {
+        assert_eq!(
+            s3.get(&format!("mixes/stage-3/{file}")).as_deref(),
+            Some(&std::fs::read(d.join("mixes/stage-3").join(file)).unwrap()[..]),
+            "{file}"
+        );
+    }
+    let stream = |mix: &str| {
+        s3.lvpipe_ok(
+            d,
+            &[
+                "stream", "--mix", mix, "--steps", "3", "--json", "--cache", "fetched",
+            ],
+        )
+    };
+    let local = stream("mixes/stage-3");
+    assert_eq!(stream("s3://bkt/mixes/stage-3"), local);
+    // A damaged copy in the cache is fetched again, not read.
+    let cached: Vec<PathBuf> = std::fs::read_dir(d.join("fetched/mixes"))
+        .unwrap()
+        .map(|e| e.unwrap().path().join("samples.arrow"))
+        .collect();
+    assert_eq!(cached.len(), 1);
+    let mut bytes = std::fs::read(&cached[0]).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&cached[0], &bytes).unwrap();
+    std::fs::remove_file(cached[0].with_file_name("mix.json")).unwrap();
+    assert_eq!(stream("s3://bkt/mixes/stage-3"), local);
+    assert_eq!(
+        std::fs::read(&cached[0]).unwrap(),
+        std::fs::read(d.join("mixes/stage-3/samples.arrow")).unwrap()
+    );
+
+    // A flipped byte on the server: verify names the file, mix refuses.
+    let file = local_manifest["shards"][0]["file"].as_str().unwrap();
+    let mut bytes = s3.get(&format!("shards/{file}")).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    s3.put(&format!("shards/{file}"), &bytes);
+    let out = s3.lvpipe(d, &["verify", "--shards", "s3://bkt/shards"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(file));
+    let out = s3.lvpipe(
+        d,
+        &[
+            "mix",
+            "--recipe",
+            &r,
+            "--stage",
+            "3",
+            "--shards",
+            "s3://bkt/shards",
+            "--out",
+            "m2",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(file));
+}
+
+#[test]
+fn a_folder_without_its_manifest_is_not_read_and_a_rerun_publishes_it() {
+    let dir = corpus();
+    let d = dir.path();
+    let server = Server::start();
+    let s3 = server.client(&d.join("cache"));
+    let sources = ["--source", "llava:raw/pretrain.json"];
+    let args = common::build_sources("s3://bkt/s", "raw/tokenizer.json", "64", &[], &sources);
+    s3.lvpipe_ok(d, &args);
+    // As if the build had stopped after its shards went up.
+    s3.delete("s/manifest.json");
+    let out = s3.lvpipe(
+        d,
+        &[
+            "sql",
+            "--shards",
+            "s3://bkt/s",
+            "SELECT count(*) FROM samples",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("s3://bkt/s") && err.contains("manifest.json"),
+        "{err}"
+    );
+    s3.lvpipe_ok(d, &args);
+    let count = s3.lvpipe_ok(
+        d,
+        &[
+            "sql",
+            "--shards",
+            "s3://bkt/s",
+            "--format",
+            "csv",
+            "SELECT count(*) AS n FROM samples",
+        ],
+    );
+    assert_eq!(count.lines().nth(1), Some("48"), "{count}");
+}
+
+#[test]
+fn partitions_built_apart_and_finalized_on_s3_equal_one_build() {
+    let dir = corpus();
+    let d = dir.path();
+    let server = Server::start();
+    let s3 = server.client(&d.join("cache"));
+    s3.lvpipe_ok(d, &build_args("local", &[]));
+    // Each task on a machine (a cache) of its own.
+    for i in 0..2 {
+        let part = format!("{i}/2");
+        let task = server.client(&d.join(format!("task-{i}")));
+        task.lvpipe_ok(d, &build_args("s3://bkt/parts", &["--partition", &part]));
+    }
+    // One part only: finalize names the missing one.
+    let lone = server.client(&d.join("task-lone"));
+    lone.lvpipe_ok(d, &build_args("s3://bkt/lone", &["--partition", "1/2"]));
+    let out = lone.lvpipe(d, &["build-shards", "--finalize", "--out", "s3://bkt/lone"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("0/2"));
+
+    s3.lvpipe_ok(
+        d,
+        &["build-shards", "--finalize", "--out", "s3://bkt/parts"],
+    );
+    let query =
+        "SELECT sample_id, source, media_bytes, num_text_tokens FROM samples ORDER BY sample_id";
+    let sql =
+        |shards: &str| s3.lvpipe_ok(d, &["sql", "--shards", shards, "--format", "csv", query]);
+    assert_eq!(sql("s3://bkt/parts"), sql("local"));
+    s3.lvpipe_ok(d, &["verify", "--shards", "s3://bkt/parts"]);
+}
+
+#[test]
+fn a_missing_bucket_and_an_unreachable_server_are_clear_errors() {
+    let dir = corpus();
+    let d = dir.path();
+    let server = Server::start();
+    let s3 = server.client(&d.join("cache"));
+    let out = s3.lvpipe(d, &["sql", "--shards", "s3://nobucket/shards", "SELECT 1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("s3://nobucket/shards"));
+    let out = s3.lvpipe(d, &["stream", "--mix", "s3://nobucket/mixes/stage-1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("s3://nobucket/mixes/stage-1"));
+    // Nothing listens on the port: the retries end and the error names the URL.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let out = s3
+        .command(d, &["verify", "--shards", "s3://bkt/shards"])
+        .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("s3://bkt/shards/manifest.json") && err.contains("retries"),
+        "{err}"
+    );
+}
