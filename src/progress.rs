@@ -142,13 +142,22 @@ impl TrainProgress {
                 state.stage,
                 state.steps
             )),
-            TrainEvent::WholeRows {
+            TrainEvent::SequenceParallel {
+                stage,
+                name,
+                sequence_parallel,
+                ranks: 1,
+            } => log(&format!(
+                "stage {stage} ({name}): planned for sequence_parallel = {sequence_parallel}; one process trains whole rows (under mpirun with a multiple of {sequence_parallel} ranks, each row is split over {sequence_parallel})"
+            )),
+            TrainEvent::SequenceParallel {
                 stage,
                 name,
                 sequence_parallel,
                 ranks,
             } => log(&format!(
-                "stage {stage} ({name}): planned for sequence_parallel = {sequence_parallel}, but lvpipe does not split rows yet: each of the {ranks} ranks trains whole rows (data parallel)"
+                "stage {stage} ({name}): each row split over {sequence_parallel} ranks (Ulysses), {} data-parallel groups",
+                ranks / sequence_parallel as usize
             )),
             TrainEvent::Started { stage, name } => {
                 let b = ProgressBar::new(0);

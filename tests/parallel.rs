@@ -239,10 +239,12 @@ fn a_stuck_rank_stops_the_group_after_the_collective_timeout() {
     assert!(err.contains("resumed after step 2"), "{err}");
 }
 
-/// A stage planned for sequence parallelism still trains (whole rows on
-/// every rank, data parallel) and says so; the state records what ran.
+/// Stage 3 planned for `sequence_parallel = 2`: under 2 processes each row
+/// (about 400 positions, images in each) is split over both (Ulysses), under
+/// 4 over two groups of two that are data parallel, and both train what one
+/// process trains on whole rows.
 #[test]
-fn a_sequence_parallel_stage_says_it_trains_whole_rows() {
+fn rows_split_over_a_sequence_parallel_group_train_what_one_process_trains() {
     let corpus = tiny_corpus();
     let dir = tempfile::tempdir().unwrap();
     let d = |p: &str| dir.path().join(p).to_str().unwrap().to_string();
@@ -254,22 +256,77 @@ fn a_sequence_parallel_stage_says_it_trains_whole_rows() {
     std::fs::write(&sp_recipe, text).unwrap();
     lvpipe_ok(corpus, &build_args(&d("shards"), &[]));
     mix_ok(corpus, &sp_recipe, "3", &d("shards"), &d("mixes"));
-    let (mix, run) = (d("mixes/stage-3"), d("run"));
-    let out = ok(mpirun(corpus, 2, &train_args(&sp_recipe, &mix, &run, &[])));
+    let mix = d("mixes/stage-3");
+    let one = d("one");
+    let err = lvpipe_ok_stderr(corpus, &train_args(&sp_recipe, &mix, &one, &[]));
+    assert!(err.contains("one process trains whole rows"), "{err}");
+    let (l1, w1) = (losses(&one), weights(&one));
+    for (n, dp) in [(2usize, 1u64), (4, 2)] {
+        let run = d(&format!("sp-{n}"));
+        let out = ok(mpirun(corpus, n, &train_args(&sp_recipe, &mix, &run, &[])));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("each row split over 2 ranks"), "{err}");
+        for (step, (a, b)) in l1.iter().zip(losses(&run)).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-5 * a.abs(),
+                "{n} ranks, step {step}: {a} vs {b}"
+            );
+        }
+        let worst = worst_relative(&weights(&run), &w1);
+        assert!(worst <= 1e-5, "{n} ranks: weights differ by {worst}");
+        let state: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(format!("{run}/trainer_state.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                state["world_size"].as_u64(),
+                state["data_parallel"].as_u64(),
+                state["sequence_parallel"].as_u64(),
+                state["sp_mode"].as_str(),
+            ),
+            (Some(n as u64), Some(dp), Some(2), Some("ulysses")),
+            "{state}"
+        );
+        // Each sample once in the lineage, as one process trained them.
+        let rows = |run: &str| -> usize {
+            read_table(Path::new(run), "lineage")
+                .iter()
+                .map(|b| b.num_rows())
+                .sum()
+        };
+        assert_eq!(rows(&run), rows(&one));
+    }
+    // Three ranks cannot form groups of two.
+    let out = mpirun(corpus, 3, &train_args(&sp_recipe, &mix, &d("three"), &[]));
+    assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("planned for sequence_parallel = 2, but lvpipe does not split rows yet: each of the 2 ranks"),
-        "{err}"
-    );
-    let state: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(format!("{run}/trainer_state.json")).unwrap(),
-    )
-    .unwrap();
-    assert_eq!(
-        (
-            state["world_size"].as_u64(),
-            state["sequence_parallel"].as_u64()
-        ),
-        (Some(2), Some(1))
-    );
+    assert!(err.contains("needs a multiple of 2 ranks"), "{err}");
+
+    // Degree 4 (a model with 4 key-value heads, one per rank): each row in
+    // four parts, most images cut somewhere.
+    let text = std::fs::read_to_string(&sp_recipe)
+        .unwrap()
+        .replace("num_kv_heads = 2", "num_kv_heads = 4")
+        .replace("sequence_parallel = 2", "sequence_parallel = 4");
+    let sp4_recipe = d("sp4.toml");
+    std::fs::write(&sp4_recipe, text).unwrap();
+    mix_ok(corpus, &sp4_recipe, "3", &d("shards"), &d("mixes4"));
+    let mix4 = d("mixes4/stage-3");
+    let (one4, sp4) = (d("one4"), d("sp4"));
+    lvpipe_ok(corpus, &train_args(&sp4_recipe, &mix4, &one4, &[]));
+    let out = ok(mpirun(
+        corpus,
+        4,
+        &train_args(&sp4_recipe, &mix4, &sp4, &[]),
+    ));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("each row split over 4 ranks"));
+    for (step, (a, b)) in losses(&one4).iter().zip(losses(&sp4)).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-5 * a.abs(),
+            "degree 4, step {step}: {a} vs {b}"
+        );
+    }
+    let worst = worst_relative(&weights(&sp4), &weights(&one4));
+    assert!(worst <= 1e-5, "degree 4: weights differ by {worst}");
 }

@@ -96,9 +96,10 @@ pub enum TrainEvent<'a> {
         dir: &'a Path,
         state: &'a TrainerState,
     },
-    /// A stage planned for sequence parallelism trains whole rows on each
-    /// rank (lvpipe splits no row yet): data parallel over `ranks`.
-    WholeRows {
+    /// A stage planned for sequence parallelism: over `ranks` > 1, each
+    /// row is split over `sequence_parallel` of them; one process trains
+    /// whole rows.
+    SequenceParallel {
         stage: usize,
         name: &'a str,
         sequence_parallel: u32,
@@ -403,7 +404,7 @@ pub fn train_stage(
     };
     let sequence_parallel = stage.sequence_parallel;
     if sequence_parallel > 1 {
-        on_event(TrainEvent::WholeRows {
+        on_event(TrainEvent::SequenceParallel {
             stage: spec.stage,
             name: &name,
             sequence_parallel,

@@ -49,6 +49,34 @@ pub struct Group {
 
 static GROUP: OnceLock<Group> = OnceLock::new();
 
+/// A rank's place in its sequence-parallel group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqGroup {
+    /// Ranks per group: each row is split over this many.
+    pub degree: usize,
+    /// This rank within its group.
+    pub rank: usize,
+}
+
+impl Default for SeqGroup {
+    fn default() -> Self {
+        SeqGroup { degree: 1, rank: 0 }
+    }
+}
+
+thread_local! {
+    /// The sequence-parallel group of the thread that trains (MPI
+    /// communicators stay on the thread that made them; candle runs the
+    /// forward and backward passes on the calling thread).
+    static SEQ: std::cell::Cell<SeqGroup> = std::cell::Cell::new(SeqGroup::default());
+}
+
+#[cfg(feature = "mpi")]
+thread_local! {
+    static SEQ_COMM: std::cell::RefCell<Option<mpi::topology::SimpleCommunicator>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// Joins the group a launcher started this process in ([`Group::from_env`]);
 /// once per process, before any training. Later calls return the same
 /// group.
@@ -71,6 +99,9 @@ pub fn group() -> &'static Group {
 pub fn finalize() {
     #[cfg(feature = "mpi")]
     if let Some(g) = GROUP.get() {
+        // Communicators are freed before MPI ends (this is the thread
+        // that trained and made them).
+        SEQ_COMM.with(|c| drop(c.borrow_mut().take()));
         drop(g.mpi.lock().expect("MPI environment lock").take());
     }
 }
@@ -208,6 +239,114 @@ impl Group {
     }
 
     /// Without MPI a group is never larger than one ([`Group::from_env`]).
+    /// Splits the group into sequence-parallel groups of `degree`
+    /// consecutive ranks (ranks `r` with the same `r / degree` share each
+    /// row; 1: none) for the stage about to train. Collective: every rank
+    /// calls it with the same degree.
+    pub fn set_sequence_parallel(&self, degree: usize) -> Result<SeqGroup> {
+        if degree == 0 || self.size % degree != 0 {
+            return Err(Error::Config(format!(
+                "sequence parallelism of degree {degree} needs a multiple of {degree} ranks; \
+                 started with {}",
+                self.size
+            )));
+        }
+        let seq = SeqGroup {
+            degree,
+            rank: self.rank % degree,
+        };
+        #[cfg(feature = "mpi")]
+        if self.size > 1 {
+            use mpi::topology::Color;
+            use mpi::traits::Communicator;
+            let world = mpi::topology::SimpleCommunicator::world();
+            let comm = world
+                .split_by_color(Color::with_value((self.rank / degree) as i32))
+                .ok_or_else(|| Error::Config("MPI did not split the group".into()))?;
+            SEQ_COMM.with(|c| *c.borrow_mut() = Some(comm));
+        }
+        SEQ.with(|s| s.set(seq));
+        Ok(seq)
+    }
+
+    /// This rank's sequence-parallel group (degree 1 until
+    /// [`Group::set_sequence_parallel`]).
+    pub fn sequence_parallel(&self) -> SeqGroup {
+        SEQ.with(|s| s.get())
+    }
+
+    /// This rank's data-parallel rank and the number of data-parallel
+    /// ranks: the sequence-parallel groups.
+    pub fn data_parallel(&self) -> (usize, usize) {
+        let degree = self.sequence_parallel().degree;
+        (self.rank / degree, self.size / degree)
+    }
+
+    /// All-to-all within the sequence-parallel group: `send` is `degree`
+    /// equal blocks, block `j` goes to the group's rank `j`, and block `i`
+    /// of the result came from rank `i`.
+    pub fn seq_all_to_all(&self, send: &[f32]) -> Result<Vec<f32>> {
+        if self.sequence_parallel().degree == 1 {
+            return Ok(send.to_vec());
+        }
+        self.seq_collective(|comm| {
+            #[cfg_attr(not(feature = "mpi"), allow(unused_mut))]
+            let mut recv = vec![0f32; send.len()];
+            #[cfg(feature = "mpi")]
+            {
+                use mpi::traits::CommunicatorCollectives;
+                comm.all_to_all_into(send, &mut recv[..]);
+            }
+            #[cfg(not(feature = "mpi"))]
+            let _ = comm;
+            recv
+        })
+    }
+
+    /// Sums `values` over the sequence-parallel group, in place.
+    pub fn seq_sum_f32(&self, values: &mut [f32]) -> Result<()> {
+        if self.sequence_parallel().degree == 1 {
+            return Ok(());
+        }
+        self.seq_collective(|comm| {
+            #[cfg(feature = "mpi")]
+            {
+                use mpi::collective::SystemOperation;
+                use mpi::traits::CommunicatorCollectives;
+                let mine = values.to_vec();
+                comm.all_reduce_into(&mine[..], values, SystemOperation::sum());
+            }
+            #[cfg(not(feature = "mpi"))]
+            let _ = (comm, &values);
+        })
+    }
+
+    /// Runs `f` on the sequence-parallel communicator, watched by the
+    /// collective timeout.
+    #[cfg(feature = "mpi")]
+    fn seq_collective<T>(
+        &self,
+        f: impl FnOnce(&mpi::topology::SimpleCommunicator) -> T,
+    ) -> Result<T> {
+        SEQ_COMM.with(|c| {
+            let comm = c.borrow();
+            let comm = comm
+                .as_ref()
+                .ok_or_else(|| Error::Config("no sequence-parallel group on this thread".into()))?;
+            WAITING_SINCE.store(now_ms(), Ordering::Relaxed);
+            let out = f(comm);
+            WAITING_SINCE.store(0, Ordering::Relaxed);
+            Ok(out)
+        })
+    }
+
+    #[cfg(not(feature = "mpi"))]
+    fn seq_collective<T>(&self, _: impl FnOnce(&()) -> T) -> Result<T> {
+        Err(Error::Config(
+            "a group of several processes needs MPI (--features mpi)".into(),
+        ))
+    }
+
     #[cfg(not(feature = "mpi"))]
     fn reduce_then_broadcast<T>(&self, _: &mut [T]) -> Result<()> {
         Err(Error::Config(

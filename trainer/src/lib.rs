@@ -50,6 +50,7 @@ pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod run;
+mod seq_parallel;
 pub mod train;
 
 pub use chain::{Chain, RunSpec, TrainEvent, chain, resume, train_stage};

@@ -86,6 +86,14 @@ pub fn run_stage(run: &StageRun, on_step: &mut dyn FnMut(&StepMetrics, u64)) -> 
     let started = Instant::now();
     let mut t = Training::init(run)?;
     let group = crate::dist::group();
+    // A stage planned for sequence parallelism splits each row over
+    // `sequence_parallel` ranks of a group; one process trains whole rows.
+    let degree = match group.size() {
+        1 => 1,
+        _ => t.stage.sequence_parallel.max(1) as usize,
+    };
+    let seq = group.set_sequence_parallel(degree)?;
+    t.model.set_sequence_parallel(seq);
     let resumed_from = if run.resume { t.resume(run)? } else { None };
     if resumed_from.is_none() && group.is_root() {
         // A fresh start: checkpoints of an earlier run in this folder must
@@ -299,7 +307,9 @@ impl<'a> Training<'a> {
             tokens: 0,
         };
         let mut last_step_at = Instant::now();
-        let loader = Loader::new(run.mix.clone(), group.rank() as u32, group.size() as u32)?;
+        // The ranks of a sequence-parallel group train the same rows.
+        let (dp_rank, dp_size) = group.data_parallel();
+        let loader = Loader::new(run.mix.clone(), dp_rank as u32, dp_size as u32)?;
         let stream = loader.stream(start, self.steps.saturating_sub(start), 2);
         for (i, batch) in stream.into_iter().enumerate() {
             let step = start + i as u64;
@@ -434,7 +444,7 @@ impl<'a> Training<'a> {
         }
         // Every rank's samples, replayed from the mix (the loader's batches
         // are a function of the mix, the step and the rank).
-        let size = crate::dist::group().size() as u32;
+        let size = crate::dist::group().data_parallel().1 as u32;
         let lineage =
             lvpipe_pipeline::lineage::group_lineage(&run.mix, run.stage, self.steps, size)?;
         lvpipe_pipeline::lineage::write_parquet(&run.out.join("lineage.parquet"), &lineage)?;
@@ -509,9 +519,10 @@ impl<'a> Training<'a> {
             init_fingerprint: self.init_fingerprint.clone(),
             loss_scale: self.opt.loss_scale,
             world_size: crate::dist::group().size(),
-            data_parallel: crate::dist::group().size(),
-            sequence_parallel: 1,
-            sp_mode: None,
+            data_parallel: crate::dist::group().data_parallel().1,
+            sequence_parallel: crate::dist::group().sequence_parallel().degree,
+            sp_mode: (crate::dist::group().sequence_parallel().degree > 1)
+                .then(|| "ulysses".to_string()),
         }
     }
 }

@@ -165,7 +165,11 @@ pub fn train_step(
         rows.iter()
             .map(|(row, _)| f64::from(model.loss_tokens(row)))
             .sum(),
-        rows.iter().map(|(row, _)| row.input_ids.len() as f64).sum(),
+        // A sequence-parallel group's ranks share their rows: one counts them.
+        match group.sequence_parallel().rank {
+            0 => rows.iter().map(|(row, _)| row.input_ids.len() as f64).sum(),
+            _ => 0.0,
+        },
     ];
     group.sum_f64(&mut totals)?;
     let [count, tokens] = totals;

@@ -115,15 +115,23 @@ impl DecoderLayer {
 
     /// `x` is [T, H]; `rope` holds the positions' angles; each query attends
     /// to the keys `visible` gives it.
+    /// The block over `x` `[T, H]`; with `degree` > 1, `x` is this rank's
+    /// part of a row split over a sequence-parallel group and `visible`
+    /// covers the whole row.
     pub(crate) fn forward(
         &self,
         x: &Tensor,
         rope: &Arc<ops::Rope>,
         visible: &Arc<Visible>,
+        degree: usize,
     ) -> Result<Tensor> {
         let (q, k, v) = self.qkv(x, rope)?;
         let dh = q.dim(2)?;
-        let y = attention(&q, &k, &v, visible, 1.0 / (dh as f32).sqrt())?;
+        let scale = 1.0 / (dh as f32).sqrt();
+        let y = match degree {
+            1 => attention(&q, &k, &v, visible, scale)?,
+            _ => crate::seq_parallel::ulysses(&q, &k, &v, visible, scale, degree)?,
+        };
         self.finish(x, y)
     }
 
@@ -223,12 +231,15 @@ impl Decoder {
     }
 
     /// Final hidden states `[T, H]` (normed) of embeddings `x` at
-    /// `positions`, samples starting at `boundaries`.
+    /// `positions`, samples starting at `boundaries`. With `degree` > 1, `x`
+    /// and `positions` are this rank's part of a row split over a
+    /// sequence-parallel group, and `boundaries` are the whole row's.
     pub(crate) fn forward(
         &self,
         mut x: Tensor,
         positions: &[u32],
         boundaries: &[usize],
+        degree: usize,
     ) -> Result<Tensor> {
         let rope = Arc::new(self.rope.tables(positions));
         let visible = Arc::new(Visible::causal(sample_starts(boundaries)));
@@ -236,10 +247,10 @@ impl Decoder {
             x = match &self.recompute {
                 Some(r) => {
                     let (l, rope, visible) = (layer.clone(), rope.clone(), visible.clone());
-                    let block = Arc::new(move |x: &Tensor| l.forward(x, &rope, &visible));
+                    let block = Arc::new(move |x: &Tensor| l.forward(x, &rope, &visible, degree));
                     r.apply(&x, layer.params(), block)?
                 }
-                None => layer.forward(&x, &rope, &visible)?,
+                None => layer.forward(&x, &rope, &visible, degree)?,
             };
         }
         self.norm.forward(&x)

@@ -14,7 +14,9 @@ use super::qwen2::Decoder;
 use super::recompute::Recompute;
 use super::siglip::VisionTower;
 use super::{Config, Row};
+use crate::dist::SeqGroup;
 use crate::ops;
+use crate::seq_parallel::{Shard, share_media};
 
 /// The expanded sequence of a row: media placeholders widened to the
 /// projector's tokens.
@@ -71,6 +73,9 @@ pub struct Model {
     recompute: Option<Arc<Recompute>>,
     /// What activations are computed in ([`Model::set_compute_dtype`]).
     dtype: DType,
+    /// The sequence-parallel group each row is split over
+    /// ([`Model::set_sequence_parallel`]; degree 1: none).
+    seq: SeqGroup,
 }
 
 impl Model {
@@ -112,7 +117,20 @@ impl Model {
             config,
             recompute: None,
             dtype: DType::F32,
+            seq: SeqGroup::default(),
         })
+    }
+
+    /// Splits each row over `seq`'s ranks (docs of `seq_parallel`): every
+    /// rank of the group must train on the same rows, and the caller sums
+    /// losses, token counts and gradients over the ranks.
+    pub fn set_sequence_parallel(&mut self, seq: SeqGroup) {
+        self.seq = seq;
+    }
+
+    /// This rank's part of an expanded row, when rows are split.
+    fn shard(&self, e: &Expanded) -> Option<Shard> {
+        (self.seq.degree > 1).then(|| Shard::new(self.seq, e.tokens.len()))
     }
 
     /// Adds rank-`r` LoRA adapters to the q, k, v and o projections of every
@@ -192,16 +210,21 @@ impl Model {
     pub fn loss_tokens(&self, row: &Row) -> f32 {
         let c = &self.config;
         let e = Expanded::new(row, c.image_token, c.tokens_per_media());
+        let shard = self.shard(&e);
         e.boundaries
             .windows(2)
             .flat_map(|w| w[0] + 1..w[1])
             .filter(|&j| e.tokens[j].is_some())
+            // Position j - 1 predicts j: scored where j - 1 is.
+            .filter(|&j| shard.is_none_or(|s| s.contains(j - 1)))
             .map(|j| e.mask[j])
             .sum()
     }
 
     /// The projected media tokens of a row's images, `[N, tokens, H]`.
-    fn media(&self, row: &Row, device: &Device) -> Result<Option<Tensor>> {
+    /// Split over a sequence-parallel group, each rank encodes its share
+    /// and all get every image's tokens.
+    fn media(&self, row: &Row, device: &Device, shard: Option<&Shard>) -> Result<Option<Tensor>> {
         let c = &self.config;
         let n_media = row
             .input_ids
@@ -218,43 +241,95 @@ impl Model {
                 row.pixels.len() / (3 * s * s)
             )));
         };
-        let px = Tensor::from_slice(pixels, (n_media, 3, s, s), device)?.to_dtype(self.dtype)?;
-        Ok(Some(self.project(&self.encode_images(&px)?)?))
+        let encode = |pixels: &[f32], n: usize| -> Result<Tensor> {
+            let px = Tensor::from_slice(pixels, (n, 3, s, s), device)?.to_dtype(self.dtype)?;
+            self.project(&self.encode_images(&px)?)
+        };
+        let Some(shard) = shard else {
+            return Ok(Some(encode(pixels, n_media)?));
+        };
+        let image = 3 * s * s;
+        let mine: Vec<f32> = (0..n_media)
+            .filter(|&i| shard.encodes(i))
+            .flat_map(|i| pixels[i * image..(i + 1) * image].iter().copied())
+            .collect();
+        let local = match mine.len() / image {
+            0 => None,
+            n => Some(encode(&mine, n)?),
+        };
+        let shape = (c.tokens_per_media(), c.llm.hidden_size);
+        Ok(Some(share_media(shard, local.as_ref(), n_media, shape)?))
     }
 
-    /// Embeddings `[T, H]` of an expanded row whose media tokens are
-    /// `media`: runs of text tokens gathered at once, media spliced in.
-    fn embed(&self, e: &Expanded, media: Option<&Tensor>, device: &Device) -> Result<Tensor> {
+    /// Embeddings `[end - start, H]` of positions `range` of an expanded
+    /// row whose media tokens are `media`: runs of text tokens gathered at
+    /// once, media spliced in (an image may be cut by the range's ends).
+    fn embed(
+        &self,
+        e: &Expanded,
+        media: Option<&Tensor>,
+        range: std::ops::Range<usize>,
+        device: &Device,
+    ) -> Result<Tensor> {
         let per_media = self.config.tokens_per_media();
         let mut parts = Vec::new();
-        let (mut i, mut m) = (0, 0);
-        while i < e.tokens.len() {
+        let mut i = range.start;
+        let mut media_before = e.tokens[..i].iter().filter(|t| t.is_none()).count();
+        while i < range.end {
             if e.tokens[i].is_none() {
                 let Some(media) = media else {
                     return Err(candle_core::Error::Msg(
                         "media tokens without media".to_string(),
                     ));
                 };
-                parts.push(media.i(m)?);
-                m += 1;
-                i += per_media;
+                let (m, offset) = (media_before / per_media, media_before % per_media);
+                let len = (per_media - offset).min(range.end - i);
+                parts.push(media.i(m)?.narrow(0, offset, len)?);
+                media_before += len;
+                i += len;
                 continue;
             }
             let start = i;
-            while i < e.tokens.len() && e.tokens[i].is_some() {
+            while i < range.end && e.tokens[i].is_some() {
                 i += 1;
             }
             let ids: Vec<u32> = e.tokens[start..i].iter().flatten().copied().collect();
             parts.push(self.llm.embed_tokens(&ids, device)?.to_dtype(self.dtype)?);
         }
+        if parts.is_empty() {
+            return Tensor::zeros((0, self.config.llm.hidden_size), self.dtype, device);
+        }
         Tensor::cat(&parts, 0)
     }
 
-    /// Final hidden states `[T, H]` (normed) of an expanded row whose media
-    /// tokens are `media`.
-    fn hidden(&self, e: &Expanded, media: Option<&Tensor>, device: &Device) -> Result<Tensor> {
-        let x = self.embed(e, media, device)?;
-        self.llm.forward(x, &e.positions, &e.boundaries)
+    /// Final hidden states (normed) of an expanded row whose media tokens
+    /// are `media`: `[T, H]`, or with `shard`, `[shard.len, H]` for this
+    /// rank's part (padding at its end).
+    fn hidden(
+        &self,
+        e: &Expanded,
+        media: Option<&Tensor>,
+        shard: Option<&Shard>,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let Some(s) = shard else {
+            let x = self.embed(e, media, 0..e.tokens.len(), device)?;
+            return self.llm.forward(x, &e.positions, &e.boundaries, 1);
+        };
+        let mut x = self.embed(e, media, s.start..s.end, device)?;
+        let pad = s.len - (s.end - s.start);
+        if pad > 0 {
+            let zeros = Tensor::zeros((pad, self.config.llm.hidden_size), x.dtype(), device)?;
+            x = Tensor::cat(&[&x, &zeros], 0)?;
+        }
+        let mut positions = e.positions[s.start..s.end].to_vec();
+        positions.resize(s.len, 0);
+        // The padding is a sample of its own, at the end of the row.
+        let mut boundaries = e.boundaries.clone();
+        if s.padded() > s.total {
+            boundaries.push(s.padded());
+        }
+        self.llm.forward(x, &positions, &boundaries, s.group.degree)
     }
 
     /// Logits `[T, vocab]` of every position of one sample (`<image>`
@@ -263,8 +338,9 @@ impl Model {
         let row = one_sample(ids, pixels);
         let c = &self.config;
         let e = Expanded::new(&row.row(), c.image_token, c.tokens_per_media());
-        let media = self.media(&row.row(), device)?;
-        self.llm.lm_head(&self.hidden(&e, media.as_ref(), device)?)
+        let media = self.media(&row.row(), device, None)?;
+        self.llm
+            .lm_head(&self.hidden(&e, media.as_ref(), None, device)?)
     }
 
     /// Negative log-likelihoods of the positions of a row that carry loss:
@@ -276,13 +352,15 @@ impl Model {
     fn nll(&self, row: &Row, device: &Device) -> Result<(Tensor, Vec<f32>, Vec<usize>, Expanded)> {
         let c = &self.config;
         let e = Expanded::new(row, c.image_token, c.tokens_per_media());
-        let media = self.media(row, device)?;
-        let hidden = self.hidden(&e, media.as_ref(), device)?;
+        let shard = self.shard(&e);
+        let media = self.media(row, device, shard.as_ref())?;
+        let hidden = self.hidden(&e, media.as_ref(), shard.as_ref(), device)?;
         let (mut targets, mut weights, mut positions) = (Vec::new(), Vec::new(), Vec::new());
         for w in e.boundaries.windows(2) {
             for j in w[0]..w[1] - 1 {
                 if let Some(next) = e.tokens[j + 1]
                     && e.mask[j + 1] > 0.0
+                    && shard.is_none_or(|s| s.contains(j))
                 {
                     targets.push(next);
                     weights.push(e.mask[j + 1]);
@@ -293,7 +371,9 @@ impl Model {
         if positions.is_empty() {
             return Ok((Tensor::zeros(0, DType::F32, device)?, weights, positions, e));
         }
-        let index: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+        // Rows of `hidden`: this rank's part starts at `shard.start`.
+        let first = shard.map_or(0, |s| s.start);
+        let index: Vec<u32> = positions.iter().map(|&p| (p - first) as u32).collect();
         let picked_hidden = hidden.index_select(&Tensor::new(index.as_slice(), device)?, 0)?;
         let targets = Tensor::new(targets.as_slice(), device)?;
         let n = index.len();
@@ -392,9 +472,9 @@ impl Model {
         let c = &self.config;
         let prompt = one_sample(ids, pixels);
         let e = Expanded::new(&prompt.row(), c.image_token, c.tokens_per_media());
-        let media = self.media(&prompt.row(), device)?;
+        let media = self.media(&prompt.row(), device, None)?;
         let mut cache = self.llm.cache();
-        let mut x = self.embed(&e, media.as_ref(), device)?;
+        let mut x = self.embed(&e, media.as_ref(), 0..e.tokens.len(), device)?;
         let mut out = Generated::default();
         let mut rng = sampling.seed;
         for _ in 0..max_new {

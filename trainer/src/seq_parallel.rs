@@ -1,0 +1,231 @@
+//! Sequence parallelism as LongVILA's MM-SP does it (Ulysses mode): each
+//! packed row is split over the `S` ranks of a sequence-parallel group.
+//!
+//! - The row's images and frames are encoded in balanced shares (image `i`
+//!   by the group's rank `i % S`), and every rank gets all their tokens by a
+//!   sum over the group ([`share_media`]).
+//! - The expanded token sequence, padded to a multiple of `S` (the padding
+//!   is a sample of its own that no loss reads), is cut into `S` contiguous
+//!   parts ([`Shard`]); a rank embeds and runs its part through every layer.
+//!   Position ids stay those of the whole row.
+//! - Attention is the one global step: queries, keys and values go from
+//!   sequence-split to head-split by an all-to-all over the group, each
+//!   rank attends over the whole row for its `kv_heads / S` key-value heads
+//!   (and their query heads), and a second all-to-all brings the outputs
+//!   back to sequence-split ([`ulysses`]). The backward pass runs the same
+//!   exchanges in reverse.
+//! - Each rank scores the loss of its part; the trainer sums losses, token
+//!   counts and gradients over all ranks, as for data parallelism.
+//!
+//! Every exchange is a candle op whose backward pass is the matching
+//! exchange, so autograd works through them unchanged; all ranks of a group
+//! run the same graph and so call the exchanges in the same order.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, bail};
+
+use crate::attention::{Visible, attention};
+use crate::dist::SeqGroup;
+use crate::ops::f32_slice;
+
+/// A rank's part of an expanded row of `total` positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Shard {
+    /// The group.
+    pub group: SeqGroup,
+    /// Positions per rank, padding included.
+    pub len: usize,
+    /// This rank's real positions: `start..end` (`end - start <= len`).
+    pub start: usize,
+    pub end: usize,
+    /// Positions of the row before padding.
+    pub total: usize,
+}
+
+impl Shard {
+    pub(crate) fn new(group: SeqGroup, total: usize) -> Shard {
+        let len = total.div_ceil(group.degree).max(1);
+        let start = (group.rank * len).min(total);
+        let end = ((group.rank + 1) * len).min(total);
+        Shard {
+            group,
+            len,
+            start,
+            end,
+            total,
+        }
+    }
+
+    /// Positions of the padded row.
+    pub(crate) fn padded(&self) -> usize {
+        self.len * self.group.degree
+    }
+
+    pub(crate) fn contains(&self, position: usize) -> bool {
+        (self.start..self.end).contains(&position)
+    }
+
+    /// Whether image `i` of a row is encoded on this rank.
+    pub(crate) fn encodes(&self, image: usize) -> bool {
+        image % self.group.degree == self.group.rank
+    }
+}
+
+fn dist_error(e: crate::Error) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
+
+/// All-to-all over the sequence-parallel group of a tensor `[S, ...]`:
+/// block `j` goes to rank `j`, block `i` of the result came from rank `i`.
+/// Its own gradient: the same exchange of the output's gradient.
+struct AllToAll;
+
+impl CustomOp1 for AllToAll {
+    fn name(&self) -> &'static str {
+        "seq-all-to-all"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let data = f32_slice(storage, layout, "all-to-all")?;
+        let out = crate::dist::group()
+            .seq_all_to_all(data)
+            .map_err(dist_error)?;
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(all_to_all(grad)?))
+    }
+}
+
+fn all_to_all(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(AllToAll)
+}
+
+/// A tensor summed over the sequence-parallel group (every rank gets the
+/// sum). Every rank uses the sum, so each input's gradient is the sum of
+/// every rank's gradient of it: the same op.
+struct SumOverGroup;
+
+impl CustomOp1 for SumOverGroup {
+    fn name(&self) -> &'static str {
+        "seq-sum"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let mut data = f32_slice(storage, layout, "sum over the group")?.to_vec();
+        crate::dist::group()
+            .seq_sum_f32(&mut data)
+            .map_err(dist_error)?;
+        Ok((CpuStorage::F32(data), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1(SumOverGroup)?))
+    }
+}
+
+/// The media tokens `[N, tokens, H]` of a row's `N` images on every rank
+/// of the group, from `local` `[n, tokens, H]`: this rank's images (those
+/// [`Shard::encodes`]), in order. `None` stands for no local image.
+pub(crate) fn share_media(
+    shard: &Shard,
+    local: Option<&Tensor>,
+    images: usize,
+    shape: (usize, usize),
+) -> Result<Tensor> {
+    let device = match local {
+        Some(l) => l.device().clone(),
+        None => candle_core::Device::Cpu,
+    };
+    let zeros = Tensor::zeros(shape, candle_core::DType::F32, &device)?;
+    let mut k = 0;
+    let mut all = Vec::with_capacity(images);
+    for i in 0..images {
+        match (shard.encodes(i), local) {
+            (true, Some(local)) => {
+                all.push(local.get(k)?.to_dtype(candle_core::DType::F32)?);
+                k += 1;
+            }
+            _ => all.push(zeros.clone()),
+        }
+    }
+    let summed = Tensor::stack(&all, 0)?.apply_op1(SumOverGroup)?;
+    match local {
+        Some(l) => summed.to_dtype(l.dtype()),
+        None => Ok(summed),
+    }
+}
+
+/// Attention of this rank's part of a row, Ulysses style: `q` `[kv, group
+/// * L, dh]` (a key-value head's `group` query heads stacked) and `k`, `v`
+/// `[kv, L, dh]` hold this rank's `L` positions; `visible` covers the whole
+/// padded row (`S * L` positions). Returns `[kv, group * L, dh]`.
+pub(crate) fn ulysses(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    visible: &Arc<Visible>,
+    scale: f32,
+    degree: usize,
+) -> Result<Tensor> {
+    let (kv, rows, dh) = q.dims3()?;
+    let l = k.dim(1)?;
+    let group = rows / l;
+    if kv % degree != 0 {
+        bail!("sequence parallelism of degree {degree} needs it to divide the {kv} key-value heads")
+    }
+    let dtype = q.dtype();
+    let h = kv / degree;
+    // [kv, g * L, dh] -> [S, kv/S, g, L, dh]: block j is head group j.
+    // After the exchange, block i holds positions i*L.. of this rank's
+    // heads: side by side, the whole row in order.
+    let spread = |x: &Tensor, g: usize| -> Result<Tensor> {
+        let x = x.to_dtype(candle_core::DType::F32)?;
+        all_to_all(&x.reshape((degree, h, g, l, dh))?)?
+            .permute((1, 2, 0, 3, 4))?
+            .contiguous()?
+            .reshape((h, g * degree * l, dh))
+    };
+    let (q, k, v) = (spread(q, group)?, spread(k, 1)?, spread(v, 1)?);
+    let y = attention(&q, &k, &v, visible, scale)?;
+    // Back: [kv/S, g, S, L, dh] -> [S, kv/S, g, L, dh], block j to rank j;
+    // block i that comes back is head group i of this rank's positions.
+    all_to_all(
+        &y.reshape((h, group, degree, l, dh))?
+            .permute((2, 0, 1, 3, 4))?,
+    )?
+    .reshape((kv, group * l, dh))?
+    .to_dtype(dtype)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_cover_the_row_once_with_the_padding_last() {
+        for (total, degree) in [(10, 2), (11, 4), (3, 4), (1, 2), (64, 4)] {
+            let shards: Vec<Shard> = (0..degree)
+                .map(|rank| Shard::new(SeqGroup { degree, rank }, total))
+                .collect();
+            let mut covered = Vec::new();
+            for s in &shards {
+                assert_eq!(s.len, shards[0].len);
+                assert!(s.end - s.start <= s.len);
+                covered.extend(s.start..s.end);
+            }
+            assert_eq!(
+                covered,
+                (0..total).collect::<Vec<_>>(),
+                "{total} / {degree}"
+            );
+            assert!(shards[0].padded() >= total && shards[0].padded() < total + degree);
+        }
+        let images: Vec<usize> = (0..7)
+            .filter(|&i| Shard::new(SeqGroup { degree: 3, rank: 1 }, 9).encodes(i))
+            .collect();
+        assert_eq!(images, [1, 4]);
+    }
+}
