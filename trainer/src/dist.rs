@@ -244,7 +244,7 @@ impl Group {
     /// row; 1: none) for the stage about to train. Collective: every rank
     /// calls it with the same degree.
     pub fn set_sequence_parallel(&self, degree: usize) -> Result<SeqGroup> {
-        if degree == 0 || self.size % degree != 0 {
+        if degree == 0 || !self.size.is_multiple_of(degree) {
             return Err(Error::Config(format!(
                 "sequence parallelism of degree {degree} needs a multiple of {degree} ranks; \
                  started with {}",
