@@ -48,6 +48,11 @@ pub enum Command {
     /// each context (one sample filling it), with and without activation
     /// checkpointing: a table or JSON, and a PNG curve.
     BenchMemory(BenchMemoryArgs),
+    /// Start a node of an Apache DataFusion Ballista cluster for `sql
+    /// --cluster` and `mix --cluster` (built with `--features cluster`).
+    #[cfg(feature = "cluster")]
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Time training steps of the reference decoder (4 layers, d256, 4 x 512
     /// tokens) for the PyTorch comparison in docs/benchmarks.md.
     #[command(hide = true)]
@@ -55,6 +60,42 @@ pub enum Command {
         /// Timed steps (after 2 warm-up steps).
         #[arg(long, default_value_t = 10)]
         steps: usize,
+    },
+}
+
+#[cfg(feature = "cluster")]
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Run a scheduler until stopped: clients send it queries, it hands
+    /// their tasks to the executors.
+    Scheduler {
+        /// Address to listen on.
+        #[arg(long, default_value = "0.0.0.0:50050")]
+        bind: std::net::SocketAddr,
+    },
+    /// Run an executor until stopped: it takes tasks from the scheduler and
+    /// reads the shards itself (a shared path or object storage, with this
+    /// process's `AWS_*` settings).
+    Executor {
+        /// The scheduler's address.
+        #[arg(long, default_value = "127.0.0.1:50050")]
+        scheduler: std::net::SocketAddr,
+        /// Host to bind and to advertise to the scheduler and the other
+        /// executors.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// Arrow Flight port (shuffle data between executors and to clients).
+        #[arg(long, default_value_t = 50051)]
+        flight_port: u16,
+        /// gRPC port (tasks from the scheduler).
+        #[arg(long, default_value_t = 50052)]
+        grpc_port: u16,
+        /// Tasks at once (default: the machine's cores).
+        #[arg(long)]
+        tasks: Option<usize>,
+        /// Folder for shuffle files (default: a temporary folder).
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
     },
 }
 
@@ -145,6 +186,10 @@ pub struct MixArgs {
     /// and uploaded, mix.json last.
     #[arg(long)]
     pub out: PathBuf,
+    /// Run the stage's selection on a Ballista cluster (`df://HOST:PORT`,
+    /// built with `--features cluster`); its executors must reach --shards.
+    #[arg(long)]
+    pub cluster: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -525,6 +570,10 @@ pub struct SqlArgs {
     /// a query that needs more fails with "resources exhausted".
     #[arg(long, value_parser = parse_size)]
     pub memory_limit: Option<u64>,
+    /// Run the query on a Ballista cluster (`df://HOST:PORT`, built with
+    /// `--features cluster`); its executors must reach --shards.
+    #[arg(long, requires = "shards")]
+    pub cluster: Option<String>,
     /// The query (SELECT, WITH, EXPLAIN, SHOW, DESCRIBE; writes are refused).
     pub query: String,
 }

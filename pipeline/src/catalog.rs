@@ -53,6 +53,18 @@ impl Catalog {
     /// DataFusion reads remote shards where they are, through the same
     /// `object_store` client.
     pub async fn open_at(shards: &Location, memory_limit: usize) -> Result<Self> {
+        Self::open_on(shards, memory_limit, None).await
+    }
+
+    /// [`Catalog::open_at`], its queries run on the Ballista cluster whose
+    /// scheduler is at `cluster` (`df://HOST:PORT`) where given: every
+    /// machine of the cluster must reach `shards` (object storage, or a
+    /// shared filesystem path). Needs the `cluster` feature.
+    pub async fn open_on(
+        shards: &Location,
+        memory_limit: usize,
+        cluster: Option<&str>,
+    ) -> Result<Self> {
         let shards_err = |message: String| Error::Folder {
             path: PathBuf::from(shards.to_string()),
             message,
@@ -92,7 +104,10 @@ impl Catalog {
                 manifest.schema_version
             )));
         }
-        let ctx = session(memory_limit)?;
+        let ctx = match cluster {
+            None => session(memory_limit)?,
+            Some(url) => cluster_session(url).await?,
+        };
         // Sizes always (a stat per file, or one listing): a truncated or
         // replaced shard is an error here, not a misread later. Checksums:
         // `verify`.
@@ -368,6 +383,18 @@ fn proc_kib_field(path: &str, field: &str) -> Option<u64> {
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?;
     let kib: u64 = value.trim().trim_end_matches("kB").trim().parse().ok()?;
     Some(kib * 1024)
+}
+
+#[cfg(feature = "cluster")]
+async fn cluster_session(url: &str) -> Result<SessionContext> {
+    crate::cluster::session(url).await
+}
+
+#[cfg(not(feature = "cluster"))]
+async fn cluster_session(url: &str) -> Result<SessionContext> {
+    Err(Error::Usage(format!(
+        "--cluster {url}: this lvpipe was built without Ballista: build it with `--features cluster`"
+    )))
 }
 
 /// A DataFusion session whose queries are bounded to `memory_limit` bytes.

@@ -29,6 +29,8 @@ mod plan;
 pub mod recipe;
 mod render;
 
+#[cfg(feature = "cluster")]
+pub mod cluster;
 pub use catalog::{Catalog, default_memory_limit, meminfo_bytes, process_status_bytes};
 pub use error::{Error, Result};
 pub use loader::{Batch, Loader, LoaderState, Mix, PackData, splitmix};

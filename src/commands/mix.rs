@@ -15,7 +15,12 @@ pub fn run(args: MixArgs) -> Result<ExitCode> {
     // A remote mix is made in the cache, then published, mix.json last.
     let local_out = local_folder(&out_location, &cache_dir(None).join("staging"));
     let meta = runtime()?.block_on(async {
-        let catalog = Catalog::open_at(&location(&args.shards)?, default_memory_limit()).await?;
+        let catalog = Catalog::open_on(
+            &location(&args.shards)?,
+            default_memory_limit(),
+            args.cluster.as_deref(),
+        )
+        .await?;
         let meta = build_mix(&catalog, &recipe, args.stage, &local_out).await?;
         if let Location::Remote(remote) = &out_location {
             let stage = format!("stage-{}", meta.stage);

@@ -4,6 +4,8 @@
 
 mod bench_memory;
 mod build;
+#[cfg(feature = "cluster")]
+mod cluster;
 mod demo;
 mod eval;
 mod export;
@@ -39,6 +41,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Generate(args) => generate::run(args),
         Command::Export(args) => export::run(args),
         Command::BenchMemory(args) => bench_memory::run(args),
+        #[cfg(feature = "cluster")]
+        Command::Cluster(command) => cluster::run(command),
         Command::BenchStep { steps } => {
             let report = lvpipe_trainer::bench::train_step_bench(steps)?;
             out(&format!("{report}\n"))?;

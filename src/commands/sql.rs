@@ -20,7 +20,8 @@ pub fn run(args: SqlArgs) -> Result<ExitCode> {
     let text = runtime()?.block_on(async {
         let catalog = match &args.shards {
             Some(shards) => {
-                let catalog = Catalog::open_at(&location(shards)?, limit).await?;
+                let catalog =
+                    Catalog::open_on(&location(shards)?, limit, args.cluster.as_deref()).await?;
                 if args.verify {
                     catalog.verify()?;
                 }
