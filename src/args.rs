@@ -202,6 +202,10 @@ pub struct StreamArgs {
     /// checksums (default: $LVPIPE_CACHE, else ~/.cache/lvpipe).
     #[arg(long)]
     pub cache: Option<PathBuf>,
+    /// Most bytes the cache's mixes may take (e.g. 200GiB): the least
+    /// recently used other mixes are removed to make room.
+    #[arg(long, value_parser = parse_size)]
+    pub cache_size: Option<u64>,
     /// This rank, 0-based.
     #[arg(long, default_value_t = 0)]
     pub rank: u32,
@@ -235,6 +239,10 @@ pub struct TrainArgs {
     /// else ~/.cache/lvpipe).
     #[arg(long)]
     pub cache: Option<PathBuf>,
+    /// Most bytes the cache's mixes may take (e.g. 200GiB): the least
+    /// recently used other mixes are removed to make room.
+    #[arg(long, value_parser = parse_size)]
+    pub cache_size: Option<u64>,
     /// Stages to run in a chain, like `1-5` or `3`: each is mixed from
     /// --shards into OUT/mixes/stage-N and trained into OUT/stage-N from the
     /// stage its recipe `init` names. Finished stages are skipped and a

@@ -5,13 +5,12 @@
 
 mod common;
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use common::s3::Server;
-use common::{build_args, lvpipe_ok, mix_ok, tiny_corpus};
+use common::{build_args, lvpipe_ok, mix_ok, tiny_corpus, wait_for_port};
 
 /// A scheduler and one executor, stopped when dropped.
 struct Cluster {
@@ -25,17 +24,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-fn wait_for(port: u16) {
-    let started = Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "nothing listens on {port}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 impl Cluster {
@@ -57,7 +45,7 @@ impl Cluster {
             "--bind".into(),
             format!("127.0.0.1:{scheduler}"),
         ])];
-        wait_for(scheduler);
+        wait_for_port(scheduler, "the scheduler");
         nodes.push(node(&[
             "executor".into(),
             "--scheduler".into(),
@@ -69,8 +57,8 @@ impl Cluster {
             "--tasks".into(),
             "2".into(),
         ]));
-        wait_for(flight);
-        wait_for(grpc);
+        wait_for_port(flight, "the executor");
+        wait_for_port(grpc, "the executor");
         Cluster {
             nodes,
             url: format!("df://127.0.0.1:{scheduler}"),

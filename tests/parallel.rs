@@ -93,6 +93,26 @@ fn worst_relative(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> f
         .fold(0.0, f32::max)
 }
 
+/// Fails unless `run` has the losses of `reference` within 1e-5 relative at
+/// every step and its final weights within 1e-5 ([`worst_relative`]).
+fn trains_the_same(reference: &str, run: &str, what: &str) {
+    let (a, b) = (losses(reference), losses(run));
+    assert_eq!(a.len(), b.len(), "{what}");
+    for (step, (a, b)) in a.iter().zip(&b).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-5 * a.abs(),
+            "{what}, step {step}: {a} vs {b}"
+        );
+    }
+    let worst = worst_relative(&weights(run), &weights(reference));
+    assert!(worst <= 1e-5, "{what}: weights differ by {worst}");
+}
+
+fn trainer_state(run: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(format!("{run}/trainer_state.json")).unwrap())
+        .unwrap()
+}
+
 /// `train` of the tiny recipe's stage 3 over `mix` into `out`: six steps, a
 /// checkpoint every two.
 fn train_args<'a>(recipe: &'a str, mix: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
@@ -127,8 +147,7 @@ fn groups_of_processes_train_what_one_process_trains() {
     let (recipe, mix) = (recipe(), stage_3_mix());
     let one = d("one");
     lvpipe_ok(corpus, &train_args(&recipe, &mix, &one, &[]));
-    let (l1, w1) = (losses(&one), weights(&one));
-    assert_eq!(l1.len(), 6);
+    assert_eq!(losses(&one).len(), 6);
     for n in [2usize, 4] {
         let run = d(&format!("group-{n}"));
         let out = ok(mpirun(corpus, n, &train_args(&recipe, &mix, &run, &[])));
@@ -139,18 +158,8 @@ fn groups_of_processes_train_what_one_process_trains() {
             1,
             "{stderr}"
         );
-        for (step, (a, b)) in l1.iter().zip(losses(&run)).enumerate() {
-            assert!(
-                (a - b).abs() <= 1e-5 * a.abs(),
-                "{n} ranks, step {step}: {a} vs {b}"
-            );
-        }
-        let worst = worst_relative(&weights(&run), &w1);
-        assert!(worst <= 1e-5, "{n} ranks: weights differ by {worst}");
-        let state: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(format!("{run}/trainer_state.json")).unwrap(),
-        )
-        .unwrap();
+        trains_the_same(&one, &run, &format!("{n} ranks"));
+        let state = trainer_state(&run);
         assert_eq!(state["world_size"], n, "{state}");
         assert_eq!(state["data_parallel"], n, "{state}");
         // The lineage names each sample's rank: all of them, the same
@@ -260,24 +269,13 @@ fn rows_split_over_a_sequence_parallel_group_train_what_one_process_trains() {
     let one = d("one");
     let err = lvpipe_ok_stderr(corpus, &train_args(&sp_recipe, &mix, &one, &[]));
     assert!(err.contains("one process trains whole rows"), "{err}");
-    let (l1, w1) = (losses(&one), weights(&one));
     for (n, dp) in [(2usize, 1u64), (4, 2)] {
         let run = d(&format!("sp-{n}"));
         let out = ok(mpirun(corpus, n, &train_args(&sp_recipe, &mix, &run, &[])));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("each row split over 2 ranks"), "{err}");
-        for (step, (a, b)) in l1.iter().zip(losses(&run)).enumerate() {
-            assert!(
-                (a - b).abs() <= 1e-5 * a.abs(),
-                "{n} ranks, step {step}: {a} vs {b}"
-            );
-        }
-        let worst = worst_relative(&weights(&run), &w1);
-        assert!(worst <= 1e-5, "{n} ranks: weights differ by {worst}");
-        let state: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(format!("{run}/trainer_state.json")).unwrap(),
-        )
-        .unwrap();
+        trains_the_same(&one, &run, &format!("{n} ranks"));
+        let state = trainer_state(&run);
         assert_eq!(
             (
                 state["world_size"].as_u64(),

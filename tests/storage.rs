@@ -235,3 +235,80 @@ fn a_missing_bucket_and_an_unreachable_server_are_clear_errors() {
         "{err}"
     );
 }
+
+#[test]
+fn a_bounded_cache_keeps_the_most_recent_mixes() {
+    let dir = corpus();
+    let d = dir.path();
+    let server = Server::start();
+    let s3 = server.client(&d.join("cache"));
+    s3.lvpipe_ok(d, &build_args("shards", &[]));
+    let r = recipe();
+    for stage in ["2", "3"] {
+        for out in ["mixes", "s3://bkt/mixes"] {
+            s3.lvpipe_ok(
+                d,
+                &[
+                    "mix", "--recipe", &r, "--stage", stage, "--shards", "shards", "--out", out,
+                ],
+            );
+        }
+    }
+    let size = |stage: &str| -> u64 {
+        std::fs::read_dir(d.join(format!("mixes/stage-{stage}")))
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum()
+    };
+    // Room for either mix, not for both.
+    let limit = (size("2").max(size("3")) + 1024).to_string();
+    let stream = |stage: &str, limit: &str| {
+        s3.lvpipe(
+            d,
+            &[
+                "stream",
+                "--mix",
+                &format!("s3://bkt/mixes/stage-{stage}"),
+                "--steps",
+                "2",
+                "--json",
+                "--cache",
+                "c",
+                "--cache-size",
+                limit,
+            ],
+        )
+    };
+    let cached = || -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(d.join("c/mixes"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    assert!(stream("2", &limit).status.success());
+    assert_eq!(cached().len(), 1);
+    assert!(cached()[0].starts_with("stage-2-"), "{:?}", cached());
+    let out = stream("3", &limit);
+    assert!(out.status.success());
+    assert!(
+        cached().len() == 1 && cached()[0].starts_with("stage-3-"),
+        "{:?}",
+        cached()
+    );
+    let local = s3.lvpipe_ok(
+        d,
+        &["stream", "--mix", "mixes/stage-3", "--steps", "2", "--json"],
+    );
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), local);
+    // A mix larger than the whole cache: a clear error, nothing removed.
+    let out = stream("2", "1000");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--cache-size"));
+    let stage_3 = cached()
+        .into_iter()
+        .find(|n| n.starts_with("stage-3-"))
+        .unwrap();
+    assert!(d.join("c/mixes").join(stage_3).join("mix.json").exists());
+}

@@ -239,6 +239,16 @@ impl Remote {
     /// The size and blake3 of a file, read as a stream (nothing is kept),
     /// or `None` where there is none.
     pub async fn hash(&self, name: &str) -> Result<Option<(u64, String)>> {
+        self.read_through(name, None).await
+    }
+
+    /// Reads `name` as a stream, each chunk hashed and written to `copy`
+    /// where given: its size and blake3, or `None` where there is none.
+    async fn read_through(
+        &self,
+        name: &str,
+        mut copy: Option<&mut tokio::fs::File>,
+    ) -> Result<Option<(u64, String)>> {
         let got = match self.store.get(&self.path(name)).await {
             Ok(got) => got,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
@@ -251,6 +261,9 @@ impl Remote {
             let chunk = chunk.map_err(|e| self.error(name, e))?;
             bytes += chunk.len() as u64;
             hasher.update(&chunk);
+            if let Some(file) = copy.as_deref_mut() {
+                file.write_all(&chunk).await?;
+            }
         }
         Ok(Some((bytes, hasher.finalize().to_hex().to_string())))
     }
@@ -279,27 +292,18 @@ impl Remote {
         local: &Path,
         expected: Option<(u64, &str)>,
     ) -> Result<String> {
-        let got = match self.store.get(&self.path(name)).await {
-            Ok(got) => got,
-            Err(e) => return Err(self.error(name, e)),
-        };
         if let Some(dir) = local.parent() {
             tokio::fs::create_dir_all(dir).await?;
         }
         let tmp = local.with_extension("download");
         let mut file = tokio::fs::File::create(&tmp).await?;
-        let mut hasher = blake3::Hasher::new();
-        let mut bytes = 0u64;
-        let mut stream = got.into_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| self.error(name, e))?;
-            bytes += chunk.len() as u64;
-            hasher.update(&chunk);
-            file.write_all(&chunk).await?;
-        }
+        let Some((bytes, found)) = self.read_through(name, Some(&mut file)).await? else {
+            drop(file);
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(self.error(name, "no such file"));
+        };
         file.sync_all().await?;
         drop(file);
-        let found = hasher.finalize().to_hex().to_string();
         if let Some((size, blake3)) = expected
             && (size != bytes || blake3 != found)
         {

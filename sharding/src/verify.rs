@@ -81,20 +81,11 @@ pub fn verify_shards(
     shards: &[ManifestShard],
     on_bytes: &(dyn Fn(u64) + Sync),
 ) -> Result<VerifyReport> {
-    let mut problems: Vec<Problem> = shards
+    let problems = shards
         .par_iter()
         .map(|shard| check(dir, shard, on_bytes))
-        .collect::<Result<Vec<_>>>()?
-        .into_iter()
-        .flatten()
-        .collect();
-    problems.sort_by(|a, b| name(a).cmp(name(b)));
-    Ok(VerifyReport {
-        folder: dir.to_path_buf(),
-        files: shards.len(),
-        bytes: shards.iter().map(|s| s.bytes).sum(),
-        problems,
-    })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(report(dir.to_path_buf(), shards, problems))
 }
 
 /// [`verify`] of a shard folder on object storage.
@@ -144,19 +135,24 @@ pub async fn verify_remote(
         .buffer_unordered(4)
         .collect()
         .await;
-    let mut problems: Vec<Problem> = results
-        .into_iter()
-        .collect::<Result<Vec<_>>>()?
-        .into_iter()
-        .flatten()
-        .collect();
+    let problems = results.into_iter().collect::<Result<Vec<_>>>()?;
+    Ok(report(PathBuf::from(remote.url()), shards, problems))
+}
+
+/// The report on `shards` of `folder`, given each file's problem if any.
+fn report(
+    folder: PathBuf,
+    shards: &[ManifestShard],
+    problems: Vec<Option<Problem>>,
+) -> VerifyReport {
+    let mut problems: Vec<Problem> = problems.into_iter().flatten().collect();
     problems.sort_by(|a, b| name(a).cmp(name(b)));
-    Ok(VerifyReport {
-        folder: PathBuf::from(remote.url()),
+    VerifyReport {
+        folder,
         files: shards.len(),
         bytes: shards.iter().map(|s| s.bytes).sum(),
         problems,
-    })
+    }
 }
 
 fn name(p: &Problem) -> &str {

@@ -104,16 +104,18 @@ pub fn cache_dir(arg: Option<&std::path::Path>) -> std::path::PathBuf {
 }
 
 /// A stage's mix folder, local, or fetched from object storage into the
-/// cache first.
+/// cache first (whose mixes then stay within `cache_size` bytes).
 pub fn local_mix(
     arg: &std::path::Path,
     cache: Option<&std::path::Path>,
+    cache_size: Option<u64>,
 ) -> Result<std::path::PathBuf> {
     match location(arg)? {
         Location::Local(path) => Ok(path),
         Location::Remote(remote) => {
             let cache = cache_dir(cache).join("mixes");
-            Ok(runtime()?.block_on(lvpipe_pipeline::fetch_mix(&remote, &cache))?)
+            let fetch = lvpipe_pipeline::fetch_mix(&remote, &cache, cache_size);
+            Ok(runtime()?.block_on(fetch)?)
         }
     }
 }

@@ -11,7 +11,7 @@ use crate::args::StreamArgs;
 use crate::progress::log;
 
 pub fn run(args: StreamArgs) -> Result<ExitCode> {
-    let mix_dir = local_mix(&args.mix, args.cache.as_deref())?;
+    let mix_dir = local_mix(&args.mix, args.cache.as_deref(), args.cache_size)?;
     let started = Instant::now();
     let mix = Mix::open(&mix_dir)?;
     let opened = started.elapsed();

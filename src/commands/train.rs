@@ -59,7 +59,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let spec = RunSpec {
         recipe: recipe.clone(),
         stage,
-        mix: super::local_mix(mix, args.cache.as_deref())?,
+        mix: super::local_mix(mix, args.cache.as_deref(), args.cache_size)?,
         tokenizer: tokenizer.clone(),
         init: args.init.iter().map(StartFolder::all).collect(),
         steps: args.steps,

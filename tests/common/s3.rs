@@ -4,7 +4,6 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 /// moto's server (`pip install --target DIR "moto[server]"`, as
 /// scripts/install-deps.sh does), on a free port, with one bucket `bkt`;
@@ -52,14 +51,7 @@ impl Server {
             .spawn()
             .expect("python3 runs moto");
         let server = Server { child, port };
-        let started = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "moto did not start"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        super::wait_for_port(port, "moto");
         assert_eq!(
             server
                 .client(Path::new("cache"))

@@ -495,8 +495,14 @@ pub async fn publish_mix(local: &Path, remote: &Remote) -> Result<()> {
 /// named after its URL, unless the same mix is there already, and returns
 /// that folder. Each file is checked against the size and blake3 that
 /// `mix.json` records; the ranks of a machine share the cache (one fetches,
-/// the others wait for it).
-pub async fn fetch_mix(remote: &Remote, cache: &Path) -> Result<std::path::PathBuf> {
+/// the others wait for it). With `limit`, the cache's mixes stay within
+/// that many bytes: the least recently used other mixes are removed to
+/// make room ([`make_room`]).
+pub async fn fetch_mix(
+    remote: &Remote,
+    cache: &Path,
+    limit: Option<u64>,
+) -> Result<std::path::PathBuf> {
     let folder = Location::Remote(remote.clone());
     let local = lvpipe_sharding::storage::local_folder(&folder, cache);
     let _lock = lvpipe_schemas::FolderLock::wait(&local)?;
@@ -529,6 +535,10 @@ pub async fn fetch_mix(remote: &Remote, cache: &Path) -> Result<std::path::PathB
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
             _ => {}
         }
+        if let Some(limit) = limit {
+            let need = meta.files.iter().map(|f| f.bytes).sum::<u64>() + text.len() as u64;
+            make_room(cache, &local, need, limit)?;
+        }
         let files: Vec<(String, u64, Option<String>)> = meta
             .files
             .iter()
@@ -536,7 +546,59 @@ pub async fn fetch_mix(remote: &Remote, cache: &Path) -> Result<std::path::PathB
             .collect();
         remote.fetch(&local, &files, MixMeta::FILE_NAME).await?;
     }
+    // Its last use, for the eviction order.
+    fs_err::write(local.join(LAST_USED), b"")?;
     Ok(local)
+}
+
+/// Touched each time a cached mix is used.
+const LAST_USED: &str = ".last-used";
+
+/// Removes the least recently used mix folders of `cache` other than `keep`
+/// until `need` more bytes fit within `limit`. A folder another process is
+/// filling (its lock held) is left alone; a process still reading a removed
+/// mix keeps its mapped files (the system frees them when it closes them).
+fn make_room(cache: &Path, keep: &Path, need: u64, limit: u64) -> Result<()> {
+    if need > limit {
+        return Err(Error::Usage(format!(
+            "the mix is {need} bytes, more than the cache's limit of {limit}: raise --cache-size"
+        )));
+    }
+    let size = |dir: &Path| -> u64 {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok()?.metadata().ok())
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+            .sum()
+    };
+    let mut others: Vec<(std::time::SystemTime, std::path::PathBuf, u64)> =
+        std::fs::read_dir(cache)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_dir() && p != keep)
+            .map(|p| {
+                let used = std::fs::metadata(p.join(LAST_USED))
+                    .and_then(|m| m.modified())
+                    .unwrap_or(std::time::UNIX_EPOCH);
+                let bytes = size(&p);
+                (used, p, bytes)
+            })
+            .collect();
+    others.sort();
+    // The mix in `keep`, if any, is replaced file by file: `need` counts it.
+    let mut total: u64 = others.iter().map(|o| o.2).sum();
+    for (_, dir, bytes) in others {
+        if total + need <= limit {
+            break;
+        }
+        let Ok(_lock) = lvpipe_schemas::FolderLock::acquire(&dir, "evict") else {
+            continue;
+        };
+        fs_err::remove_dir_all(&dir)?;
+        total -= bytes;
+    }
+    Ok(())
 }
 
 /// A pack: a run of consecutive instances of the ordered list.
