@@ -208,7 +208,7 @@ fn partitions_built_apart_and_finalized_on_s3_equal_one_build() {
 }
 
 #[test]
-fn a_missing_bucket_and_an_unreachable_server_are_clear_errors() {
+fn a_missing_bucket_a_refused_request_and_an_unreachable_server_are_clear_errors() {
     let dir = corpus();
     let d = dir.path();
     let server = Server::start();
@@ -219,6 +219,20 @@ fn a_missing_bucket_and_an_unreachable_server_are_clear_errors() {
     let out = s3.lvpipe(d, &["stream", "--mix", "s3://nobucket/mixes/stage-1"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("s3://nobucket/mixes/stage-1"));
+    // A server that refuses the request (403: unsigned here, as it would
+    // refuse bad credentials): no retries, the URL and the reason.
+    s3.lvpipe_ok(d, &build_args("s3://bkt/shards", &[]));
+    let out = s3
+        .command(d, &["sql", "--shards", "s3://bkt/shards", "SELECT 1"])
+        .env("AWS_SKIP_SIGNATURE", "true")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("s3://bkt/shards/manifest.json") && err.contains("403"),
+        "{err}"
+    );
     // Nothing listens on the port: the retries end and the error names the URL.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = closed.local_addr().unwrap().port();

@@ -162,6 +162,12 @@ pub(crate) fn share_media(
 /// * L, dh]` (a key-value head's `group` query heads stacked) and `k`, `v`
 /// `[kv, L, dh]` hold this rank's `L` positions; `visible` covers the whole
 /// padded row (`S * L` positions). Returns `[kv, group * L, dh]`.
+///
+/// Rank `j` of the group attends with query heads `j * H/S ..` over the
+/// whole row: with `kv_heads / S` key-value heads where `S` divides them,
+/// or, with more ranks than key-value heads, with the one their query heads
+/// share, sent to each of those ranks (its gradients add up on the way
+/// back).
 pub(crate) fn ulysses(
     q: &Tensor,
     k: &Tensor,
@@ -173,31 +179,43 @@ pub(crate) fn ulysses(
     let (kv, rows, dh) = q.dims3()?;
     let l = k.dim(1)?;
     let group = rows / l;
-    if kv % degree != 0 {
-        bail!("sequence parallelism of degree {degree} needs it to divide the {kv} key-value heads")
+    let heads = kv * group;
+    if !heads.is_multiple_of(degree) || !(kv.is_multiple_of(degree) || degree.is_multiple_of(kv)) {
+        bail!(
+            "sequence parallelism of degree {degree} needs it to divide the {heads} heads, \
+             and to divide or be a multiple of the {kv} key-value heads"
+        )
     }
     let dtype = q.dtype();
-    let h = kv / degree;
-    // [kv, g * L, dh] -> [S, kv/S, g, L, dh]: block j is head group j.
-    // After the exchange, block i holds positions i*L.. of this rank's
-    // heads: side by side, the whole row in order.
-    let spread = |x: &Tensor, g: usize| -> Result<Tensor> {
-        let x = x.to_dtype(candle_core::DType::F32)?;
-        all_to_all(&x.reshape((degree, h, g, l, dh))?)?
-            .permute((1, 2, 0, 3, 4))?
+    let f32 = |t: &Tensor| t.to_dtype(candle_core::DType::F32);
+    // Query heads and key-value heads per rank, and which key-value heads
+    // go to each rank, in rank order.
+    let (hq, hk) = (heads / degree, (kv / degree).max(1));
+    let kv_index: Vec<u32> = (0..degree)
+        .flat_map(|j| match kv >= degree {
+            true => (j * hk..(j + 1) * hk).map(|h| h as u32).collect::<Vec<_>>(),
+            false => vec![(j * hq / group) as u32],
+        })
+        .collect();
+    let kv_index = Tensor::new(kv_index.as_slice(), q.device())?;
+    // Blocks in rank order; after the exchange block i holds positions
+    // i*L.. of this rank's heads: side by side, the whole row in order.
+    let spread = |x: Tensor, h: usize| -> Result<Tensor> {
+        all_to_all(&x.reshape((degree, h, l, dh))?)?
+            .permute((1, 0, 2, 3))?
             .contiguous()?
-            .reshape((h, g * degree * l, dh))
+            .reshape((h, degree * l, dh))
     };
-    let (q, k, v) = (spread(q, group)?, spread(k, 1)?, spread(v, 1)?);
+    let q =
+        spread(f32(q)?.reshape((heads, l, dh))?, hq)?.reshape((hk, hq / hk * degree * l, dh))?;
+    let k = spread(f32(k)?.index_select(&kv_index, 0)?, hk)?;
+    let v = spread(f32(v)?.index_select(&kv_index, 0)?, hk)?;
     let y = attention(&q, &k, &v, visible, scale)?;
-    // Back: [kv/S, g, S, L, dh] -> [S, kv/S, g, L, dh], block j to rank j;
-    // block i that comes back is head group i of this rank's positions.
-    all_to_all(
-        &y.reshape((h, group, degree, l, dh))?
-            .permute((2, 0, 1, 3, 4))?,
-    )?
-    .reshape((kv, group * l, dh))?
-    .to_dtype(dtype)
+    // Back: [hq, S, L, dh] -> [S, hq, L, dh], block j to rank j; block i
+    // that comes back is query head group i of this rank's positions.
+    all_to_all(&y.reshape((hq, degree, l, dh))?.permute((1, 0, 2, 3))?)?
+        .reshape((kv, group * l, dh))?
+        .to_dtype(dtype)
 }
 
 #[cfg(test)]
