@@ -147,6 +147,7 @@ impl TrainProgress {
                 name,
                 sequence_parallel,
                 ranks: 1,
+                ..
             } => log(&format!(
                 "stage {stage} ({name}): planned for sequence_parallel = {sequence_parallel}; one process trains whole rows (under mpirun with a multiple of {sequence_parallel} ranks, each row is split over {sequence_parallel})"
             )),
@@ -154,9 +155,10 @@ impl TrainProgress {
                 stage,
                 name,
                 sequence_parallel,
+                mode,
                 ranks,
             } => log(&format!(
-                "stage {stage} ({name}): each row split over {sequence_parallel} ranks (Ulysses), {} data-parallel groups",
+                "stage {stage} ({name}): each row split over {sequence_parallel} ranks ({mode}), {} data-parallel groups",
                 ranks / sequence_parallel as usize
             )),
             TrainEvent::Started { stage, name } => {

@@ -318,12 +318,33 @@ fn rows_split_over_a_sequence_parallel_group_train_what_one_process_trains() {
         &train_args(&sp4_recipe, &mix4, &sp4, &[]),
     ));
     assert!(String::from_utf8_lossy(&out.stderr).contains("each row split over 4 ranks"));
-    for (step, (a, b)) in losses(&one4).iter().zip(losses(&sp4)).enumerate() {
-        assert!(
-            (a - b).abs() <= 1e-5 * a.abs(),
-            "degree 4, step {step}: {a} vs {b}"
+    trains_the_same(&one4, &sp4, "degree 4");
+
+    // Ring attention: key-value blocks passed around the group, at degrees
+    // 2 and 4.
+    for degree in [2usize, 4] {
+        let text = std::fs::read_to_string(&sp_recipe).unwrap().replace(
+            "sequence_parallel = 2",
+            &format!("sequence_parallel = {degree}\nsp_mode = \"ring\""),
         );
+        let ring_recipe = d(&format!("ring{degree}.toml"));
+        std::fs::write(&ring_recipe, text).unwrap();
+        let mixes = d(&format!("ring-mixes{degree}"));
+        mix_ok(corpus, &ring_recipe, "3", &d("shards"), &mixes);
+        let mix = format!("{mixes}/stage-3");
+        let (one, run) = (d(&format!("ring-one{degree}")), d(&format!("ring{degree}")));
+        lvpipe_ok(corpus, &train_args(&ring_recipe, &mix, &one, &[]));
+        let out = ok(mpirun(
+            corpus,
+            degree,
+            &train_args(&ring_recipe, &mix, &run, &[]),
+        ));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("each row split over {degree} ranks (ring)")),
+            "{err}"
+        );
+        trains_the_same(&one, &run, &format!("ring of {degree}"));
+        assert_eq!(trainer_state(&run)["sp_mode"], "ring");
     }
-    let worst = worst_relative(&weights(&sp4), &weights(&one4));
-    assert!(worst <= 1e-5, "degree 4: weights differ by {worst}");
 }

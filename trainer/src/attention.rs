@@ -77,7 +77,7 @@ impl Visible {
     }
 
     /// The keys query `q` sees.
-    fn span(&self, q: usize) -> std::ops::Range<usize> {
+    pub(crate) fn span(&self, q: usize) -> std::ops::Range<usize> {
         self.starts[q] as usize..self.ends[q] as usize
     }
 }

@@ -103,6 +103,8 @@ pub enum TrainEvent<'a> {
         stage: usize,
         name: &'a str,
         sequence_parallel: u32,
+        /// `ulysses` or `ring`.
+        mode: &'static str,
         ranks: usize,
     },
     /// A stage starts training.
@@ -408,6 +410,7 @@ pub fn train_stage(
             stage: spec.stage,
             name: &name,
             sequence_parallel,
+            mode: stage.sp_mode.as_str(),
             ranks: group.size(),
         });
     }

@@ -303,6 +303,38 @@ impl Group {
         })
     }
 
+    /// One step around the sequence-parallel group's ring: `send` goes to
+    /// the next rank (the previous one with `backward`), and what the
+    /// other neighbour sent is returned (of the same length).
+    pub fn seq_ring_shift(&self, send: &[f32], backward: bool) -> Result<Vec<f32>> {
+        let seq = self.sequence_parallel();
+        if seq.degree == 1 {
+            return Ok(send.to_vec());
+        }
+        let (next, prev) = (
+            (seq.rank + 1) % seq.degree,
+            (seq.rank + seq.degree - 1) % seq.degree,
+        );
+        let (to, from) = if backward { (prev, next) } else { (next, prev) };
+        self.seq_collective(|comm| {
+            #[cfg_attr(not(feature = "mpi"), allow(unused_mut))]
+            let mut recv = vec![0f32; send.len()];
+            #[cfg(feature = "mpi")]
+            {
+                use mpi::traits::Communicator;
+                mpi::point_to_point::send_receive_into(
+                    send,
+                    &comm.process_at_rank(to as i32),
+                    &mut recv[..],
+                    &comm.process_at_rank(from as i32),
+                );
+            }
+            #[cfg(not(feature = "mpi"))]
+            let _ = (comm, to, from);
+            recv
+        })
+    }
+
     /// Sums `values` over the sequence-parallel group, in place.
     pub fn seq_sum_f32(&self, values: &mut [f32]) -> Result<()> {
         if self.sequence_parallel().degree == 1 {

@@ -93,7 +93,8 @@ pub fn run_stage(run: &StageRun, on_step: &mut dyn FnMut(&StepMetrics, u64)) -> 
         _ => t.stage.sequence_parallel.max(1) as usize,
     };
     let seq = group.set_sequence_parallel(degree)?;
-    t.model.set_sequence_parallel(seq);
+    let ring = t.stage.sp_mode == lvpipe_pipeline::recipe::SpMode::Ring;
+    t.model.set_sequence_parallel(seq, ring);
     let resumed_from = if run.resume { t.resume(run)? } else { None };
     if resumed_from.is_none() && group.is_root() {
         // A fresh start: checkpoints of an earlier run in this folder must
@@ -522,7 +523,7 @@ impl<'a> Training<'a> {
             data_parallel: crate::dist::group().data_parallel().1,
             sequence_parallel: crate::dist::group().sequence_parallel().degree,
             sp_mode: (crate::dist::group().sequence_parallel().degree > 1)
-                .then(|| "ulysses".to_string()),
+                .then(|| self.stage.sp_mode.as_str().to_string()),
         }
     }
 }

@@ -29,11 +29,40 @@ use crate::attention::{Visible, attention};
 use crate::dist::SeqGroup;
 use crate::ops::f32_slice;
 
+/// How a decoder layer's attention runs: over a whole row, or over this
+/// rank's part of a row split over a sequence-parallel group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SeqAttention {
+    Whole,
+    Ulysses(usize),
+    Ring(SeqGroup),
+}
+
+impl SeqAttention {
+    /// The attention of `q`, `k`, `v` (layouts of [`attention`]).
+    pub(crate) fn attend(
+        self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        visible: &Arc<Visible>,
+        scale: f32,
+    ) -> Result<Tensor> {
+        match self {
+            SeqAttention::Whole => attention(q, k, v, visible, scale),
+            SeqAttention::Ulysses(degree) => ulysses(q, k, v, visible, scale, degree),
+            SeqAttention::Ring(group) => ring(q, k, v, visible, scale, group),
+        }
+    }
+}
+
 /// A rank's part of an expanded row of `total` positions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Shard {
     /// The group.
     pub group: SeqGroup,
+    /// Ring attention across the parts (else Ulysses).
+    pub ring: bool,
     /// Positions per rank, padding included.
     pub len: usize,
     /// This rank's real positions: `start..end` (`end - start <= len`).
@@ -44,16 +73,25 @@ pub(crate) struct Shard {
 }
 
 impl Shard {
-    pub(crate) fn new(group: SeqGroup, total: usize) -> Shard {
+    pub(crate) fn new(group: SeqGroup, ring: bool, total: usize) -> Shard {
         let len = total.div_ceil(group.degree).max(1);
         let start = (group.rank * len).min(total);
         let end = ((group.rank + 1) * len).min(total);
         Shard {
             group,
+            ring,
             len,
             start,
             end,
             total,
+        }
+    }
+
+    /// How the layers attend across the parts.
+    pub(crate) fn attention(&self) -> SeqAttention {
+        match self.ring {
+            true => SeqAttention::Ring(self.group),
+            false => SeqAttention::Ulysses(self.group.degree),
         }
     }
 
@@ -218,6 +256,112 @@ pub(crate) fn ulysses(
         .to_dtype(dtype)
 }
 
+/// One step of a tensor around the group's ring: each rank's goes to the
+/// next (`backward`: the previous). Its gradient goes the other way.
+struct RingShift {
+    backward: bool,
+}
+
+impl CustomOp1 for RingShift {
+    fn name(&self) -> &'static str {
+        "seq-ring-shift"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let data = f32_slice(storage, layout, "ring shift")?;
+        let out = crate::dist::group()
+            .seq_ring_shift(data, self.backward)
+            .map_err(dist_error)?;
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let back = RingShift {
+            backward: !self.backward,
+        };
+        Ok(Some(grad.contiguous()?.apply_op1(back)?))
+    }
+}
+
+/// Attention of this rank's part of a row, ring style (LongVILA's ring
+/// mode): `q` `[kv, group * L, dh]`, `k`, `v` `[kv, L, dh]` hold this
+/// rank's `L` positions and `visible` covers the whole padded row. The
+/// key-value blocks go around the group's ring, `S - 1` steps; each step
+/// scores this rank's queries against the block it holds and the blocks'
+/// results are joined by their running maxima (an online softmax), so no
+/// rank ever holds more than two blocks of keys and values. Any degree
+/// works; each step's scores are `L x L` per head (what the memory-linear
+/// kernel avoids within a rank), also for a block no query of this rank
+/// sees (a causal row's later parts).
+pub(crate) fn ring(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    visible: &Visible,
+    scale: f32,
+    group: SeqGroup,
+) -> Result<Tensor> {
+    use candle_core::{D, DType};
+    let rows = q.dim(1)?;
+    let l = k.dim(1)?;
+    let heads_per_kv = rows / l;
+    let (degree, rank) = (group.degree, group.rank);
+    let dtype = q.dtype();
+    let q = q.to_dtype(DType::F32)?;
+    let (mut k, mut v) = (k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
+    let mut parts: Vec<(Tensor, Tensor, Tensor)> = Vec::with_capacity(degree);
+    for step in 0..degree {
+        // The block held now came from `step` ranks back.
+        let owner = (rank + degree - step) % degree;
+        let mut mask = vec![f32::NEG_INFINITY; l * l];
+        for i in 0..l {
+            let span = visible.span(rank * l + i);
+            for j in 0..l {
+                if span.contains(&(owner * l + j)) {
+                    mask[i * l + j] = 0.0;
+                }
+            }
+        }
+        // Scored even where no query sees the block (its weights are then
+        // 0): every rank's backward pass must run every exchange of the
+        // ring, or a neighbour waits for it forever.
+        let mask = Tensor::from_vec(mask, (1, l, l), q.device())?.repeat((1, heads_per_kv, 1))?;
+        let scores = (q.matmul(&k.t()?)? * f64::from(scale))?.broadcast_add(&mask)?;
+        // Each row's maximum, as a constant (it cancels in the softmax);
+        // -1e30 for rows that see nothing of this block.
+        let max = scores.max_keepdim(D::Minus1)?.detach();
+        let max = max.maximum(&max.ones_like()?.affine(0.0, -1e30)?)?;
+        let e = scores.broadcast_sub(&max)?.exp()?;
+        parts.push((max, e.matmul(&v)?, e.sum_keepdim(D::Minus1)?));
+        if step + 1 < degree {
+            let shift = |x: &Tensor| x.contiguous()?.apply_op1(RingShift { backward: false });
+            (k, v) = (shift(&k)?, shift(&v)?);
+        }
+    }
+    // Every query sees at least its own position, in the block of its own
+    // rank: `parts` is never empty.
+    let top = parts
+        .iter()
+        .map(|(m, _, _)| m.clone())
+        .reduce(|a, b| a.maximum(&b).expect("same shapes"))
+        .expect("a rank's own block");
+    let (mut num, mut den) = (None::<Tensor>, None::<Tensor>);
+    for (max, n, d) in &parts {
+        let w = (max - &top)?.exp()?;
+        let (n, d) = (n.broadcast_mul(&w)?, (d * &w)?);
+        num = Some(match num {
+            None => n,
+            Some(a) => (a + n)?,
+        });
+        den = Some(match den {
+            None => d,
+            Some(a) => (a + d)?,
+        });
+    }
+    let (num, den) = (num.expect("parts"), den.expect("parts"));
+    num.broadcast_div(&den)?.to_dtype(dtype)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,7 +370,7 @@ mod tests {
     fn shards_cover_the_row_once_with_the_padding_last() {
         for (total, degree) in [(10, 2), (11, 4), (3, 4), (1, 2), (64, 4)] {
             let shards: Vec<Shard> = (0..degree)
-                .map(|rank| Shard::new(SeqGroup { degree, rank }, total))
+                .map(|rank| Shard::new(SeqGroup { degree, rank }, false, total))
                 .collect();
             let mut covered = Vec::new();
             for s in &shards {
@@ -242,7 +386,7 @@ mod tests {
             assert!(shards[0].padded() >= total && shards[0].padded() < total + degree);
         }
         let images: Vec<usize> = (0..7)
-            .filter(|&i| Shard::new(SeqGroup { degree: 3, rank: 1 }, 9).encodes(i))
+            .filter(|&i| Shard::new(SeqGroup { degree: 3, rank: 1 }, false, 9).encodes(i))
             .collect();
         assert_eq!(images, [1, 4]);
     }

@@ -223,13 +223,18 @@ fn check_stage(at: &str, stage: &Stage, m: &ModelConfig) -> Vec<String> {
         ));
     }
     let sp = stage.sequence_parallel.max(1);
-    if !m.num_heads.is_multiple_of(sp) {
+    let ulysses = stage.sp_mode.is_ulysses();
+    if ulysses && !m.num_heads.is_multiple_of(sp) {
         problems.push(format!(
             "{at}: sequence_parallel {sp} does not divide num_heads {} (Ulysses splits heads)",
             m.num_heads
         ));
     }
-    if sp > 1 && !m.num_kv_heads.is_multiple_of(sp) && !sp.is_multiple_of(m.num_kv_heads.max(1)) {
+    if ulysses
+        && sp > 1
+        && !m.num_kv_heads.is_multiple_of(sp)
+        && !sp.is_multiple_of(m.num_kv_heads.max(1))
+    {
         problems.push(format!(
             "{at}: sequence_parallel {sp} and num_kv_heads {} neither divides the other (KV heads cannot be split or replicated)",
             m.num_kv_heads

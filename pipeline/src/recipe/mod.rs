@@ -167,6 +167,32 @@ pub enum WeightBy {
     Tokens,
 }
 
+/// How a row split over a sequence-parallel group attends across its parts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SpMode {
+    /// All-to-all from sequence-split to head-split and back (DeepSpeed
+    /// Ulysses): the degree must divide the heads.
+    #[default]
+    Ulysses,
+    /// Key-value blocks passed around the group's ring, combined with an
+    /// online softmax: any degree.
+    Ring,
+}
+
+impl SpMode {
+    pub fn is_ulysses(&self) -> bool {
+        *self == SpMode::Ulysses
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            SpMode::Ulysses => "ulysses",
+            SpMode::Ring => "ring",
+        }
+    }
+}
+
 /// What happens to a sample longer than the stage's context.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -288,6 +314,9 @@ pub struct Stage {
     /// Sequence-parallel degree the stage is planned for.
     #[serde(default = "one")]
     pub sequence_parallel: u32,
+    /// How a split row attends across its parts (`ulysses` or `ring`).
+    #[serde(default, skip_serializing_if = "SpMode::is_ulysses")]
+    pub sp_mode: SpMode,
     #[serde(default)]
     pub weight_by: WeightBy,
     #[serde(default)]

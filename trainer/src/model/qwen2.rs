@@ -14,8 +14,9 @@ use super::init::reinit_one;
 use super::layers::{Linear, Lora, RmsNorm};
 use super::recompute::Recompute;
 use super::rope::RopeSpec;
-use crate::attention::{Visible, attention};
+use crate::attention::Visible;
 use crate::ops;
+use crate::seq_parallel::SeqAttention;
 
 /// Qwen2 decoder layer: RMSNorm, grouped-query attention with RoPE, SwiGLU.
 #[derive(Clone)]
@@ -115,23 +116,19 @@ impl DecoderLayer {
 
     /// `x` is [T, H]; `rope` holds the positions' angles; each query attends
     /// to the keys `visible` gives it.
-    /// The block over `x` `[T, H]`; with `degree` > 1, `x` is this rank's
-    /// part of a row split over a sequence-parallel group and `visible`
-    /// covers the whole row.
+    /// The block over `x` `[T, H]`; split by `seq`, `x` is this rank's part
+    /// of a row split over a sequence-parallel group and `visible` covers
+    /// the whole row.
     pub(crate) fn forward(
         &self,
         x: &Tensor,
         rope: &Arc<ops::Rope>,
         visible: &Arc<Visible>,
-        degree: usize,
+        seq: SeqAttention,
     ) -> Result<Tensor> {
         let (q, k, v) = self.qkv(x, rope)?;
         let dh = q.dim(2)?;
-        let scale = 1.0 / (dh as f32).sqrt();
-        let y = match degree {
-            1 => attention(&q, &k, &v, visible, scale)?,
-            _ => crate::seq_parallel::ulysses(&q, &k, &v, visible, scale, degree)?,
-        };
+        let y = seq.attend(&q, &k, &v, visible, 1.0 / (dh as f32).sqrt())?;
         self.finish(x, y)
     }
 
@@ -231,7 +228,7 @@ impl Decoder {
     }
 
     /// Final hidden states `[T, H]` (normed) of embeddings `x` at
-    /// `positions`, samples starting at `boundaries`. With `degree` > 1, `x`
+    /// `positions`, samples starting at `boundaries`. Split by `seq`, `x`
     /// and `positions` are this rank's part of a row split over a
     /// sequence-parallel group, and `boundaries` are the whole row's.
     pub(crate) fn forward(
@@ -239,7 +236,7 @@ impl Decoder {
         mut x: Tensor,
         positions: &[u32],
         boundaries: &[usize],
-        degree: usize,
+        seq: SeqAttention,
     ) -> Result<Tensor> {
         let rope = Arc::new(self.rope.tables(positions));
         let visible = Arc::new(Visible::causal(sample_starts(boundaries)));
@@ -247,10 +244,10 @@ impl Decoder {
             x = match &self.recompute {
                 Some(r) => {
                     let (l, rope, visible) = (layer.clone(), rope.clone(), visible.clone());
-                    let block = Arc::new(move |x: &Tensor| l.forward(x, &rope, &visible, degree));
+                    let block = Arc::new(move |x: &Tensor| l.forward(x, &rope, &visible, seq));
                     r.apply(&x, layer.params(), block)?
                 }
-                None => layer.forward(&x, &rope, &visible, degree)?,
+                None => layer.forward(&x, &rope, &visible, seq)?,
             };
         }
         self.norm.forward(&x)

@@ -16,7 +16,7 @@ use super::siglip::VisionTower;
 use super::{Config, Row};
 use crate::dist::SeqGroup;
 use crate::ops;
-use crate::seq_parallel::{Shard, share_media};
+use crate::seq_parallel::{SeqAttention, Shard, share_media};
 
 /// The expanded sequence of a row: media placeholders widened to the
 /// projector's tokens.
@@ -76,6 +76,8 @@ pub struct Model {
     /// The sequence-parallel group each row is split over
     /// ([`Model::set_sequence_parallel`]; degree 1: none).
     seq: SeqGroup,
+    /// Ring attention across the parts (else Ulysses).
+    ring: bool,
 }
 
 impl Model {
@@ -118,19 +120,23 @@ impl Model {
             recompute: None,
             dtype: DType::F32,
             seq: SeqGroup::default(),
+            ring: false,
         })
     }
 
     /// Splits each row over `seq`'s ranks (docs of `seq_parallel`): every
     /// rank of the group must train on the same rows, and the caller sums
     /// losses, token counts and gradients over the ranks.
-    pub fn set_sequence_parallel(&mut self, seq: SeqGroup) {
+    /// `ring`: the parts attend to each other by ring attention, else by
+    /// Ulysses' all-to-all.
+    pub fn set_sequence_parallel(&mut self, seq: SeqGroup, ring: bool) {
         self.seq = seq;
+        self.ring = ring;
     }
 
     /// This rank's part of an expanded row, when rows are split.
     fn shard(&self, e: &Expanded) -> Option<Shard> {
-        (self.seq.degree > 1).then(|| Shard::new(self.seq, e.tokens.len()))
+        (self.seq.degree > 1).then(|| Shard::new(self.seq, self.ring, e.tokens.len()))
     }
 
     /// Adds rank-`r` LoRA adapters to the q, k, v and o projections of every
@@ -314,7 +320,9 @@ impl Model {
     ) -> Result<Tensor> {
         let Some(s) = shard else {
             let x = self.embed(e, media, 0..e.tokens.len(), device)?;
-            return self.llm.forward(x, &e.positions, &e.boundaries, 1);
+            return self
+                .llm
+                .forward(x, &e.positions, &e.boundaries, SeqAttention::Whole);
         };
         let mut x = self.embed(e, media, s.start..s.end, device)?;
         let pad = s.len - (s.end - s.start);
@@ -329,7 +337,7 @@ impl Model {
         if s.padded() > s.total {
             boundaries.push(s.padded());
         }
-        self.llm.forward(x, &positions, &boundaries, s.group.degree)
+        self.llm.forward(x, &positions, &boundaries, s.attention())
     }
 
     /// Logits `[T, vocab]` of every position of one sample (`<image>`
