@@ -14,17 +14,7 @@ mkdir -p "$WORK"
 [ -f "$WORK/raw/pretrain.json" ] || "$BIN" synth --out "$WORK/raw" --scale small >/dev/null
 cat /proc/loadavg
 for copies in 1 4 16; do
-  python3 - "$WORK/raw/pretrain.json" "$WORK/raw/pretrain-x$copies.jsonl" "$copies" <<'PY'
-import json, sys
-records = json.load(open(sys.argv[1]))
-with open(sys.argv[2], "w") as out:
-    for k in range(int(sys.argv[3])):
-        for r in records:
-            r = dict(r, id=f"{r['id']}-{k}")
-            r["conversations"] = [dict(t) for t in r["conversations"]]
-            r["conversations"][0]["value"] += f" (copy {k})"
-            out.write(json.dumps(r) + "\n")
-PY
+  python3 "$(dirname "$0")/tools/repeat_llava.py" "$WORK/raw/pretrain.json" "$WORK/raw/pretrain-x$copies.jsonl" "$copies"
   rm -rf "$WORK/shards-x$copies"
   /usr/bin/time -f "%e %M" -o "$WORK/time-x$copies" \
     "$BIN" build-shards --out "$WORK/shards-x$copies" --tokenizer "$WORK/raw/tokenizer.json" \
