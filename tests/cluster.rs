@@ -135,6 +135,15 @@ fn the_curriculum_mixed_on_a_cluster_equals_the_local_mixes() {
     let local = sql(&[]);
     assert!(local.lines().count() > 3, "{local}");
     assert_eq!(sql(&["--cluster", &cluster.url]), local);
+    // The queries did run on the cluster: its plan has Ballista's stages.
+    let explain = |extra: &[&str]| {
+        let query = "EXPLAIN SELECT source, count(*) FROM samples GROUP BY 1";
+        let mut args = vec!["sql", "--shards", &shards, "--format", "csv", query];
+        args.extend(extra);
+        lvpipe_ok(corpus, &args)
+    };
+    assert!(explain(&["--cluster", &cluster.url]).contains("distributed_plan"));
+    assert!(!explain(&[]).contains("distributed_plan"));
 }
 
 /// Shards on object storage: the executors read them with their own
@@ -183,5 +192,18 @@ fn a_cluster_queries_shards_on_s3() {
         &["sql", "--shards", &local, "--format", "csv", query],
     );
     assert_eq!(on_cluster, here);
+    let explain = format!("EXPLAIN {query}");
+    let plan = s3.lvpipe_ok(
+        corpus,
+        &[
+            "sql",
+            "--shards",
+            "s3://bkt/shards",
+            "--cluster",
+            &cluster.url,
+            &explain,
+        ],
+    );
+    assert!(plan.contains("distributed_plan"), "{plan}");
     assert_eq!(here.lines().count(), 3, "{here}");
 }

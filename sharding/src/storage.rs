@@ -284,14 +284,13 @@ impl Remote {
     }
 
     /// Downloads `name` into `local`, through a temporary file renamed into
-    /// place once its size and blake3 match `expected` (when given). Returns
-    /// the blake3 it read.
+    /// place once its size and blake3 match `expected` (when given).
     pub async fn download(
         &self,
         name: &str,
         local: &Path,
         expected: Option<(u64, &str)>,
-    ) -> Result<String> {
+    ) -> Result<()> {
         if let Some(dir) = local.parent() {
             tokio::fs::create_dir_all(dir).await?;
         }
@@ -316,7 +315,7 @@ impl Remote {
             ));
         }
         tokio::fs::rename(&tmp, local).await?;
-        Ok(found)
+        Ok(())
     }
 
     /// Uploads `files` (paths relative to `local`, `/`-separated), at most
@@ -342,11 +341,7 @@ impl Remote {
                 let (me, path) = (self.clone(), local.join(&f));
                 async move { me.upload(&path, &f).await }
             });
-        let results: Vec<Result<()>> = futures::stream::iter(uploads)
-            .buffer_unordered(4)
-            .collect()
-            .await;
-        results.into_iter().collect::<Result<Vec<()>>>()?;
+        four_at_a_time(uploads).await?;
         self.upload(&local.join(last), last).await
     }
 
@@ -381,14 +376,21 @@ impl Remote {
                     me.download(&name, &path, expected).await
                 }
             });
-        let results: Vec<Result<String>> = futures::stream::iter(downloads)
-            .buffer_unordered(4)
-            .collect()
-            .await;
-        results.into_iter().collect::<Result<Vec<String>>>()?;
-        self.download(last, &local.join(last), None).await?;
-        Ok(())
+        four_at_a_time(downloads).await?;
+        self.download(last, &local.join(last), None).await
     }
+}
+
+/// Runs `requests` at most four at a time; their results in completion
+/// order, or the first error.
+pub(crate) async fn four_at_a_time<T>(
+    requests: impl IntoIterator<Item = impl Future<Output = Result<T>>>,
+) -> Result<Vec<T>> {
+    let results: Vec<Result<T>> = futures::stream::iter(requests)
+        .buffer_unordered(4)
+        .collect()
+        .await;
+    results.into_iter().collect()
 }
 
 /// Publishes a finished shard folder (or one part of a partitioned build)
@@ -400,6 +402,13 @@ pub fn publish_shards(local: &Path, remote: &Remote) -> Result<()> {
     )?)?;
     let mut files: Vec<String> = manifest.shards.iter().map(|s| s.file.clone()).collect();
     files.push(TOKENIZER.into());
+    block_on(remote.publish(local, &files, lvpipe_schemas::Manifest::FILE_NAME))
+}
+
+/// Publishes what `--finalize` wrote over parts already on `remote`: the
+/// tokenizer, then the manifest that lists the parts' files.
+pub fn publish_finalized(local: &Path, remote: &Remote) -> Result<()> {
+    let files = [TOKENIZER.to_string()];
     block_on(remote.publish(local, &files, lvpipe_schemas::Manifest::FILE_NAME))
 }
 
@@ -415,7 +424,8 @@ pub fn fetch_parts(remote: &Remote, local: &Path) -> Result<()> {
         let listing = remote.list().await?;
         let parts: Vec<&str> = listing
             .iter()
-            .filter_map(|(name, _)| name.strip_suffix("/manifest.json"))
+            .filter_map(|(name, _)| name.strip_suffix(lvpipe_schemas::Manifest::FILE_NAME))
+            .filter_map(|dir| dir.strip_suffix('/'))
             .filter(|dir| crate::Partition::from_dir_name(dir).is_some())
             .collect();
         for dir in parts {

@@ -109,7 +109,6 @@ pub async fn verify_remote(
     remote: &crate::storage::Remote,
     shards: &[ManifestShard],
 ) -> Result<VerifyReport> {
-    use futures::StreamExt;
     // Owned values: the futures must be `Send` for any caller's runtime.
     let checks = shards.iter().cloned().map(|shard| {
         let remote = remote.clone();
@@ -131,11 +130,7 @@ pub async fn verify_remote(
             })
         }
     });
-    let results: Vec<Result<Option<Problem>>> = futures::stream::iter(checks)
-        .buffer_unordered(4)
-        .collect()
-        .await;
-    let problems = results.into_iter().collect::<Result<Vec<_>>>()?;
+    let problems = crate::storage::four_at_a_time(checks).await?;
     Ok(report(PathBuf::from(remote.url()), shards, problems))
 }
 

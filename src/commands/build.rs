@@ -9,8 +9,9 @@ use lvpipe_sharding::{
     BuildSettings, BuildSummary, ImageAspect, ImageLimits, ImageSettings, SourceSpec, build_shards,
 };
 
-use lvpipe_schemas::Manifest;
-use lvpipe_sharding::storage::{Location, block_on, fetch_parts, local_folder, publish_shards};
+use lvpipe_sharding::storage::{
+    Location, fetch_parts, local_folder, publish_finalized, publish_shards,
+};
 
 use super::{cache_dir, location, out};
 use crate::args::{AspectArg, BuildArgs, FrameSeekArg, ShortVideosArg};
@@ -80,7 +81,7 @@ pub fn run(args: BuildArgs) -> Result<ExitCode> {
             let summary = lvpipe_sharding::finalize(&local)
                 .with_context(|| format!("build-shards --finalize in {}", args.out.display()))?;
             if let Location::Remote(remote) = &target {
-                block_on(remote.publish(&local, &["tokenizer.json".into()], Manifest::FILE_NAME))?;
+                publish_finalized(&local, remote)?;
             }
             summary
         }

@@ -110,58 +110,64 @@ impl Shard {
     }
 }
 
-fn dist_error(e: crate::Error) -> candle_core::Error {
-    candle_core::Error::Msg(e.to_string())
+/// An exchange over the sequence-parallel group, as a candle op on f32
+/// tensors whose gradient is the matching exchange of the output's gradient.
+#[derive(Debug, Clone, Copy)]
+enum Exchange {
+    /// Of a tensor `[S, ...]`: block `j` goes to rank `j`, block `i` of the
+    /// result came from rank `i`. Its own inverse.
+    AllToAll,
+    /// Every rank gets the sum. Every rank uses the sum, so each input's
+    /// gradient is the sum of every rank's gradient of it.
+    Sum,
+    /// Each rank's tensor goes to the next rank (`backward`: the previous);
+    /// its gradient goes the other way.
+    Ring { backward: bool },
 }
 
-/// All-to-all over the sequence-parallel group of a tensor `[S, ...]`:
-/// block `j` goes to rank `j`, block `i` of the result came from rank `i`.
-/// Its own gradient: the same exchange of the output's gradient.
-struct AllToAll;
+impl Exchange {
+    fn apply(self, x: &Tensor) -> Result<Tensor> {
+        x.contiguous()?.apply_op1(self)
+    }
+}
 
-impl CustomOp1 for AllToAll {
+impl CustomOp1 for Exchange {
     fn name(&self) -> &'static str {
-        "seq-all-to-all"
+        match self {
+            Exchange::AllToAll => "seq-all-to-all",
+            Exchange::Sum => "seq-sum",
+            Exchange::Ring { .. } => "seq-ring-shift",
+        }
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let data = f32_slice(storage, layout, "all-to-all")?;
-        let out = crate::dist::group()
-            .seq_all_to_all(data)
-            .map_err(dist_error)?;
+        let data = f32_slice(storage, layout, self.name())?;
+        let group = crate::dist::group();
+        let out = match *self {
+            Exchange::AllToAll => group.seq_all_to_all(data),
+            Exchange::Sum => {
+                let mut sum = data.to_vec();
+                group.seq_sum_f32(&mut sum).map(|()| sum)
+            }
+            Exchange::Ring { backward } => group.seq_ring_shift(data, backward),
+        }
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 
     fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(all_to_all(grad)?))
+        let back = match *self {
+            Exchange::Ring { backward } => Exchange::Ring {
+                backward: !backward,
+            },
+            same => same,
+        };
+        Ok(Some(back.apply(grad)?))
     }
 }
 
 fn all_to_all(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(AllToAll)
-}
-
-/// A tensor summed over the sequence-parallel group (every rank gets the
-/// sum). Every rank uses the sum, so each input's gradient is the sum of
-/// every rank's gradient of it: the same op.
-struct SumOverGroup;
-
-impl CustomOp1 for SumOverGroup {
-    fn name(&self) -> &'static str {
-        "seq-sum"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let mut data = f32_slice(storage, layout, "sum over the group")?.to_vec();
-        crate::dist::group()
-            .seq_sum_f32(&mut data)
-            .map_err(dist_error)?;
-        Ok((CpuStorage::F32(data), layout.shape().clone()))
-    }
-
-    fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.contiguous()?.apply_op1(SumOverGroup)?))
-    }
+    Exchange::AllToAll.apply(x)
 }
 
 /// The media tokens `[N, tokens, H]` of a row's `N` images on every rank
@@ -189,7 +195,7 @@ pub(crate) fn share_media(
             _ => all.push(zeros.clone()),
         }
     }
-    let summed = Tensor::stack(&all, 0)?.apply_op1(SumOverGroup)?;
+    let summed = Exchange::Sum.apply(&Tensor::stack(&all, 0)?)?;
     match local {
         Some(l) => summed.to_dtype(l.dtype()),
         None => Ok(summed),
@@ -256,33 +262,6 @@ pub(crate) fn ulysses(
         .to_dtype(dtype)
 }
 
-/// One step of a tensor around the group's ring: each rank's goes to the
-/// next (`backward`: the previous). Its gradient goes the other way.
-struct RingShift {
-    backward: bool,
-}
-
-impl CustomOp1 for RingShift {
-    fn name(&self) -> &'static str {
-        "seq-ring-shift"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let data = f32_slice(storage, layout, "ring shift")?;
-        let out = crate::dist::group()
-            .seq_ring_shift(data, self.backward)
-            .map_err(dist_error)?;
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
-    }
-
-    fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let back = RingShift {
-            backward: !self.backward,
-        };
-        Ok(Some(grad.contiguous()?.apply_op1(back)?))
-    }
-}
-
 /// Attention of this rank's part of a row, ring style (LongVILA's ring
 /// mode): `q` `[kv, group * L, dh]`, `k`, `v` `[kv, L, dh]` hold this
 /// rank's `L` positions and `visible` covers the whole padded row. The
@@ -334,7 +313,7 @@ pub(crate) fn ring(
         let e = scores.broadcast_sub(&max)?.exp()?;
         parts.push((max, e.matmul(&v)?, e.sum_keepdim(D::Minus1)?));
         if step + 1 < degree {
-            let shift = |x: &Tensor| x.contiguous()?.apply_op1(RingShift { backward: false });
+            let shift = |x: &Tensor| Exchange::Ring { backward: false }.apply(x);
             (k, v) = (shift(&k)?, shift(&v)?);
         }
     }
