@@ -60,11 +60,11 @@ impl BuildProgress {
                 }
             }
             BuildEvent::Progress {
-                input_bytes_read,
+                input_bytes_done,
                 samples,
                 quarantined,
             } => {
-                self.bar.set_position(input_bytes_read);
+                self.bar.set_position(input_bytes_done);
                 self.bar
                     .set_message(format!("{samples} samples, {quarantined} quarantined"));
             }

@@ -943,3 +943,82 @@ fn four_partitions_finalized_equal_one_build() {
         "{err}"
     );
 }
+
+/// A partition task reads every tar sample's caption (its share is decided
+/// by content) but seeks past the images of the samples it does not own;
+/// the parts together still hold every sample once.
+#[test]
+fn a_partition_reads_only_its_own_tar_images() {
+    let corpus = tiny_corpus();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::copy(
+        corpus.join("raw/tokenizer.json"),
+        root.join("tokenizer.json"),
+    )
+    .unwrap();
+    // Noise does not compress: each image is about 270 KB, far more than
+    // the reader's buffer, so skipping one saves its bytes.
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut tar = tar::Builder::new(Vec::new());
+    for i in 0..16 {
+        let image = image::RgbImage::from_fn(300, 300, |_, _| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let [r, g, b, ..] = state.to_le_bytes();
+            image::Rgb([r, g, b])
+        });
+        let mut png = Vec::new();
+        image
+            .write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        for (name, bytes) in [
+            (format!("{i:03}.png"), png),
+            (
+                format!("{i:03}.txt"),
+                format!("Noise number {i}.").into_bytes(),
+            ),
+        ] {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(bytes.len() as u64);
+            header.set_mode(0o644);
+            tar.append_data(&mut header, name, bytes.as_slice())
+                .unwrap();
+        }
+    }
+    let tar = tar.into_inner().unwrap();
+    std::fs::write(root.join("noise.tar"), &tar).unwrap();
+    let build = |out: &str, extra: &[&str]| -> serde_json::Value {
+        let mut args = build_sources(out, "tokenizer.json", "32", &["wds:noise.tar"], extra);
+        args.push("--json");
+        serde_json::from_str(&lvpipe_ok(root, &args)).unwrap()
+    };
+    let single = build("single", &[]);
+    assert_eq!(single["samples"], 16, "{single}");
+    let whole = tar.len() as u64;
+    assert!(
+        single["input_bytes_read"].as_u64().unwrap() >= whole,
+        "{single}"
+    );
+    let mut samples = 0;
+    for i in 0..4 {
+        let part = build("parts", &["--partition", &format!("{i}/4")]);
+        let read = part["input_bytes_read"].as_u64().unwrap();
+        let owned = part["samples"].as_u64().unwrap();
+        eprintln!("part {i}/4: {owned} samples, read {read} of {whole} bytes");
+        // Its own images, the captions and the headers around them.
+        assert!(
+            read < whole * (owned + 2) / 16,
+            "part {i}: {read} of {whole}: {part}"
+        );
+        samples += owned;
+    }
+    assert_eq!(samples, 16);
+    lvpipe_ok(root, &["build-shards", "--finalize", "--out", "parts"]);
+    let query = "SELECT * FROM samples ORDER BY sample_id";
+    assert_eq!(
+        sql_json(root, "single", query),
+        sql_json(root, "parts", query)
+    );
+}

@@ -120,6 +120,7 @@ fn summary_json(s: &BuildSummary) -> serde_json::Value {
         "seconds": s.seconds,
         "resumed_records": s.resumed_records,
         "up_to_date": s.up_to_date,
+        "input_bytes_read": s.input_bytes_read,
         "sources": s.manifest.sources,
     })
 }

@@ -120,6 +120,7 @@ pub(super) fn summarize(
         seconds: started.elapsed().as_secs_f64(),
         resumed_records,
         up_to_date,
+        input_bytes_read: 0,
         manifest,
     })
 }

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use crossbeam_channel::bounded;
@@ -13,6 +13,7 @@ use lvpipe_schemas::{FolderLock, Manifest, QuarantineReason};
 use rayon::prelude::*;
 
 use crate::chat::ChatTokenizer;
+use crate::readers::InputBytes;
 use crate::writer::{PartIdentity, PartWriter};
 use crate::{Error, Result};
 
@@ -40,9 +41,10 @@ pub enum BuildEvent {
         resumed_records: u64,
         resumed_shards: u32,
     },
-    /// Records processed so far in this run.
+    /// Records processed so far in this run, and input bytes passed (read,
+    /// or skipped as another partition's).
     Progress {
-        input_bytes_read: u64,
+        input_bytes_done: u64,
         samples: u64,
         quarantined: u64,
     },
@@ -71,6 +73,9 @@ pub struct BuildSummary {
     pub resumed_records: u64,
     /// The folder already held this exact build; nothing was done.
     pub up_to_date: bool,
+    /// Bytes this run read from annotation files and archives (media files
+    /// aside): a partition reads only its own tar members.
+    pub input_bytes_read: u64,
     pub manifest: Manifest,
 }
 
@@ -143,11 +148,11 @@ fn build_folder(
         .build()
         .map_err(|e| Error::Internal(format!("thread pool: {e}")))?;
 
-    let bytes_read = Arc::new(AtomicU64::new(0));
+    let input = Arc::new(InputBytes::default());
     let (raw_tx, raw_rx) = bounded::<Vec<RawRecord>>(4);
     let (row_tx, row_rx) = bounded::<Vec<Processed>>(4);
     let (read_result, write_result) = std::thread::scope(|scope| {
-        let reader = scope.spawn(|| read_all(settings, resume.next_record, raw_tx, &bytes_read));
+        let reader = scope.spawn(|| read_all(settings, resume.next_record, raw_tx, &input));
         let writer = scope.spawn(|| write_all(settings, writer, seen, row_rx, observer));
         let (mut samples, mut quarantined) = (0u64, 0u64);
         for chunk in raw_rx.iter() {
@@ -155,7 +160,7 @@ fn build_folder(
                 chunk
                     .into_par_iter()
                     .filter(|r| r.belongs_to(settings.partition))
-                    .map(|r| process(r, settings, &sources, &tokenizer))
+                    .map(|r| process(r, settings, &sources, &tokenizer, &input))
                     .collect()
             });
             for p in &out {
@@ -168,7 +173,7 @@ fn build_folder(
                 break; // the writer stopped; its error is reported below
             }
             observer(BuildEvent::Progress {
-                input_bytes_read: bytes_read.load(Ordering::Relaxed),
+                input_bytes_done: input.passed.load(Ordering::Relaxed),
                 samples,
                 quarantined,
             });
@@ -188,7 +193,9 @@ fn build_folder(
         }
     }
     let manifest = write_manifest(settings, &tokenizer, fingerprint, build_args)?;
-    summarize(manifest, &settings.out, started, resume.next_record, false)
+    let mut summary = summarize(manifest, &settings.out, started, resume.next_record, false)?;
+    summary.input_bytes_read = input.read.load(Ordering::Relaxed);
+    Ok(summary)
 }
 
 fn join<T>(handle: std::thread::ScopedJoinHandle<'_, Result<T>>) -> Result<T> {

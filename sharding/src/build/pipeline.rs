@@ -5,7 +5,6 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 
 use crossbeam_channel::{Receiver, Sender};
 use lvpipe_schemas::QuarantineReason;
@@ -13,7 +12,7 @@ use lvpipe_schemas::QuarantineReason;
 use super::sample::{MediaRoot, Prep, SourcePrep, sample_row};
 use super::{BuildEvent, BuildSettings};
 use crate::chat::ChatTokenizer;
-use crate::readers::{Body, RawMedia, ReadLimits, read_source};
+use crate::readers::{Body, InputBytes, RawMedia, ReadLimits, read_source};
 use crate::writer::{PartWriter, QuarantineRow, SampleRow};
 use crate::{Error, Result};
 
@@ -47,6 +46,7 @@ impl RawRecord {
                 for media in &raw.media {
                     let size = match media {
                         RawMedia::Bytes(bytes) => bytes.len() as u64,
+                        RawMedia::Member { size, .. } => *size,
                         RawMedia::File { path, .. } | RawMedia::Video { path, .. } => {
                             std::fs::metadata(path).map_or(u64::MAX, |m| m.len())
                         }
@@ -73,7 +73,7 @@ pub(super) fn read_all(
     settings: &BuildSettings,
     skip_until: u64,
     tx: Sender<Vec<RawRecord>>,
-    bytes_read: &Arc<AtomicU64>,
+    bytes: &Arc<InputBytes>,
 ) -> Result<u64> {
     let mut seq = 0u64;
     let mut chunk = Vec::with_capacity(settings.chunk_records);
@@ -82,7 +82,7 @@ pub(super) fn read_all(
             record_bytes: settings.max_record_bytes,
             member_bytes: settings.image.limits.max_bytes,
         };
-        let result = read_source(spec, bytes_read, limits, &mut |origin, body| {
+        let result = read_source(spec, bytes, limits, &mut |origin, body| {
             if seq >= skip_until {
                 chunk.push(RawRecord {
                     seq,
@@ -186,6 +186,7 @@ pub(super) fn process(
     settings: &BuildSettings,
     sources: &[SourcePrep],
     tokenizer: &ChatTokenizer,
+    input: &InputBytes,
 ) -> Processed {
     let source = &settings.sources[record.source].name;
     let RawRecord {
@@ -199,6 +200,7 @@ pub(super) fn process(
                 root: &sources[record.source].root,
                 allow_outside: settings.allow_media_outside_root,
             },
+            input,
         };
         sample_row(raw, seq, &origin, source, &prep, tokenizer)
     });

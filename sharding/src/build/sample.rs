@@ -10,7 +10,7 @@ use lvpipe_schemas::QuarantineReason;
 use super::BuildSettings;
 use crate::chat::{ChatTokenizer, Segment, SpecialTokens};
 use crate::media::{encode_rgb, process_image};
-use crate::readers::{RawMedia, RawSample, Reject};
+use crate::readers::{InputBytes, RawMedia, RawSample, Reject};
 use crate::video::{Hints, VideoSettings};
 use crate::writer::{MediaItem, SampleRow, VideoInfo};
 
@@ -166,6 +166,18 @@ fn prepare_media<'a>(
                 continue;
             }
             RawMedia::Bytes(bytes) => (Cow::Borrowed(bytes), format!("image {i}")),
+            RawMedia::Member {
+                archive,
+                name,
+                offset,
+                size,
+            } => {
+                let label = format!("image {i} (member `{name}`)");
+                let bytes = read_member(archive, *offset, *size)
+                    .map_err(|e| fail(QuarantineReason::CorruptMedia, format!("{label}: {e}")))?;
+                prep.input.add_read(*size);
+                (Cow::Owned(bytes), label)
+            }
             RawMedia::File { path, written } => {
                 let label = format!("image {i} (`{written}`)");
                 (Cow::Owned(read_media(path, &label, prep, fail)?), label)
@@ -220,6 +232,8 @@ pub(super) struct Prep<'a> {
     /// The source's video settings (its frame policy).
     pub(super) video: VideoSettings,
     pub(super) root: MediaRoot<'a>,
+    /// Counts the tar members this record reads.
+    pub(super) input: &'a InputBytes,
 }
 
 /// Where a media file may be read from: inside the source's media root,
@@ -296,6 +310,22 @@ fn file_kind(meta: &std::fs::Metadata) -> &'static str {
 
 /// A media file's bytes, at most `max_bytes` of them: larger files are
 /// `media_too_large` before anything is read.
+/// `size` bytes of `archive` from `offset`: a tar member the reader passed.
+fn read_member(archive: &Path, offset: u64, size: u64) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut bytes = vec![0; size as usize];
+    std::fs::File::open(archive)?
+        .read_exact_at(&mut bytes, offset)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => std::io::Error::new(
+                e.kind(),
+                format!("the archive ends inside the member's {size} bytes"),
+            ),
+            _ => e,
+        })?;
+    Ok(bytes)
+}
+
 fn read_media(
     path: &Path,
     label: &str,

@@ -4,8 +4,6 @@
 //! rejection per row group or batch; the file's other rows are read.
 
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Int64Type};
@@ -13,7 +11,7 @@ use lvpipe_schemas::QuarantineReason;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde_json::{Map, Number, Value};
 
-use super::{Body, Emit, Reject};
+use super::{Body, Emit, InputBytes, Reject};
 use crate::{Error, Result};
 
 /// Turns row `row` of a batch into a record.
@@ -26,12 +24,12 @@ pub(super) fn is_columnar(path: &Path) -> bool {
         .is_some_and(|e| matches!(e, "parquet" | "arrow" | "ipc" | "feather"))
 }
 
-/// Reads every row of a Parquet or Arrow IPC file. `bytes_read` advances by
-/// each row group's or batch's share of the file, for progress.
+/// Reads every row of a Parquet or Arrow IPC file. `bytes` advance by each
+/// row group's or batch's share of the file.
 pub(super) fn read_columnar(
     path: &Path,
     origin: &str,
-    bytes_read: &Arc<AtomicU64>,
+    bytes: &InputBytes,
     emit: &mut Emit,
     convert: &ConvertRow,
 ) -> Result<()> {
@@ -96,7 +94,7 @@ pub(super) fn read_columnar(
                 );
                 emit(format!("{origin}:rows {first}-{row}"), Err(reject))?;
             }
-            bytes_read.fetch_add(file_bytes / groups.len().max(1) as u64, Ordering::Relaxed);
+            bytes.add_read(file_bytes / groups.len().max(1) as u64);
         }
         return Ok(());
     }
@@ -131,7 +129,7 @@ pub(super) fn read_columnar(
             }
         }
     }
-    bytes_read.fetch_add(file_bytes, Ordering::Relaxed);
+    bytes.add_read(file_bytes);
     Ok(())
 }
 

@@ -5,7 +5,7 @@
 //! meets is emitted exactly once, as a [`RawSample`] or a [`Reject`], with an
 //! origin that names the file and the line, element or tar member.
 
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -49,8 +49,17 @@ pub(crate) struct RawSample {
 pub(crate) enum RawMedia {
     /// A file to read: the resolved path and the path as the annotation wrote it.
     File { path: PathBuf, written: String },
-    /// Bytes already read (a tar member).
+    /// Bytes already read.
     Bytes(Vec<u8>),
+    /// A tar member's data, read by whoever builds the record: the reader
+    /// seeks past it, so a partition task never reads the members of
+    /// records it does not own.
+    Member {
+        archive: Arc<PathBuf>,
+        name: String,
+        offset: u64,
+        size: u64,
+    },
     /// A video file, sampled into frames by the source's frame policy.
     Video {
         path: PathBuf,
@@ -82,8 +91,6 @@ pub(crate) type Body = std::result::Result<RawSample, Reject>;
 /// Receives each record: its origin and body. Returning an error stops the read.
 pub(crate) type Emit<'a> = dyn FnMut(String, Body) -> Result<()> + 'a;
 
-/// Reads one source, emitting every record in file order. `bytes_read` counts
-/// the source file's bytes consumed, for progress.
 /// What a reader holds in memory at most, per record.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ReadLimits {
@@ -93,23 +100,47 @@ pub(crate) struct ReadLimits {
     pub member_bytes: u64,
 }
 
+/// How far the build is through its input files.
+#[derive(Debug, Default)]
+pub(crate) struct InputBytes {
+    /// Bytes read or skipped by the readers: progress.
+    pub passed: AtomicU64,
+    /// Bytes read from annotation files and archives, tar members read by
+    /// the workers included (media files aside).
+    pub read: AtomicU64,
+}
+
+impl InputBytes {
+    pub fn add_read(&self, n: u64) {
+        self.passed.fetch_add(n, Ordering::Relaxed);
+        self.read.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Reads one source, emitting every record in file order, and counts its
+/// bytes into `bytes`.
 pub(crate) fn read_source(
     spec: &SourceSpec,
-    bytes_read: &Arc<AtomicU64>,
+    bytes: &Arc<InputBytes>,
     limits: ReadLimits,
     emit: &mut Emit,
 ) -> Result<()> {
     let file = fs_err::File::open(&spec.path)?;
     let file_bytes = file.metadata()?.len();
-    let reader = BufReader::with_capacity(
-        1 << 20,
-        Counting {
-            inner: file,
-            count: bytes_read.clone(),
-        },
-    );
+    let counting = Counting {
+        inner: file,
+        count: bytes.clone(),
+    };
     let origin_path = spec.path.display().to_string();
     let media_root = spec.media_root();
+    if spec.kind == SourceKind::Wds {
+        // Headers and captions fit; an image past it is skipped unread.
+        let reader = SkipReader(BufReader::with_capacity(16 << 10, counting));
+        let limit = limits.member_bytes.min(file_bytes);
+        let archive = Arc::new(spec.path.clone());
+        return read_wds(reader, &archive, &origin_path, limit, emit);
+    }
+    let reader = BufReader::with_capacity(1 << 20, counting);
     match spec.kind {
         SourceKind::Llava => read_json_records(reader, &origin_path, limits, emit, &|v| {
             llava_sample(v, &media_root)
@@ -118,32 +149,64 @@ pub(crate) fn read_source(
         SourceKind::Interleaved => read_jsonl(reader, &origin_path, limits, emit, &|v| {
             interleaved_sample(v, &media_root)
         }),
-        SourceKind::Wds => {
-            let limit = limits.member_bytes.min(file_bytes);
-            read_wds(reader, &origin_path, limit, emit)
-        }
+        SourceKind::Wds => unreachable!("read above"),
         SourceKind::Tokens if is_columnar(&spec.path) => {
-            read_columnar(&spec.path, &origin_path, bytes_read, emit, &row_tokens)
+            read_columnar(&spec.path, &origin_path, bytes, emit, &row_tokens)
         }
         SourceKind::Tokens => read_jsonl(reader, &origin_path, limits, emit, &json_tokens),
         SourceKind::LlavaParquet => {
-            read_columnar(&spec.path, &origin_path, bytes_read, emit, &|batch, row| {
+            read_columnar(&spec.path, &origin_path, bytes, emit, &|batch, row| {
                 llava_sample(row_json(batch, row), &media_root)
             })
         }
     }
 }
 
+/// A file whose reads and skips are counted.
 struct Counting<R> {
     inner: R,
-    count: Arc<AtomicU64>,
+    count: Arc<InputBytes>,
 }
 
 impl<R: Read> Read for Counting<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        self.count.add_read(n as u64);
         Ok(n)
+    }
+}
+
+impl<R: Seek> Seek for Counting<R> {
+    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+        if let SeekFrom::Current(skipped @ 1..) = pos {
+            self.count
+                .passed
+                .fetch_add(skipped as u64, Ordering::Relaxed);
+        }
+        self.inner.seek(pos)
+    }
+}
+
+/// A buffered reader whose relative seeks keep the buffer when they land in
+/// it (`BufReader::seek` always drops it) and skip the bytes when they do
+/// not.
+struct SkipReader<R>(BufReader<R>);
+
+impl<R: Read> Read for SkipReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl<R: Read + Seek> Seek for SkipReader<R> {
+    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+        match pos {
+            SeekFrom::Current(n) => {
+                self.0.seek_relative(n)?;
+                self.0.stream_position()
+            }
+            other => self.0.seek(other),
+        }
     }
 }
 
@@ -240,7 +303,7 @@ mod tests {
             member_bytes: limit,
         };
         let mut out = Vec::new();
-        read_source(&spec, &Arc::new(AtomicU64::new(0)), limits, &mut |o, b| {
+        read_source(&spec, &Arc::default(), limits, &mut |o, b| {
             out.push((o.rsplit('/').next().unwrap().to_string(), b));
             Ok(())
         })

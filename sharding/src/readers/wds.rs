@@ -1,8 +1,9 @@
 //! WebDataset tars: members grouped by key, `KEY.jpg|png|webp` with
 //! `KEY.txt`, one sample per key.
 
-use std::io::Read;
-use std::path::{Component, Path};
+use std::io::{Read, Seek};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 use lvpipe_schemas::{QuarantineReason, SampleKind};
 
@@ -10,24 +11,27 @@ use super::{Emit, RawMedia, RawSample, Reject, check_reserved};
 use crate::Result;
 use crate::chat::{Segment, SpecialTokens};
 
-/// A key's members as they were read: the key, and each member's name and
-/// bytes.
-type Group = (String, Vec<(String, Vec<u8>)>);
+/// A key's members as they were met: the key, and each member's extension
+/// and content (captions read, images where they are).
+type Group = (String, Vec<(String, RawMedia)>);
 
 const IMAGE_EXTENSIONS: [&str; 8] = ["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"];
 
 /// A WebDataset tar: adjacent members sharing a key form one sample.
-/// Members larger than `max_member_bytes` (the media limit, or the archive's
-/// own size: a header claiming more is corrupt) are quarantined without
-/// reading them into memory.
-pub(super) fn read_wds<R: Read>(
+/// Images are not read here but located (offset and size in `archive`), and
+/// the reader seeks past them: their bytes are read by the worker that
+/// builds the record, so a partition task reads only its own. Members
+/// larger than `max_member_bytes` (the media limit, or the archive's own
+/// size: a header claiming more is corrupt) are quarantined unread.
+pub(super) fn read_wds<R: Read + Seek>(
     reader: R,
+    archive_path: &Arc<PathBuf>,
     origin: &str,
     max_member_bytes: u64,
     emit: &mut Emit,
 ) -> Result<()> {
     let mut archive = tar::Archive::new(reader);
-    let entries = match archive.entries() {
+    let entries = match archive.entries_with_seek() {
         Ok(entries) => entries,
         Err(e) => {
             let reject = Reject::new(
@@ -92,22 +96,33 @@ pub(super) fn read_wds<R: Read>(
             )?;
             continue;
         }
-        let mut bytes = Vec::with_capacity(size as usize);
-        if let Err(e) = entry.read_to_end(&mut bytes) {
-            flush_wds(origin, group.take(), emit)?;
-            let detail = format!("cannot read member: {e}; the rest is skipped");
-            return emit(
-                format!("{origin}!{raw_path}"),
-                Err(Reject::new(QuarantineReason::CorruptMedia, detail)),
-            );
-        }
+        let ext = ext.to_ascii_lowercase();
+        let content = if IMAGE_EXTENSIONS.contains(&ext.as_str()) {
+            RawMedia::Member {
+                archive: archive_path.clone(),
+                name: raw_path,
+                offset: entry.raw_file_position(),
+                size,
+            }
+        } else {
+            let mut bytes = Vec::with_capacity(size as usize);
+            if let Err(e) = entry.read_to_end(&mut bytes) {
+                flush_wds(origin, group.take(), emit)?;
+                let detail = format!("cannot read member: {e}; the rest is skipped");
+                return emit(
+                    format!("{origin}!{raw_path}"),
+                    Err(Reject::new(QuarantineReason::CorruptMedia, detail)),
+                );
+            }
+            RawMedia::Bytes(bytes)
+        };
         if group.as_ref().is_some_and(|(k, _)| *k != key) {
             flush_wds(origin, group.take(), emit)?;
         }
         group
             .get_or_insert_with(|| (key, Vec::new()))
             .1
-            .push((ext.to_ascii_lowercase(), bytes));
+            .push((ext, content));
     }
     flush_wds(origin, group, emit)
 }
@@ -120,7 +135,10 @@ fn flush_wds(origin: &str, group: Option<Group>, emit: &mut Emit) -> Result<()> 
     let image = members
         .iter()
         .find(|(ext, _)| IMAGE_EXTENSIONS.contains(&ext.as_str()));
-    let caption = members.iter().find(|(ext, _)| ext == "txt");
+    let caption = members.iter().find_map(|(ext, content)| match content {
+        RawMedia::Bytes(bytes) if ext == "txt" => Some(bytes),
+        _ => None,
+    });
     let body = match (image, caption) {
         (None, _) => Err(Reject::new(
             QuarantineReason::MissingMedia,
@@ -130,7 +148,7 @@ fn flush_wds(origin: &str, group: Option<Group>, emit: &mut Emit) -> Result<()> 
             QuarantineReason::EmptyDocument,
             format!("sample `{key}` has no .txt caption"),
         )),
-        (Some((_, image)), Some((_, caption))) => match std::str::from_utf8(caption) {
+        (Some((_, image)), Some(caption)) => match std::str::from_utf8(caption) {
             Err(e) => Err(Reject::new(
                 QuarantineReason::NonUtf8,
                 format!("{key}.txt: invalid UTF-8 at byte {}", e.valid_up_to()),
@@ -154,7 +172,7 @@ fn flush_wds(origin: &str, group: Option<Group>, emit: &mut Emit) -> Result<()> 
                     annotation_id: Some(key.clone()),
                     kind: SampleKind::ImageText,
                     turns,
-                    media: vec![RawMedia::Bytes(image.clone())],
+                    media: vec![image.clone()],
                     tokens: None,
                 })
             }
