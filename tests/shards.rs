@@ -959,35 +959,7 @@ fn a_partition_reads_only_its_own_tar_images() {
     .unwrap();
     // Noise does not compress: each image is about 270 KB, far more than
     // the reader's buffer, so skipping one saves its bytes.
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let mut tar = tar::Builder::new(Vec::new());
-    for i in 0..16 {
-        let image = image::RgbImage::from_fn(300, 300, |_, _| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            let [r, g, b, ..] = state.to_le_bytes();
-            image::Rgb([r, g, b])
-        });
-        let mut png = Vec::new();
-        image
-            .write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)
-            .unwrap();
-        for (name, bytes) in [
-            (format!("{i:03}.png"), png),
-            (
-                format!("{i:03}.txt"),
-                format!("Noise number {i}.").into_bytes(),
-            ),
-        ] {
-            let mut header = tar::Header::new_gnu();
-            header.set_size(bytes.len() as u64);
-            header.set_mode(0o644);
-            tar.append_data(&mut header, name, bytes.as_slice())
-                .unwrap();
-        }
-    }
-    let tar = tar.into_inner().unwrap();
+    let tar = noise_tar(16, 300, image::ImageFormat::Png);
     std::fs::write(root.join("noise.tar"), &tar).unwrap();
     let build = |out: &str, extra: &[&str]| -> serde_json::Value {
         let mut args = build_sources(out, "tokenizer.json", "32", &["wds:noise.tar"], extra);

@@ -326,3 +326,150 @@ fn a_bounded_cache_keeps_the_most_recent_mixes() {
         .unwrap();
     assert!(d.join("c/mixes").join(stage_3).join("mix.json").exists());
 }
+
+/// A build killed (SIGKILL) while a shard file is going up in parts leaves
+/// nothing a reader takes for shards: an object exists only once its upload
+/// completes, and the manifest goes up last. The rerun publishes the
+/// folder whole.
+#[test]
+fn a_build_killed_during_an_upload_leaves_nothing_a_reader_sees() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::copy(
+        tiny_corpus().join("raw/tokenizer.json"),
+        d.join("tokenizer.json"),
+    )
+    .unwrap();
+    // 64 noise images re-encoded at 512 px make one shard of more than the
+    // 10 MB at which an upload goes in parts.
+    let tar = common::noise_tar(64, 512, image::ImageFormat::Bmp);
+    std::fs::write(d.join("noise.tar"), tar).unwrap();
+    let server = Server::start();
+    let s3 = server.client(&d.join("cache"));
+    let args = common::build_sources(
+        "s3://bkt/big",
+        "tokenizer.json",
+        "512",
+        &["wds:noise.tar"],
+        &[],
+    );
+    let mut build = s3
+        .command(d, &args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let uploading = loop {
+        let (_, body) = s3.request("GET", "/bkt?uploads", &[]);
+        let body = String::from_utf8_lossy(&body).into_owned();
+        if body.contains("<UploadId>") {
+            break body;
+        }
+        assert!(
+            build.try_wait().unwrap().is_none(),
+            "the build ended before any upload in parts was seen"
+        );
+        assert!(started.elapsed().as_secs() < 300, "no upload in parts");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    };
+    build.kill().unwrap();
+    build.wait().unwrap();
+    let key = uploading
+        .split("<Key>")
+        .nth(1)
+        .and_then(|k| k.split("</Key>").next())
+        .expect("the upload's key")
+        .to_string();
+    assert!(
+        key.starts_with("big/") && key.ends_with(".parquet"),
+        "{key}"
+    );
+    assert!(s3.get(&key).is_none(), "{key} is visible half-uploaded");
+    assert!(s3.get("big/manifest.json").is_none());
+    let sql = |extra: &[&str]| {
+        let mut a = vec!["sql", "--shards", "s3://bkt/big", "--format", "csv"];
+        a.extend(extra);
+        a.push("SELECT count(*) AS n FROM samples");
+        s3.lvpipe(d, &a)
+    };
+    let refused = sql(&[]);
+    assert_eq!(refused.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("manifest.json"), "{err}");
+
+    s3.lvpipe_ok(d, &args);
+    let counted = sql(&[]);
+    assert!(counted.status.success());
+    assert_eq!(String::from_utf8_lossy(&counted.stdout), "n\n64\n");
+    s3.lvpipe_ok(d, &["verify", "--shards", "s3://bkt/big"]);
+}
+
+/// Against a server that checks signatures: the right key reads and writes;
+/// an unknown key and a wrong secret are refused without retries (exit 2),
+/// naming the URL, the server's reason and the variables to check.
+#[test]
+fn bad_credentials_are_refused_with_the_reason_and_what_to_check() {
+    let dir = corpus();
+    let d = dir.path();
+    let (server, good) = Server::start_with_credentials();
+    let s3 = server.client(&d.join("cache"));
+    let with = |key: &str, secret: &str, args: &[&str]| {
+        s3.command(d, args)
+            .env("AWS_ACCESS_KEY_ID", key)
+            .env("AWS_SECRET_ACCESS_KEY", secret)
+            .output()
+            .unwrap()
+    };
+    let sources = ["--source", "llava:raw/pretrain.json"];
+    let build = common::build_sources("s3://bkt/s", "raw/tokenizer.json", "64", &[], &sources);
+    let count = [
+        "sql",
+        "--shards",
+        "s3://bkt/s",
+        "--format",
+        "csv",
+        "SELECT count(*) AS n FROM samples",
+    ];
+    let out = with(&good.key, &good.secret, &build);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = with(&good.key, &good.secret, &count);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "n\n48\n");
+    for (key, secret, reason, url) in [
+        (
+            "AKIAUNKNOWN0000000",
+            good.secret.as_str(),
+            "InvalidAccessKeyId",
+            "s3://bkt/s/manifest.json",
+        ),
+        (
+            good.key.as_str(),
+            "not-the-secret",
+            "SignatureDoesNotMatch",
+            "s3://bkt/s/manifest.json",
+        ),
+    ] {
+        let out = with(key, secret, &count);
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(url) && err.contains(reason), "{err}");
+        assert!(
+            err.contains("AWS_SECRET_ACCESS_KEY") && !err.contains("<?xml"),
+            "{err}"
+        );
+        assert!(!err.contains("retries"), "{err}");
+    }
+    // A write with a wrong secret: refused the same way, nothing published.
+    let other = common::build_sources("s3://bkt/t", "raw/tokenizer.json", "64", &[], &sources);
+    let out = with(&good.key, "not-the-secret", &other);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("s3://bkt/t") && err.contains("SignatureDoesNotMatch"),
+        "{err}"
+    );
+}

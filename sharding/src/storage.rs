@@ -188,7 +188,7 @@ impl Remote {
     fn error(&self, name: &str, e: impl std::fmt::Display) -> Error {
         Error::Storage {
             url: self.file_url(name),
-            message: e.to_string(),
+            message: describe(e.to_string()),
         }
     }
 
@@ -379,6 +379,26 @@ impl Remote {
         four_at_a_time(downloads).await?;
         self.download(last, &local.join(last), None).await
     }
+}
+
+/// A storage error in a line: an S3 error document's code and message
+/// instead of its XML, and what to check when the credentials were refused.
+fn describe(message: String) -> String {
+    let tag = |t: &str| {
+        let (_, rest) = message.split_once(&format!("<{t}>"))?;
+        Some(rest.split_once(&format!("</{t}>"))?.0)
+    };
+    let (Some(code), Some((head, _))) = (tag("Code"), message.split_once("<?xml")) else {
+        return message;
+    };
+    let mut line = format!("{head}{code}: {}", tag("Message").unwrap_or_default());
+    if matches!(
+        code,
+        "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "ExpiredToken" | "InvalidToken"
+    ) {
+        line.push_str(" (check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN)");
+    }
+    line
 }
 
 /// Runs `requests` at most four at a time; their results in completion

@@ -32,7 +32,6 @@ pub fn lvpipe(cwd: &Path, args: &[&str]) -> Output {
         .expect("lvpipe runs")
 }
 
-/// Runs `lvpipe ARGS` and fails the test, with its stderr, unless it succeeds.
 /// `mpirun` as the tests run it: as root too, more ranks than cores, on
 /// this machine without ssh, one thread per rank; the caller adds `-n N`,
 /// the program and its arguments.
@@ -49,6 +48,7 @@ pub fn mpirun() -> Command {
     c
 }
 
+/// Runs `lvpipe ARGS` and fails the test, with its stderr, unless it succeeds.
 pub fn lvpipe_ok(cwd: &Path, args: &[&str]) -> String {
     let out = lvpipe(cwd, args);
     assert!(
@@ -184,4 +184,39 @@ pub fn lvpipe_ok_stderr(cwd: &Path, args: &[&str]) -> String {
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "lvpipe {args:?} failed:\n{err}");
     err
+}
+
+/// A WebDataset tar of `count` samples: `NNN.EXT`, an image of random
+/// pixels (`side` x `side`, incompressible) in `format`, and `NNN.txt`.
+pub fn noise_tar(count: usize, side: u32, format: image::ImageFormat) -> Vec<u8> {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut tar = tar::Builder::new(Vec::new());
+    let ext = format.extensions_str()[0];
+    for i in 0..count {
+        let image = image::RgbImage::from_fn(side, side, |_, _| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let [r, g, b, ..] = state.to_le_bytes();
+            image::Rgb([r, g, b])
+        });
+        let mut encoded = Vec::new();
+        image
+            .write_to(&mut std::io::Cursor::new(&mut encoded), format)
+            .unwrap();
+        for (name, bytes) in [
+            (format!("{i:03}.{ext}"), encoded),
+            (
+                format!("{i:03}.txt"),
+                format!("Noise number {i}.").into_bytes(),
+            ),
+        ] {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(bytes.len() as u64);
+            header.set_mode(0o644);
+            tar.append_data(&mut header, name, bytes.as_slice())
+                .unwrap();
+        }
+    }
+    tar.into_inner().unwrap()
 }

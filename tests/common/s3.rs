@@ -19,8 +19,55 @@ pub struct S3 {
     pub cache: PathBuf,
 }
 
+/// Credentials moto's IAM knows, in a server started with them.
+pub struct Credentials {
+    pub key: String,
+    pub secret: String,
+}
+
 impl Server {
     pub fn start() -> Server {
+        Self::spawn(None)
+    }
+
+    /// A server that checks every request's signature against the access
+    /// keys its IAM holds (moto's `INITIAL_NO_AUTH_ACTION_COUNT`: the
+    /// bucket, a user, its policy and its key are made unsigned first), and
+    /// the key it made.
+    pub fn start_with_credentials() -> (Server, Credentials) {
+        let server = Self::spawn(Some(4));
+        let iam = |form: &str| {
+            let (status, body) =
+                server
+                    .client(Path::new("cache"))
+                    .request_to("iam", "POST", "/", form.as_bytes());
+            assert_eq!(status, 200, "{form}: {}", String::from_utf8_lossy(&body));
+            String::from_utf8(body).unwrap()
+        };
+        iam("Action=CreateUser&UserName=u&Version=2010-05-08");
+        iam(concat!(
+            "Action=PutUserPolicy&UserName=u&PolicyName=all&Version=2010-05-08&PolicyDocument=",
+            "%7B%22Version%22%3A%222012-10-17%22%2C%22Statement%22%3A%5B%7B%22Effect%22%3A",
+            "%22Allow%22%2C%22Action%22%3A%22*%22%2C%22Resource%22%3A%22*%22%7D%5D%7D"
+        ));
+        let made = iam("Action=CreateAccessKey&UserName=u&Version=2010-05-08");
+        let tag = |t: &str| {
+            made.split(&format!("<{t}>"))
+                .nth(1)
+                .unwrap()
+                .split('<')
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        let credentials = Credentials {
+            key: tag("AccessKeyId"),
+            secret: tag("SecretAccessKey"),
+        };
+        (server, credentials)
+    }
+
+    fn spawn(unsigned_actions: Option<u32>) -> Server {
         let moto = std::env::var_os("LVPIPE_MOTO")
             .map(PathBuf::from)
             .unwrap_or_else(|| {
@@ -46,6 +93,7 @@ impl Server {
                 &port.to_string(),
             ])
             .env("PYTHONPATH", &moto)
+            .envs(unsigned_actions.map(|n| ("INITIAL_NO_AUTH_ACTION_COUNT", n.to_string())))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -72,14 +120,28 @@ impl Server {
 }
 
 impl S3 {
-    /// One plain HTTP request: status and body. moto wants an
-    /// `Authorization` header for private objects but checks no signature.
+    /// One plain HTTP request to S3: status and body. moto wants an
+    /// `Authorization` header for private objects but checks no signature
+    /// (unless started with credentials).
     pub fn request(&self, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+        self.request_to("s3", method, path, body)
+    }
+
+    /// One plain HTTP request to one of moto's services (`s3`, `iam`: a
+    /// form in the body).
+    pub fn request_to(
+        &self,
+        service: &str,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> (u16, Vec<u8>) {
         let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
         write!(
             stream,
             "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\n\
-             Authorization: AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=0\r\n\
+             Content-Type: application/x-www-form-urlencoded\r\n\
+             Authorization: AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/{service}/aws4_request, SignedHeaders=host, Signature=0\r\n\
              Connection: close\r\n\r\n",
             self.port,
             body.len()
