@@ -621,7 +621,15 @@ pub struct EvalArgs {
     /// Needles per (length, depth) cell.
     #[arg(long, default_value_t = 4)]
     pub niah_trials: usize,
-    /// Frame policies of the video needles, `;`-separated (a heatmap column each).
+    /// V-NIAH haystack lengths, in frames of held-out videos (the heatmap's
+    /// columns).
+    #[arg(long, value_delimiter = ',', default_value = "16,32,64,128")]
+    pub vniah_frames: Vec<usize>,
+    /// V-NIAH needle depths, 0 to 1 (the heatmap's rows).
+    #[arg(long, value_delimiter = ',', default_value = "0,0.25,0.5,0.75,1")]
+    pub vniah_depths: Vec<f64>,
+    /// Frame policies of the flash test (the long videos' own two-second
+    /// shape), `;`-separated (a heatmap row each).
     #[arg(long, value_delimiter = ';', default_value = "fps:2,max:64;uniform:16", value_parser = parse_frames)]
     pub video_frames: Vec<FramePolicy>,
     /// Frame policy of the questions about short clips.

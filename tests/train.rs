@@ -401,7 +401,48 @@ fn the_demo_trains_every_stage_evaluates_and_reports() {
             }
         }
     }
-    for png in ["runs/loss.png", "runs/lr.png", "eval/stage-5/niah_text.png"] {
+    // V-NIAH: the short demo's haystacks of 8 and 16 frames, needles at
+    // depths 0, 50% and 100%, one trial per held-out long video (2).
+    let eval: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(demo.join("eval/stage-5/eval.json")).unwrap(),
+    )
+    .unwrap();
+    let cells = eval["niah_video"]["table"].as_array().unwrap();
+    let frames: Vec<u64> = cells
+        .iter()
+        .map(|c| c["frames"].as_u64().unwrap())
+        .collect();
+    assert_eq!(frames, [8, 16, 8, 16, 8, 16]);
+    assert!(cells.iter().all(|c| c["n"] == 2), "{cells:?}");
+    let misses = eval["niah_video"]["misses"].as_array().unwrap();
+    let wrong: u64 = cells
+        .iter()
+        .map(|c| c["n"].as_u64().unwrap() - c["correct"].as_u64().unwrap())
+        .sum();
+    assert_eq!(misses.len() as u64, wrong.min(8));
+    assert!(eval["niah_video"]["flash_accuracy"].as_f64().is_some());
+    // The goals: each stated in the report and goals.json with its verdict.
+    let goals: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(demo.join("goals.json")).unwrap()).unwrap();
+    let goals = goals.as_array().unwrap();
+    assert!(goals.len() >= 6, "{goals:?}");
+    assert!(report.contains("## Goals"), "{report}");
+    for g in goals {
+        let goal = g["goal"].as_str().unwrap();
+        assert!(report.contains(goal), "{goal} not in the report");
+        let holds = g["holds"].as_bool().unwrap();
+        assert_eq!(holds, g["short_by"].as_f64() == Some(0.0), "{g}");
+    }
+    let time = goals.last().unwrap();
+    assert_eq!(time["goal"], "the whole demo");
+    assert!(time["measured"].as_f64().unwrap() > 0.0);
+    for png in [
+        "runs/loss.png",
+        "runs/lr.png",
+        "eval/stage-5/niah_text.png",
+        "eval/stage-5/niah_video.png",
+        "eval/stage-5/niah_video_flash.png",
+    ] {
         let bytes = std::fs::read(demo.join(png)).unwrap();
         assert_eq!(&bytes[1..4], b"PNG", "{png}");
     }

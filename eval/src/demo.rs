@@ -80,10 +80,14 @@ pub struct DemoOutcome {
     /// Every synthesized sample reached the shards and the recipe planned
     /// without problems.
     pub ok: bool,
+    /// The curriculum's goals checked on the evaluations (also in
+    /// `goals.json` and the report); empty without training.
+    pub goals: Vec<crate::goals::GoalCheck>,
 }
 
 /// Runs the demo (see the module docs).
 pub fn run(s: &DemoSettings, on_event: &(dyn Fn(DemoEvent) + Sync)) -> Result<DemoOutcome> {
+    let started = Instant::now();
     let raw = s.out.join("raw");
     let shards = s.out.join("shards");
     let phase = |text: String| on_event(DemoEvent::Phase(text));
@@ -117,6 +121,7 @@ pub fn run(s: &DemoSettings, on_event: &(dyn Fn(DemoEvent) + Sync)) -> Result<De
     let mixes = s.out.join("mixes");
     phase("planning and mixing the recipe's stages".to_string());
     let problems = audit_and_mix(&recipe, &shards, &mixes, &mut report)?;
+    let mut goals = Vec::new();
     if problems.is_empty() {
         report.push_str(&loader_section(&recipe, &mixes)?);
         if !s.no_train {
@@ -126,7 +131,21 @@ pub fn run(s: &DemoSettings, on_event: &(dyn Fn(DemoEvent) + Sync)) -> Result<De
                 mixes: &mixes,
                 raw: &raw,
             };
-            report.push_str(&train_and_evaluate(s, &recipe, &paths, on_event)?);
+            let (text, evals) = train_and_evaluate(s, &recipe, &paths, on_event)?;
+            let short = recipe.stages.len().min(3);
+            goals = crate::goals::check(
+                &evals,
+                short,
+                recipe.stages.len(),
+                4 * recipe.stages[short - 1].context as usize,
+                started.elapsed().as_secs_f64(),
+            );
+            let json = serde_json::to_string_pretty(&goals).expect("goals serialize") + "\n";
+            fs_err::write(s.out.join("goals.json"), json)?;
+            // The goals first: what a reader looks for.
+            let at = report.find("\n## ").unwrap_or(report.len());
+            report.insert_str(at, &crate::goals::section(&goals));
+            report.push_str(&text);
         }
     }
     let report_path = s.out.join("report.md");
@@ -135,6 +154,7 @@ pub fn run(s: &DemoSettings, on_event: &(dyn Fn(DemoEvent) + Sync)) -> Result<De
         report,
         report_path,
         ok: built.samples == expected && problems.is_empty(),
+        goals,
     })
 }
 
@@ -257,13 +277,14 @@ struct Paths<'a> {
     raw: &'a Path,
 }
 
-/// Trains every stage, evaluates, and returns the report's section.
+/// Trains every stage, evaluates, and returns the report's section and the
+/// evaluations.
 fn train_and_evaluate(
     s: &DemoSettings,
     recipe: &Recipe,
     p: &Paths,
     on_event: &(dyn Fn(DemoEvent) + Sync),
-) -> Result<String> {
+) -> Result<(String, Vec<(usize, EvalReport)>)> {
     let started = Instant::now();
     let runs = s.out.join("runs");
     let stages = recipe.stages.len();
@@ -321,12 +342,14 @@ fn train_and_evaluate(
         );
         settings.limit = s.eval_limit;
         settings.niah_lengths = lengths.clone();
-        // A short evaluation (tests) asks one needle per cell.
-        settings.niah_trials = if s.eval_limit > 0 && s.eval_limit < 20 {
-            1
-        } else {
-            4
-        };
+        // A short evaluation (tests) asks one needle per cell, and fewer
+        // V-NIAH cells.
+        let short = s.eval_limit > 0 && s.eval_limit < 20;
+        settings.niah_trials = if short { 1 } else { 4 };
+        if short {
+            settings.vniah_frames = vec![8, 16];
+            settings.vniah_depths = vec![0.0, 0.5, 1.0];
+        }
         settings.video_frames.truncate(1);
         evals.push((stage, evaluate(&settings, &mut |_| {})?));
     }
@@ -335,7 +358,7 @@ fn train_and_evaluate(
         "\nTraining and evaluation took {:.0} s.\n",
         started.elapsed().as_secs_f64()
     ));
-    Ok(text)
+    Ok((text, evals))
 }
 
 fn training_table(recipe: &Recipe, trained: &[(usize, Summary)], seconds: f64) -> String {
@@ -366,7 +389,7 @@ fn evaluation_tables(evals: &[(usize, EvalReport)], lengths: &[usize], out: &Pat
     let pct = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{:.1}%", x * 100.0));
     let mut text = format!(
         "\n## Evaluation (held-out synthetic set)\n\n\
-         | after stage | VQA | VQA chance | needle @{} | needle @{} | video needle | perplexity |\n\
+         | after stage | VQA | VQA chance | needle @{} | needle @{} | V-NIAH | perplexity |\n\
          |---|---|---|---|---|---|---|\n",
         lengths[0], lengths[1]
     );
@@ -399,7 +422,7 @@ fn evaluation_tables(evals: &[(usize, EvalReport)], lengths: &[usize], out: &Pat
                 ));
             }
         }
-        for plot in ["niah_text.png", "niah_video.png"] {
+        for plot in ["niah_text.png", "niah_video.png", "niah_video_flash.png"] {
             if out.join(format!("eval/stage-{stage}/{plot}")).exists() {
                 text.push_str(&format!(
                     "\n![{plot} after stage {stage}](eval/stage-{stage}/{plot})\n"

@@ -133,6 +133,21 @@ impl Evaluator {
         path: &Path,
         policy: FramePolicy,
     ) -> Result<(usize, Vec<f32>)> {
+        let frames = self.video_frames(path, policy)?;
+        let mut pixels = Vec::new();
+        for f in frames {
+            pixels.extend(self.frame_pixels(path, f.rgb, f.width, f.height)?);
+        }
+        Ok((pixels.len() / self.pixels_per_image(), pixels))
+    }
+
+    /// The frames of a video under `policy`, decoded, as the build samples
+    /// them.
+    pub(crate) fn video_frames(
+        &self,
+        path: &Path,
+        policy: FramePolicy,
+    ) -> Result<Vec<lvpipe_sharding::video::Frame>> {
         use lvpipe_sharding::video::{Hints, VideoSettings};
         let settings = VideoSettings {
             policy,
@@ -140,19 +155,24 @@ impl Evaluator {
         };
         let sampled = lvpipe_sharding::video::sample(path, &settings, Hints::default())
             .map_err(|(_, message)| media_error(path, message))?;
-        let n = sampled.frames.len();
-        let mut pixels = Vec::new();
-        for f in sampled.frames {
-            let frame = lvpipe_sharding::media::frame_training_pixels(
-                f.rgb,
-                f.width,
-                f.height,
-                self.image_size,
-            )
-            .map_err(|(_, message)| media_error(path, message))?;
-            pixels.extend(frame);
-        }
-        Ok((n, pixels))
+        Ok(sampled.frames)
+    }
+
+    /// One decoded frame (packed RGB) of the video at `path` as the model
+    /// sees it.
+    pub(crate) fn frame_pixels(
+        &self,
+        path: &Path,
+        rgb: Vec<u8>,
+        width: u32,
+        height: u32,
+    ) -> Result<Vec<f32>> {
+        lvpipe_sharding::media::frame_training_pixels(rgb, width, height, self.image_size)
+            .map_err(|(_, message)| media_error(path, message))
+    }
+
+    fn pixels_per_image(&self) -> usize {
+        3 * (self.image_size as usize).pow(2)
     }
 }
 

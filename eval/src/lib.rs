@@ -23,6 +23,7 @@ pub mod demo;
 mod error;
 mod evaluator;
 pub mod generate;
+pub mod goals;
 mod niah;
 pub mod plot;
 mod ppl;
@@ -34,7 +35,7 @@ pub use error::{Error, Result};
 pub use evaluator::Evaluator;
 pub use report::{
     EvalReport, NiahCell, NiahTextReport, NiahVideoCell, NiahVideoReport, PplRange, PplReport,
-    VqaReport, VqaRow,
+    VniahCell, VniahMiss, VqaReport, VqaRow,
 };
 pub use settings::{EvalSettings, Suite};
 

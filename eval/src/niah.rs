@@ -1,15 +1,22 @@
 //! The needle suites: a planted fact retrieved from filler documents of
-//! several lengths (`niah_text`), and a shape that flashes for two seconds
-//! in a long video (`niah_video`), each by depth, with heatmaps.
+//! several lengths (`niah_text`), and a needle frame in haystacks of video
+//! frames of several lengths, LongVILA's V-NIAH (`niah_video`, with the
+//! long videos' own two-second flash beside it), each by depth, with
+//! heatmaps.
 
 use lvpipe_pipeline::splitmix;
 use lvpipe_schemas::FramePolicy;
-use lvpipe_synth::{Answers, eval_needle, filler_sentences, needle_fact, needle_prompt};
+use lvpipe_sharding::video::Frame;
+use lvpipe_synth::{
+    Answers, VideoNeedle, draw_video_needle, eval_needle, filler_sentences, needle_fact,
+    needle_prompt,
+};
 use rayon::prelude::*;
 
 use crate::plot::heatmap;
 use crate::report::{
     NiahCell, NiahLength, NiahMiss, NiahTextReport, NiahVideoCell, NiahVideoReport, Score,
+    VniahCell, VniahMiss,
 };
 use crate::vqa::normalize;
 use crate::{EvalSettings, Evaluator, Result};
@@ -147,11 +154,179 @@ pub(crate) fn video(
             accuracy: None,
             chance: None,
             table: vec![],
+            misses: vec![],
+            flash_accuracy: None,
+            flash: vec![],
             skipped: Some("built without the video feature".into()),
         });
     }
     let needles = &answers.eval_video_needles[..s.take(answers.eval_video_needles.len())];
-    let jobs: Vec<(&lvpipe_synth::VideoNeedle, FramePolicy)> = needles
+    let (table, misses) = vniah(ev, s, needles)?;
+    let (flash, flash_accuracy) = flash(ev, s, needles)?;
+    let all: Vec<Score> = table.iter().map(|c| c.score).collect();
+    let correct: usize = all.iter().map(|c| c.correct).sum();
+    let n: usize = all.iter().map(|c| c.n).sum();
+    Ok(NiahVideoReport {
+        accuracy: Some(correct as f64 / n.max(1) as f64),
+        chance: Some(VIDEO_CHANCE),
+        table,
+        misses,
+        flash_accuracy: Some(flash_accuracy),
+        flash,
+        skipped: None,
+    })
+}
+
+/// V-NIAH as LongVILA measures it. Each held-out long video is sampled into
+/// a haystack of N frames (its own two-second flash replaced by the frames
+/// beside it); a needle frame, a held-out (colour, shape) drawn over the
+/// haystack frame at that point, is inserted at each depth; the model is
+/// asked the long videos' question about it. One trial per video and cell;
+/// the needles cycle through the held-out videos' (colour, shape) pairs.
+fn vniah(
+    ev: &Evaluator,
+    s: &EvalSettings,
+    needles: &[VideoNeedle],
+) -> Result<(Vec<VniahCell>, Vec<VniahMiss>)> {
+    let haystacks: Vec<(usize, usize, Vec<Frame>)> = needles
+        .iter()
+        .enumerate()
+        .flat_map(|(v, _)| s.vniah_frames.iter().map(move |&n| (v, n)))
+        .collect::<Vec<_>>()
+        .par_iter()
+        .map(|&(v, n)| -> Result<_> {
+            let needle = &needles[v];
+            let policy = FramePolicy::Uniform { frames: n as u32 };
+            let mut frames = ev.video_frames(&s.data.join(&needle.video), policy)?;
+            cut_flash(&mut frames, needle);
+            Ok((v, n, frames))
+        })
+        .collect::<Result<_>>()?;
+    let jobs: Vec<(usize, usize, f64)> = haystacks
+        .iter()
+        .enumerate()
+        .flat_map(|(h, (v, _, _))| {
+            s.vniah_depths
+                .iter()
+                .enumerate()
+                .map(move |(d, &depth)| (h, v + d, depth))
+        })
+        .collect();
+    let results: Vec<(usize, f64, Option<VniahMiss>)> = jobs
+        .par_iter()
+        .map(|&(h, pick, depth)| -> Result<_> {
+            let (v, n, frames) = &haystacks[h];
+            let path = s.data.join(&needles[*v].video);
+            let needle = &needles[pick % needles.len()];
+            let at = ((*n as f64) * depth).round() as usize;
+            let at = at.min(frames.len());
+            let mut pixels = Vec::new();
+            for (i, f) in frames.iter().enumerate() {
+                if i == at {
+                    pixels.extend(needle_frame(ev, &path, f, needle)?);
+                }
+                pixels.extend(ev.frame_pixels(&path, f.rgb.clone(), f.width, f.height)?);
+            }
+            if at == frames.len()
+                && let Some(last) = frames.last()
+            {
+                pixels.extend(needle_frame(ev, &path, last, needle)?);
+            }
+            let shown = frames.len() + 1;
+            let got = ev.answer(&ev.prompt(shown, &needle.question)?, &pixels, 8)?;
+            let miss = (normalize(&got) != normalize(&needle.answer)).then(|| VniahMiss {
+                frames: *n,
+                depth,
+                video: needles[*v].video.clone(),
+                answer: needle.answer.clone(),
+                generated: got,
+            });
+            Ok((*n, depth, miss))
+        })
+        .collect::<Result<_>>()?;
+    let mut table = Vec::new();
+    for &depth in &s.vniah_depths {
+        for &frames in &s.vniah_frames {
+            let hits = results
+                .iter()
+                .filter(|r| r.0 == frames && r.1 == depth)
+                .map(|r| r.2.is_none());
+            table.push(VniahCell {
+                frames,
+                depth,
+                score: Score::of(hits),
+            });
+        }
+    }
+    // LongVILA's layout: frames along x, depth down y.
+    let rows: Vec<String> = s.vniah_depths.iter().map(|d| percent(*d)).collect();
+    let cols: Vec<String> = s.vniah_frames.iter().map(usize::to_string).collect();
+    let values: Vec<Vec<f64>> = table
+        .chunks(s.vniah_frames.len().max(1))
+        .map(|row| row.iter().map(|c| c.score.accuracy).collect())
+        .collect();
+    heatmap(
+        &s.out.join("niah_video.png"),
+        &format!("V-NIAH, stage {}", ev.stage()),
+        "depth / frames",
+        &rows,
+        &cols,
+        &values,
+    )?;
+    let misses = results
+        .into_iter()
+        .filter_map(|r| r.2)
+        .take(MISSES_KEPT)
+        .collect();
+    Ok((table, misses))
+}
+
+/// Replaces the frames that show `needle`'s own flash by the nearest frame
+/// before it (after it, where the flash opens the video): a haystack holds
+/// no needle of its own.
+fn cut_flash(frames: &mut [Frame], needle: &VideoNeedle) {
+    let shows = |f: &Frame| (needle.start_ms..needle.end_ms).contains(&f.timestamp_ms);
+    let clean: Vec<usize> = (0..frames.len()).filter(|&i| !shows(&frames[i])).collect();
+    for i in 0..frames.len() {
+        if shows(&frames[i])
+            && let Some(&j) = clean
+                .iter()
+                .rev()
+                .find(|&&j| j < i)
+                .or_else(|| clean.iter().find(|&&j| j > i))
+        {
+            frames[i] = frames[j].clone();
+        }
+    }
+}
+
+/// The pixels of `haystack` with `needle`'s shape drawn over it.
+fn needle_frame(
+    ev: &Evaluator,
+    path: &std::path::Path,
+    haystack: &Frame,
+    needle: &VideoNeedle,
+) -> Result<Vec<f32>> {
+    let mut rgb = haystack.rgb.clone();
+    draw_video_needle(
+        &mut rgb,
+        haystack.width,
+        haystack.height,
+        &needle.colour,
+        &needle.shape,
+    )
+    .map_err(|e| crate::Error::Input(e.to_string()))?;
+    ev.frame_pixels(path, rgb, haystack.width, haystack.height)
+}
+
+/// The held-out long videos' own flash (two seconds of a shape) under each
+/// of the settings' frame policies, by depth; and the accuracy over all.
+fn flash(
+    ev: &Evaluator,
+    s: &EvalSettings,
+    needles: &[VideoNeedle],
+) -> Result<(Vec<NiahVideoCell>, f64)> {
+    let jobs: Vec<(&VideoNeedle, FramePolicy)> = needles
         .iter()
         .flat_map(|n| s.video_frames.iter().map(move |p| (n, *p)))
         .collect();
@@ -193,22 +368,60 @@ pub(crate) fn video(
         .map(|row| row.iter().map(|c| c.score.accuracy).collect())
         .collect();
     heatmap(
-        &s.out.join("niah_video.png"),
-        &format!("Video needle retrieval, stage {}", ev.stage()),
+        &s.out.join("niah_video_flash.png"),
+        &format!("Two-second flash in held-out videos, stage {}", ev.stage()),
         "frames / depth",
         &rows,
         &cols,
         &values,
     )?;
-    Ok(NiahVideoReport {
-        accuracy: Some(Score::of(results.iter().map(|r| r.2)).accuracy),
-        chance: Some(VIDEO_CHANCE),
-        table,
-        skipped: None,
-    })
+    Ok((table, Score::of(results.iter().map(|r| r.2)).accuracy))
 }
 
 /// 0.25 -> "25%".
 fn percent(fraction: f64) -> String {
     format!("{:.0}%", fraction * 100.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_haystack_loses_its_own_flash_to_the_frames_beside_it() {
+        let frame = |i: u8| Frame {
+            rgb: vec![i; 3],
+            width: 1,
+            height: 1,
+            index: u32::from(i),
+            timestamp_ms: i64::from(i) * 250,
+        };
+        let needle = VideoNeedle {
+            id: "v".into(),
+            video: "v.mp4".into(),
+            depth: 0.0,
+            start_ms: 0,
+            end_ms: 500,
+            duration_ms: 2000,
+            colour: "red".into(),
+            shape: "circle".into(),
+            question: String::new(),
+            answer: String::new(),
+        };
+        // The flash opens the video: its frames take the first one after.
+        let mut frames: Vec<Frame> = (0..6).map(frame).collect();
+        cut_flash(&mut frames, &needle);
+        let shown: Vec<u8> = frames.iter().map(|f| f.rgb[0]).collect();
+        assert_eq!(shown, [2, 2, 2, 3, 4, 5]);
+        // In the middle: the frame before it.
+        let needle = VideoNeedle {
+            start_ms: 500,
+            end_ms: 1000,
+            ..needle
+        };
+        let mut frames: Vec<Frame> = (0..6).map(frame).collect();
+        cut_flash(&mut frames, &needle);
+        let shown: Vec<u8> = frames.iter().map(|f| f.rgb[0]).collect();
+        assert_eq!(shown, [0, 1, 1, 1, 4, 5]);
+    }
 }

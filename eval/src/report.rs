@@ -122,20 +122,55 @@ pub struct NiahMiss {
     pub generated: String,
 }
 
-/// Video needles: the shape that flashes for two seconds, by depth and
-/// frame policy.
+/// Video needles. V-NIAH as LongVILA measures it: haystacks of frames from
+/// held-out long videos, one needle frame (a coloured shape over a haystack
+/// frame) inserted at a depth, the question about it; by haystack frames
+/// and depth. Beside it, the held-out videos' own two-second flash, by frame
+/// policy and depth.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NiahVideoReport {
-    /// `None` when this lvpipe was built without the `video` feature.
+    /// V-NIAH accuracy over every cell; `None` when this lvpipe was built
+    /// without the `video` feature.
     pub accuracy: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chance: Option<f64>,
-    pub table: Vec<NiahVideoCell>,
+    /// V-NIAH by (haystack frames, depth): the heatmap's cells.
+    pub table: Vec<VniahCell>,
+    /// Up to 8 wrong V-NIAH answers as generated.
+    #[serde(default)]
+    pub misses: Vec<VniahMiss>,
+    /// The flash test's accuracy over every cell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flash_accuracy: Option<f64>,
+    /// The flash test by (frame policy, depth).
+    #[serde(default)]
+    pub flash: Vec<NiahVideoCell>,
     /// Why the suite did not run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skipped: Option<String>,
 }
 
+/// V-NIAH hits with `frames` haystack frames (the needle frame is one
+/// more) and the needle at `depth`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct VniahCell {
+    pub frames: usize,
+    pub depth: f64,
+    #[serde(flatten)]
+    pub score: Score,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VniahMiss {
+    pub frames: usize,
+    pub depth: f64,
+    /// The held-out video the haystack came from.
+    pub video: String,
+    pub answer: String,
+    pub generated: String,
+}
+
+/// Flash-test hits of one frame policy and depth.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NiahVideoCell {
     /// The frame policy.

@@ -15,8 +15,9 @@ pub enum Suite {
     /// A planted fact at depths 0 to 100% of filler documents of several
     /// lengths, retrieved by completing its sentence.
     NiahText,
-    /// The colour and shape that flash for two seconds in held-out long
-    /// videos, per depth and frame policy.
+    /// V-NIAH: a needle frame at depths 0 to 100% of haystacks of held-out
+    /// video frames of several lengths; and the held-out long videos' own
+    /// two-second flash, per depth and frame policy.
     NiahVideo,
     /// Perplexity of held-out filler documents by position range.
     Ppl,
@@ -85,7 +86,10 @@ pub struct EvalSettings {
     pub niah_depths: Vec<f64>,
     /// Needles per (length, depth) cell.
     pub niah_trials: usize,
-    /// Frame policies of the video needles (one heatmap column each).
+    /// V-NIAH haystack lengths (frames) and needle depths (0 to 1).
+    pub vniah_frames: Vec<usize>,
+    pub vniah_depths: Vec<f64>,
+    /// Frame policies of the flash test (one heatmap row each).
     pub video_frames: Vec<FramePolicy>,
     /// Frame policy of the clip questions.
     pub clip_frames: FramePolicy,
@@ -97,9 +101,11 @@ pub struct EvalSettings {
 
 impl EvalSettings {
     /// The defaults of `lvpipe eval`: every question, needles at 256 to
-    /// 2,048 tokens and depths 0 to 1, four per cell; video needles at
-    /// LongVILA's 2 fps (at most 64 frames) and at 16 uniform frames; clips
-    /// at 8 uniform frames, as stage 3 trains on them.
+    /// 2,048 tokens and depths 0 to 1, four per cell; V-NIAH haystacks of
+    /// 16 to 128 frames, depths 0 to 1, one per held-out long video and
+    /// cell; the flash test at LongVILA's 2 fps (at most 64 frames) and at
+    /// 16 uniform frames; clips at 8 uniform frames, as stage 3 trains on
+    /// them.
     pub fn new(
         run: impl Into<PathBuf>,
         data: impl Into<PathBuf>,
@@ -115,6 +121,8 @@ impl EvalSettings {
             niah_lengths: vec![256, 512, 1024, 2048],
             niah_depths: vec![0.0, 0.25, 0.5, 0.75, 1.0],
             niah_trials: 4,
+            vniah_frames: vec![16, 32, 64, 128],
+            vniah_depths: vec![0.0, 0.25, 0.5, 0.75, 1.0],
             video_frames: vec![
                 FramePolicy::Fps { fps: 2.0, max: 64 },
                 FramePolicy::Uniform { frames: 16 },

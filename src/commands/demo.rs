@@ -24,6 +24,16 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
     let progress = DemoProgress::new();
     let outcome = demo::run(&settings, &|event| progress.on_event(event))?;
     out(&outcome.report)?;
+    if !outcome.goals.is_empty() {
+        let held = outcome.goals.iter().filter(|g| g.holds).count();
+        log(&format!(
+            "lvpipe demo: {held} of {} goals hold",
+            outcome.goals.len()
+        ));
+        for g in outcome.goals.iter().filter(|g| !g.holds) {
+            log(&format!("  {}: {}", g.goal, g.verdict()));
+        }
+    }
     log(&format!(
         "lvpipe demo: done in {:.1}s; report at {}",
         started.elapsed().as_secs_f64(),

@@ -16,6 +16,8 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
         niah_lengths: args.niah_lengths,
         niah_depths: args.niah_depths,
         niah_trials: args.niah_trials,
+        vniah_frames: args.vniah_frames,
+        vniah_depths: args.vniah_depths,
         video_frames: args.video_frames,
         clip_frames: args.clip_frames,
         device: args.device,

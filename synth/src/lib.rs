@@ -36,6 +36,7 @@ mod tokenizer;
 mod videos;
 
 pub use answers::{Answers, ImageFacts, Needle, VideoNeedle, VideoQaItem, VqaItem};
+pub use scene::draw_video_needle;
 pub use text::{NEEDLE_NAMES, eval_needle, filler_sentences, needle_fact, needle_prompt};
 pub use tokenizer::train_tokenizer;
 
@@ -177,6 +178,9 @@ pub enum Error {
     /// An `answers.json` that does not parse.
     #[error("{path}: {message}")]
     Answers { path: PathBuf, message: String },
+    /// An argument outside what the corpus knows.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// `Result` with this crate's [`Error`].

@@ -212,6 +212,42 @@ pub(crate) fn draw_shape(
     }
 }
 
+/// Draws the video needle, `colour` `shape` filling the middle of the frame
+/// (packed RGB, `width` x `height`), as the long videos show it. Unknown
+/// colour names are an error.
+pub fn draw_video_needle(
+    rgb: &mut Vec<u8>,
+    width: u32,
+    height: u32,
+    colour: &str,
+    shape: &str,
+) -> Result<()> {
+    let unknown = || Error::Invalid(format!("unknown needle `{colour} {shape}`"));
+    let (_, fill) = COLOURS
+        .iter()
+        .find(|(name, _)| *name == colour)
+        .ok_or_else(unknown)?;
+    if !SHAPES.contains(&shape) {
+        return Err(unknown());
+    }
+    let mut img = RgbImage::from_raw(width, height, std::mem::take(rgb)).ok_or_else(|| {
+        Error::Invalid(format!(
+            "a {width}x{height} frame needs {} bytes",
+            width * height * 3
+        ))
+    })?;
+    draw_needle(&mut img, shape, *fill);
+    *rgb = img.into_raw();
+    Ok(())
+}
+
+/// The needle: `shape` in `fill` over the middle of the frame.
+pub(crate) fn draw_needle(img: &mut RgbImage, shape: &str, fill: [u8; 3]) {
+    let (w, h) = img.dimensions();
+    let (w, h) = (w as f32, h as f32);
+    draw_shape(img, shape, w / 2.0, h / 2.0, h * 0.35, fill);
+}
+
 /// "red" -> "Red".
 pub(crate) fn capitalize(s: &str) -> String {
     let mut c = s.chars();

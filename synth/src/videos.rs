@@ -13,7 +13,7 @@ use lvpipe_schemas::tokens;
 use crate::answers::{VideoNeedle, VideoQaItem};
 use crate::encode::{self, Codec, Spec};
 use crate::formats::{LlavaTurn, qa_turns};
-use crate::scene::{COLOURS, SHAPES, capitalize, draw_shape};
+use crate::scene::{COLOURS, SHAPES, capitalize, draw_needle, draw_shape};
 use crate::{Error, Result, VideoSizes};
 
 /// A LLaVA/VILA video annotation.
@@ -225,14 +225,7 @@ fn long_video(
             [150, 150, 150],
         );
         if (first..first + NEEDLE_FRAMES).contains(&f) {
-            draw_shape(
-                &mut img,
-                SHAPES[shape],
-                lw as f32 / 2.0,
-                lh as f32 / 2.0,
-                lh as f32 * 0.35,
-                COLOURS[colour].1,
-            );
+            draw_needle(&mut img, SHAPES[shape], COLOURS[colour].1);
         }
         (i64::from(f) * 1000 / i64::from(LONG_FPS), img.into_raw())
     });
