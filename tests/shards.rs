@@ -994,3 +994,59 @@ fn a_partition_reads_only_its_own_tar_images() {
         sql_json(root, "parts", query)
     );
 }
+
+/// The long videos' QA in LLaVA's video format: the needle question and one
+/// other about the flash, each answered by that moment of the video alone,
+/// as answers.json records it.
+#[test]
+fn long_videos_ask_about_their_flash() {
+    let raw = tiny_corpus().join("raw");
+    let read = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(raw.join(name)).unwrap()).unwrap()
+    };
+    let (records, answers) = (read("longvideo.json"), read("answers.json"));
+    let needles = answers["video_needles"].as_array().unwrap();
+    let records = records.as_array().unwrap();
+    assert_eq!(records.len(), needles.len());
+    for (record, needle) in records.iter().zip(needles) {
+        assert_eq!(record["id"], needle["id"]);
+        assert!(std::fs::metadata(raw.join(record["video"].as_str().unwrap())).is_ok());
+        let (colour, shape) = (
+            needle["colour"].as_str().unwrap(),
+            needle["shape"].as_str().unwrap(),
+        );
+        let depth = needle["depth"].as_f64().unwrap();
+        let seconds = needle["duration_ms"].as_i64().unwrap() / 1000;
+        assert!((16..=64).contains(&seconds), "{needle}");
+        let turns = record["conversations"].as_array().unwrap();
+        assert_eq!(turns.len(), 4, "{record}");
+        assert!(turns[0]["value"].as_str().unwrap().starts_with("<video>\n"));
+        let mut asked = Vec::new();
+        for pair in turns.chunks(2) {
+            assert_eq!(
+                (&pair[0]["from"], &pair[1]["from"]),
+                (&"human".into(), &"gpt".into())
+            );
+            let question = pair[0]["value"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("<video>\n");
+            let answer = pair[1]["value"].as_str().unwrap();
+            let expected = match question {
+                "What colored shape appears briefly in the video?" => format!("a {colour} {shape}"),
+                "What color is the shape that appears briefly?" => colour.to_string(),
+                "What shape appears briefly in the video?" => shape.to_string(),
+                q if q.starts_with("When does the shape appear") => match depth {
+                    d if d < 1.0 / 3.0 => "near the beginning".into(),
+                    d if d < 2.0 / 3.0 => "in the middle".into(),
+                    _ => "near the end".into(),
+                },
+                q => panic!("unexpected question {q}"),
+            };
+            assert_eq!(answer.to_lowercase(), format!("{expected}."), "{record}");
+            asked.push(question.to_string());
+        }
+        assert!(asked.contains(&needle["question"].as_str().unwrap().to_string()));
+        assert_ne!(asked[0], asked[1]);
+    }
+}

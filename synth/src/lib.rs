@@ -6,7 +6,8 @@
 //! and position. Long documents carry planted facts ("needles") at known
 //! depths; notes repeat themselves so that a model can learn to copy from its
 //! context; videos (with the `video` feature, encoded by FFmpeg) show a moving
-//! shape, or flash one for two seconds in a minute-long video. Every answer is
+//! shape, or flash one for two seconds in a long video, with questions only
+//! that moment answers. Every answer is
 //! in `answers.json` ([`Answers`]), and a held-out set under `eval/` is in no
 //! source, so a model trained on the corpus shows whether decode, tokenize,
 //! mask, mix, pack, load and train are right. Same seed and scale, same bytes.
@@ -76,7 +77,9 @@ pub(crate) struct VideoSizes {
     pub(crate) clip_side: (u32, u32),
     pub(crate) long: usize,
     pub(crate) long_side: (u32, u32),
-    pub(crate) long_seconds: u32,
+    /// Lengths of the long videos: training ones anywhere in the range,
+    /// held-out ones at its end.
+    pub(crate) long_seconds: (u32, u32),
 }
 
 impl Scale {
@@ -99,7 +102,7 @@ impl Scale {
                     clip_side: (64, 48),
                     long: 3,
                     long_side: (64, 48),
-                    long_seconds: 64,
+                    long_seconds: (16, 64),
                 },
             },
             Scale::Small => Sizes {
@@ -117,9 +120,9 @@ impl Scale {
                 videos: VideoSizes {
                     clips: 240,
                     clip_side: (128, 96),
-                    long: 24,
+                    long: 240,
                     long_side: (96, 72),
-                    long_seconds: 120,
+                    long_seconds: (16, 120),
                 },
             },
         }

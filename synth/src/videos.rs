@@ -1,6 +1,7 @@
 //! Synthetic videos with known answers: short clips of a moving shape (what
 //! it is, its colour, which way it moves) and long videos in which a shape
-//! flashes for two seconds at a known time (the video needle).
+//! flashes for two seconds at a known time (the video needle), with
+//! questions whose answers sit in that one part of the video.
 
 use std::path::{Path, PathBuf};
 
@@ -181,8 +182,49 @@ fn clip(
     Ok(())
 }
 
-/// Long video `i`: a wandering dot, and a shape that shows for two seconds
-/// at depths cycling 0.1 to 0.9.
+/// The questions about a long video's flash: kind, question, answer (the
+/// needle question first).
+fn long_questions(colour: &str, shape: &str, depth: f64) -> [(&'static str, String, String); 4] {
+    let when = if depth < 1.0 / 3.0 {
+        "near the beginning"
+    } else if depth < 2.0 / 3.0 {
+        "in the middle"
+    } else {
+        "near the end"
+    };
+    [
+        (
+            "needle",
+            NEEDLE_QUESTION.to_string(),
+            format!("a {colour} {shape}"),
+        ),
+        (
+            "needle_colour",
+            "What color is the shape that appears briefly?".to_string(),
+            colour.to_string(),
+        ),
+        (
+            "needle_shape",
+            "What shape appears briefly in the video?".to_string(),
+            shape.to_string(),
+        ),
+        (
+            "needle_time",
+            "When does the shape appear: near the beginning, in the middle, or near the end?"
+                .to_string(),
+            when.to_string(),
+        ),
+    ]
+}
+
+/// What the video needle asks, in training and in V-NIAH.
+pub(crate) const NEEDLE_QUESTION: &str = "What colored shape appears briefly in the video?";
+
+/// Long video `i`: a wandering dot, and a shape that shows for two seconds.
+/// Training videos last anywhere in the sizes' range with the shape at any
+/// depth, and ask the needle question and one other about the flash (its
+/// colour, its shape, or when it shows); held-out ones last the longest,
+/// with depths cycling 0.1 to 0.9.
 fn long_video(
     at: &Place,
     i: usize,
@@ -191,11 +233,20 @@ fn long_video(
     w: &mut Written,
 ) -> Result<()> {
     let Place { out, dir, prefix } = *at;
-    let depths = [0.1, 0.3, 0.5, 0.7, 0.9];
+    let held_out = !prefix.is_empty();
     let id = format!("{prefix}long-video-{i:05}");
     let (lw, lh) = sizes.long_side;
-    let total = sizes.long_seconds * LONG_FPS;
-    let depth = depths[i % depths.len()];
+    let (shortest, longest) = sizes.long_seconds;
+    let (seconds, depth) = if held_out {
+        let depths = [0.1, 0.3, 0.5, 0.7, 0.9];
+        (longest, depths[i % depths.len()])
+    } else {
+        (
+            rng.random_range(shortest..=longest),
+            f64::from(rng.random_range(0..=100u32)) / 100.0,
+        )
+    };
+    let total = seconds * LONG_FPS;
     let first =
         ((f64::from(total - NEEDLE_FRAMES) * depth).round() as u32).min(total - NEEDLE_FRAMES);
     let (colour, shape) = (
@@ -231,23 +282,22 @@ fn long_video(
     });
     encode::write(&path, &spec, frames).map_err(|e| fail(&path, e))?;
     w.files.push(path);
-    let question = "What colored shape appears briefly in the video?".to_string();
-    let answer = format!("{} {}", COLOURS[colour].0, SHAPES[shape]);
-    w.corpus.push(format!("{question} A {answer}."));
+    let [needle, others @ ..] = long_questions(COLOURS[colour].0, SHAPES[shape], depth);
+    let mut qas = vec![needle.clone()];
+    if !held_out {
+        qas.push(others[rng.random_range(0..others.len())].clone());
+        if rng.random_bool(0.5) {
+            qas.swap(0, 1);
+        }
+    }
+    for (_, question, answer) in &qas {
+        w.corpus.push(format!("{question} {}.", capitalize(answer)));
+    }
     w.long.push(VideoRecord {
         id: id.clone(),
         video: rel.clone(),
         fps: None,
-        conversations: vec![
-            LlavaTurn {
-                from: "human",
-                value: format!("{}\n{question}", tokens::VIDEO),
-            },
-            LlavaTurn {
-                from: "gpt",
-                value: format!("A {answer}."),
-            },
-        ],
+        conversations: qa_turns(tokens::VIDEO, &qas),
     });
     let ms = |frame: u32| i64::from(frame) * 1000 / i64::from(LONG_FPS);
     w.needles.push(VideoNeedle {
@@ -259,8 +309,8 @@ fn long_video(
         duration_ms: ms(total),
         colour: COLOURS[colour].0.to_string(),
         shape: SHAPES[shape].to_string(),
-        question,
-        answer,
+        question: needle.1,
+        answer: needle.2,
     });
     Ok(())
 }
