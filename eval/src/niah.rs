@@ -118,19 +118,15 @@ pub(crate) fn text(ev: &Evaluator, s: &EvalSettings) -> Result<NiahTextReport> {
             accuracy: hits(&|l, _| l == length).accuracy,
         })
         .collect();
-    let rows: Vec<String> = s.niah_lengths.iter().map(usize::to_string).collect();
-    let cols: Vec<String> = s.niah_depths.iter().map(|d| percent(*d)).collect();
-    let values: Vec<Vec<f64>> = table
-        .chunks(s.niah_depths.len().max(1))
-        .map(|row| row.iter().map(|c| c.score.accuracy).collect())
-        .collect();
-    heatmap(
+    score_heatmap(
         &s.out.join("niah_text.png"),
         &format!("Text needle retrieval, stage {}", ev.stage()),
         "length / depth",
-        &rows,
-        &cols,
-        &values,
+        (
+            s.niah_lengths.iter().map(usize::to_string).collect(),
+            s.niah_depths.iter().map(|d| percent(*d)).collect(),
+        ),
+        table.iter().map(|c| c.score),
     )?;
     Ok(NiahTextReport {
         accuracy: hits(&|_, _| true).accuracy,
@@ -259,19 +255,15 @@ fn vniah(
         }
     }
     // LongVILA's layout: frames along x, depth down y.
-    let rows: Vec<String> = s.vniah_depths.iter().map(|d| percent(*d)).collect();
-    let cols: Vec<String> = s.vniah_frames.iter().map(usize::to_string).collect();
-    let values: Vec<Vec<f64>> = table
-        .chunks(s.vniah_frames.len().max(1))
-        .map(|row| row.iter().map(|c| c.score.accuracy).collect())
-        .collect();
-    heatmap(
+    score_heatmap(
         &s.out.join("niah_video.png"),
         &format!("V-NIAH, stage {}", ev.stage()),
         "depth / frames",
-        &rows,
-        &cols,
-        &values,
+        (
+            s.vniah_depths.iter().map(|d| percent(*d)).collect(),
+            s.vniah_frames.iter().map(usize::to_string).collect(),
+        ),
+        table.iter().map(|c| c.score),
     )?;
     let misses = results
         .into_iter()
@@ -361,21 +353,34 @@ fn flash(
             });
         }
     }
-    let rows: Vec<String> = s.video_frames.iter().map(FramePolicy::to_string).collect();
-    let cols: Vec<String> = depths.iter().map(|d| percent(*d)).collect();
-    let values: Vec<Vec<f64>> = table
-        .chunks(depths.len().max(1))
-        .map(|row| row.iter().map(|c| c.score.accuracy).collect())
-        .collect();
-    heatmap(
+    score_heatmap(
         &s.out.join("niah_video_flash.png"),
         &format!("Two-second flash in held-out videos, stage {}", ev.stage()),
         "frames / depth",
-        &rows,
-        &cols,
-        &values,
+        (
+            s.video_frames.iter().map(FramePolicy::to_string).collect(),
+            depths.iter().map(|d| percent(*d)).collect(),
+        ),
+        table.iter().map(|c| c.score),
     )?;
     Ok((table, Score::of(results.iter().map(|r| r.2)).accuracy))
+}
+
+/// The accuracies of `scores` (row by row, a column label each) as a
+/// heatmap.
+fn score_heatmap(
+    path: &std::path::Path,
+    title: &str,
+    corner: &str,
+    (rows, cols): (Vec<String>, Vec<String>),
+    scores: impl Iterator<Item = Score>,
+) -> Result<()> {
+    let accuracies: Vec<f64> = scores.map(|s| s.accuracy).collect();
+    let values: Vec<Vec<f64>> = accuracies
+        .chunks(cols.len().max(1))
+        .map(<[f64]>::to_vec)
+        .collect();
+    heatmap(path, title, corner, &rows, &cols, &values)
 }
 
 /// 0.25 -> "25%".
