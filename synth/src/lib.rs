@@ -102,7 +102,7 @@ impl Scale {
                     clip_side: (64, 48),
                     long: 3,
                     long_side: (64, 48),
-                    long_seconds: (16, 64),
+                    long_seconds: (4, 64),
                 },
             },
             Scale::Small => Sizes {
@@ -122,7 +122,7 @@ impl Scale {
                     clip_side: (128, 96),
                     long: 240,
                     long_side: (96, 72),
-                    long_seconds: (16, 120),
+                    long_seconds: (4, 120),
                 },
             },
         }

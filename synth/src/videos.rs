@@ -241,8 +241,12 @@ fn long_video(
         let depths = [0.1, 0.3, 0.5, 0.7, 0.9];
         (longest, depths[i % depths.len()])
     } else {
+        // Log-uniform: as many videos of 4 to 8 s (the flash a quarter of
+        // their frames or more) as of 60 to 120 s.
+        let (lo, hi) = (f64::from(shortest).ln(), f64::from(longest).ln());
+        let seconds = rng.random_range(lo..=hi).exp().round() as u32;
         (
-            rng.random_range(shortest..=longest),
+            seconds.clamp(shortest, longest),
             f64::from(rng.random_range(0..=100u32)) / 100.0,
         )
     };
