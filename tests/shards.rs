@@ -978,7 +978,6 @@ fn a_partition_reads_only_its_own_tar_images() {
         let part = build("parts", &["--partition", &format!("{i}/4")]);
         let read = part["input_bytes_read"].as_u64().unwrap();
         let owned = part["samples"].as_u64().unwrap();
-        eprintln!("part {i}/4: {owned} samples, read {read} of {whole} bytes");
         // Its own images, the captions and the headers around them.
         assert!(
             read < whole * (owned + 2) / 16,
