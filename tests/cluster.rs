@@ -174,36 +174,22 @@ fn a_cluster_queries_shards_on_s3() {
     let cluster = Cluster::start(&env);
     let query =
         "SELECT source, count(*) AS n, sum(media_bytes) AS m FROM samples GROUP BY 1 ORDER BY 1";
-    let on_cluster = s3.lvpipe_ok(
-        corpus,
-        &[
+    let on_cluster = |query: &str| {
+        let shards = [
             "sql",
             "--shards",
             "s3://bkt/shards",
             "--cluster",
             &cluster.url,
-            "--format",
-            "csv",
-            query,
-        ],
-    );
+        ];
+        s3.lvpipe_ok(corpus, &[&shards[..], &["--format", "csv", query]].concat())
+    };
     let here = s3.lvpipe_ok(
         corpus,
         &["sql", "--shards", &local, "--format", "csv", query],
     );
-    assert_eq!(on_cluster, here);
-    let explain = format!("EXPLAIN {query}");
-    let plan = s3.lvpipe_ok(
-        corpus,
-        &[
-            "sql",
-            "--shards",
-            "s3://bkt/shards",
-            "--cluster",
-            &cluster.url,
-            &explain,
-        ],
-    );
+    assert_eq!(on_cluster(query), here);
+    let plan = on_cluster(&format!("EXPLAIN {query}"));
     assert!(plan.contains("distributed_plan"), "{plan}");
     assert_eq!(here.lines().count(), 3, "{here}");
 }

@@ -5,9 +5,9 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Output};
 
-use common::s3::Server;
+use common::s3::{S3, Server};
 use common::{SYNTH_SOURCES, build_args, tiny_corpus};
 
 /// A copy of the tiny corpus in a fresh folder.
@@ -23,16 +23,34 @@ fn corpus() -> tempfile::TempDir {
     dir
 }
 
+/// Asserts that `out` failed as a refused input does (exit 2) with a
+/// message naming each of `needles`; returns the message.
+fn refused(out: &Output, needles: &[&str]) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    for needle in needles {
+        assert!(err.contains(needle), "no `{needle}` in: {err}");
+    }
+    err
+}
+
+/// A copy of the tiny corpus, an S3 server, and a machine using it (its
+/// cache in the corpus folder).
+fn machine() -> (tempfile::TempDir, Server, S3) {
+    let dir = corpus();
+    let server = Server::start();
+    let s3 = server.client(&dir.path().join("cache"));
+    (dir, server, s3)
+}
+
 fn recipe() -> String {
     concat!(env!("CARGO_MANIFEST_DIR"), "/recipes/tiny.toml").to_string()
 }
 
 #[test]
 fn shards_sql_mixes_and_streams_on_s3_equal_the_local_ones() {
-    let dir = corpus();
+    let (dir, _server, s3) = machine();
     let d = dir.path();
-    let server = Server::start();
-    let s3 = server.client(&d.join("cache"));
     s3.lvpipe_ok(d, &build_args("local", &[]));
     s3.lvpipe_ok(d, &build_args("s3://bkt/shards", &[]));
     // The objects are the local files, byte for byte.
@@ -130,16 +148,13 @@ fn shards_sql_mixes_and_streams_on_s3_equal_the_local_ones() {
             "m2",
         ],
     );
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains(file));
+    refused(&out, &[file]);
 }
 
 #[test]
 fn a_folder_without_its_manifest_is_not_read_and_a_rerun_publishes_it() {
-    let dir = corpus();
+    let (dir, _server, s3) = machine();
     let d = dir.path();
-    let server = Server::start();
-    let s3 = server.client(&d.join("cache"));
     let sources = ["--source", "llava:raw/pretrain.json"];
     let args = common::build_sources("s3://bkt/s", "raw/tokenizer.json", "64", &[], &sources);
     s3.lvpipe_ok(d, &args);
@@ -154,12 +169,7 @@ fn a_folder_without_its_manifest_is_not_read_and_a_rerun_publishes_it() {
             "SELECT count(*) FROM samples",
         ],
     );
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("s3://bkt/s") && err.contains("manifest.json"),
-        "{err}"
-    );
+    refused(&out, &["s3://bkt/s", "manifest.json"]);
     s3.lvpipe_ok(d, &args);
     let count = s3.lvpipe_ok(
         d,
@@ -177,10 +187,8 @@ fn a_folder_without_its_manifest_is_not_read_and_a_rerun_publishes_it() {
 
 #[test]
 fn partitions_built_apart_and_finalized_on_s3_equal_one_build() {
-    let dir = corpus();
+    let (dir, server, s3) = machine();
     let d = dir.path();
-    let server = Server::start();
-    let s3 = server.client(&d.join("cache"));
     s3.lvpipe_ok(d, &build_args("local", &[]));
     // Each task on a machine (a cache) of its own.
     for i in 0..2 {
@@ -192,8 +200,7 @@ fn partitions_built_apart_and_finalized_on_s3_equal_one_build() {
     let lone = server.client(&d.join("task-lone"));
     lone.lvpipe_ok(d, &build_args("s3://bkt/lone", &["--partition", "1/2"]));
     let out = lone.lvpipe(d, &["build-shards", "--finalize", "--out", "s3://bkt/lone"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("0/2"));
+    refused(&out, &["0/2"]);
 
     s3.lvpipe_ok(
         d,
@@ -209,16 +216,12 @@ fn partitions_built_apart_and_finalized_on_s3_equal_one_build() {
 
 #[test]
 fn a_missing_bucket_a_refused_request_and_an_unreachable_server_are_clear_errors() {
-    let dir = corpus();
+    let (dir, _server, s3) = machine();
     let d = dir.path();
-    let server = Server::start();
-    let s3 = server.client(&d.join("cache"));
     let out = s3.lvpipe(d, &["sql", "--shards", "s3://nobucket/shards", "SELECT 1"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("s3://nobucket/shards"));
+    refused(&out, &["s3://nobucket/shards"]);
     let out = s3.lvpipe(d, &["stream", "--mix", "s3://nobucket/mixes/stage-1"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("s3://nobucket/mixes/stage-1"));
+    refused(&out, &["s3://nobucket/mixes/stage-1"]);
     // A server that refuses the request (403: unsigned here, as it would
     // refuse bad credentials): no retries, the URL and the reason.
     s3.lvpipe_ok(d, &build_args("s3://bkt/shards", &[]));
@@ -227,12 +230,7 @@ fn a_missing_bucket_a_refused_request_and_an_unreachable_server_are_clear_errors
         .env("AWS_SKIP_SIGNATURE", "true")
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("s3://bkt/shards/manifest.json") && err.contains("403"),
-        "{err}"
-    );
+    refused(&out, &["s3://bkt/shards/manifest.json", "403"]);
     // Nothing listens on the port: the retries end and the error names the URL.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = closed.local_addr().unwrap().port();
@@ -242,20 +240,13 @@ fn a_missing_bucket_a_refused_request_and_an_unreachable_server_are_clear_errors
         .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}"))
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("s3://bkt/shards/manifest.json") && err.contains("retries"),
-        "{err}"
-    );
+    refused(&out, &["s3://bkt/shards/manifest.json", "retries"]);
 }
 
 #[test]
 fn a_bounded_cache_keeps_the_most_recent_mixes() {
-    let dir = corpus();
+    let (dir, _server, s3) = machine();
     let d = dir.path();
-    let server = Server::start();
-    let s3 = server.client(&d.join("cache"));
     s3.lvpipe_ok(d, &build_args("shards", &[]));
     let r = recipe();
     for stage in ["2", "3"] {
@@ -318,8 +309,7 @@ fn a_bounded_cache_keeps_the_most_recent_mixes() {
     assert_eq!(String::from_utf8(out.stdout).unwrap(), local);
     // A mix larger than the whole cache: a clear error, nothing removed.
     let out = stream("2", "1000");
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--cache-size"));
+    refused(&out, &["--cache-size"]);
     let stage_3 = cached()
         .into_iter()
         .find(|n| n.starts_with("stage-3-"))
@@ -393,10 +383,7 @@ fn a_build_killed_during_an_upload_leaves_nothing_a_reader_sees() {
         a.push("SELECT count(*) AS n FROM samples");
         s3.lvpipe(d, &a)
     };
-    let refused = sql(&[]);
-    assert_eq!(refused.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&refused.stderr);
-    assert!(err.contains("manifest.json"), "{err}");
+    refused(&sql(&[]), &["manifest.json"]);
 
     s3.lvpipe_ok(d, &args);
     let counted = sql(&[]);
@@ -454,22 +441,11 @@ fn bad_credentials_are_refused_with_the_reason_and_what_to_check() {
         ),
     ] {
         let out = with(key, secret, &count);
-        assert_eq!(out.status.code(), Some(2));
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains(url) && err.contains(reason), "{err}");
-        assert!(
-            err.contains("AWS_SECRET_ACCESS_KEY") && !err.contains("<?xml"),
-            "{err}"
-        );
-        assert!(!err.contains("retries"), "{err}");
+        let err = refused(&out, &[url, reason, "AWS_SECRET_ACCESS_KEY"]);
+        assert!(!err.contains("<?xml") && !err.contains("retries"), "{err}");
     }
     // A write with a wrong secret: refused the same way, nothing published.
     let other = common::build_sources("s3://bkt/t", "raw/tokenizer.json", "64", &[], &sources);
     let out = with(&good.key, "not-the-secret", &other);
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("s3://bkt/t") && err.contains("SignatureDoesNotMatch"),
-        "{err}"
-    );
+    refused(&out, &["s3://bkt/t", "SignatureDoesNotMatch"]);
 }

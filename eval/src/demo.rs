@@ -132,12 +132,12 @@ pub fn run(s: &DemoSettings, on_event: &(dyn Fn(DemoEvent) + Sync)) -> Result<De
                 raw: &raw,
             };
             let (text, evals) = train_and_evaluate(s, &recipe, &paths, on_event)?;
-            let short = recipe.stages.len().min(3);
+            let (short, lengths) = needle_lengths(&recipe);
             goals = crate::goals::check(
                 &evals,
                 short,
                 recipe.stages.len(),
-                4 * recipe.stages[short - 1].context as usize,
+                lengths[1],
                 started.elapsed().as_secs_f64(),
             );
             let json = serde_json::to_string_pretty(&goals).expect("goals serialize") + "\n";
@@ -314,12 +314,7 @@ fn train_and_evaluate(
     let mut text = training_table(recipe, &trained, train_seconds);
 
     // Needles at the short-SFT context and at four times it.
-    let short = recipe
-        .stages
-        .get(2)
-        .or(recipe.stages.last())
-        .map_or(512, |s| s.context) as usize;
-    let lengths = vec![short, 4 * short];
+    let (_, lengths) = needle_lengths(recipe);
     let mut points = vec![(1, vec![Suite::Vqa])];
     if stages >= 3 {
         points.push((3, vec![Suite::Vqa, Suite::NiahText, Suite::Ppl]));
@@ -341,12 +336,12 @@ fn train_and_evaluate(
             suites,
         );
         settings.limit = s.eval_limit;
-        settings.niah_lengths = lengths.clone();
+        settings.niah_lengths = lengths.to_vec();
         // A short evaluation (tests) asks one needle per cell, and fewer
         // V-NIAH cells.
-        let short = s.eval_limit > 0 && s.eval_limit < 20;
-        settings.niah_trials = if short { 1 } else { 4 };
-        if short {
+        let quick = s.eval_limit > 0 && s.eval_limit < 20;
+        settings.niah_trials = if quick { 1 } else { 4 };
+        if quick {
             settings.vniah_frames = vec![8, 16];
             settings.vniah_depths = vec![0.0, 0.5, 1.0];
         }
@@ -359,6 +354,16 @@ fn train_and_evaluate(
         started.elapsed().as_secs_f64()
     ));
     Ok((text, evals))
+}
+
+/// The short-SFT stage (the third, or the last of fewer) and the text
+/// needle lengths the demo measures: its context and four times it.
+fn needle_lengths(recipe: &Recipe) -> (usize, [usize; 2]) {
+    let stage = recipe.stages.len().min(3);
+    let context = stage
+        .checked_sub(1)
+        .map_or(512, |i| recipe.stages[i].context as usize);
+    (stage, [context, 4 * context])
 }
 
 fn training_table(recipe: &Recipe, trained: &[(usize, Summary)], seconds: f64) -> String {

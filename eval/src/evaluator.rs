@@ -134,11 +134,12 @@ impl Evaluator {
         policy: FramePolicy,
     ) -> Result<(usize, Vec<f32>)> {
         let frames = self.video_frames(path, policy)?;
+        let n = frames.len();
         let mut pixels = Vec::new();
         for f in frames {
             pixels.extend(self.frame_pixels(path, f.rgb, f.width, f.height)?);
         }
-        Ok((pixels.len() / self.pixels_per_image(), pixels))
+        Ok((n, pixels))
     }
 
     /// The frames of a video under `policy`, decoded, as the build samples
@@ -169,10 +170,6 @@ impl Evaluator {
     ) -> Result<Vec<f32>> {
         lvpipe_sharding::media::frame_training_pixels(rgb, width, height, self.image_size)
             .map_err(|(_, message)| media_error(path, message))
-    }
-
-    fn pixels_per_image(&self) -> usize {
-        3 * (self.image_size as usize).pow(2)
     }
 }
 

@@ -20,13 +20,51 @@ const VIDEO_NEEDLE: f64 = 0.90;
 /// The whole demo, in seconds (on 2 cores, release build).
 const DEMO_SECONDS: f64 = 15.0 * 60.0;
 
+/// How a goal's measurement must compare with its bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Relation {
+    #[serde(rename = ">=")]
+    AtLeast,
+    #[serde(rename = "<")]
+    Below,
+    #[serde(rename = "<=")]
+    AtMost,
+}
+
+impl Relation {
+    fn holds(self, measured: f64, bound: f64) -> bool {
+        match self {
+            Relation::AtLeast => measured >= bound,
+            Relation::Below => measured < bound,
+            Relation::AtMost => measured <= bound,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Relation::AtLeast => ">=",
+            Relation::Below => "<",
+            Relation::AtMost => "<=",
+        }
+    }
+}
+
+/// What a goal measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unit {
+    /// A share, 0 to 1, shown as a percentage; gaps in points.
+    Share,
+    Seconds,
+}
+
 /// One goal and whether the demo met it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GoalCheck {
     /// What is asked, in words.
     pub goal: String,
-    /// `>=`, `<` or `<=`: how `measured` must compare with `bound`.
-    pub relation: String,
+    /// How `measured` must compare with `bound`.
+    pub relation: Relation,
     pub bound: f64,
     /// `None` when the demo did not measure it (a stage or suite missing).
     pub measured: Option<f64>,
@@ -34,38 +72,34 @@ pub struct GoalCheck {
     /// How far `measured` is on the wrong side of `bound` (0 when it
     /// holds; `None` when not measured).
     pub short_by: Option<f64>,
-    /// `share` (0 to 1) or `seconds`.
-    pub unit: String,
+    pub unit: Unit,
 }
 
 impl GoalCheck {
-    fn new(goal: String, relation: &str, bound: f64, measured: Option<f64>, unit: &str) -> Self {
-        let (holds, short_by) = match measured {
-            None => (false, None),
-            Some(m) => {
-                let holds = match relation {
-                    ">=" => m >= bound,
-                    "<" => m < bound,
-                    _ => m <= bound,
-                };
-                (holds, Some(if holds { 0.0 } else { (m - bound).abs() }))
-            }
-        };
+    fn new(
+        goal: String,
+        relation: Relation,
+        bound: f64,
+        measured: Option<f64>,
+        unit: Unit,
+    ) -> Self {
+        let holds = measured.is_some_and(|m| relation.holds(m, bound));
+        let short_by = measured.map(|m| if holds { 0.0 } else { (m - bound).abs() });
         GoalCheck {
             goal,
-            relation: relation.into(),
+            relation,
             bound,
             measured,
             holds,
             short_by,
-            unit: unit.into(),
+            unit,
         }
     }
 
     fn show(&self, value: f64) -> String {
-        match self.unit.as_str() {
-            "seconds" => format!("{value:.0} s"),
-            _ => format!("{:.1}%", value * 100.0),
+        match self.unit {
+            Unit::Seconds => format!("{value:.0} s"),
+            Unit::Share => format!("{:.1}%", value * 100.0),
         }
     }
 
@@ -76,9 +110,9 @@ impl GoalCheck {
             Some(_) if self.holds => "holds".into(),
             Some(by) => format!(
                 "fails by {}",
-                match self.unit.as_str() {
-                    "seconds" => self.show(by),
-                    _ => format!("{:.1} points", by * 100.0),
+                match self.unit {
+                    Unit::Seconds => self.show(by),
+                    Unit::Share => format!("{:.1} points", by * 100.0),
                 }
             ),
         }
@@ -105,24 +139,24 @@ pub fn check(
     let mut goals = vec![
         GoalCheck::new(
             format!("held-out VQA after stage {short_stage}"),
-            ">=",
+            Relation::AtLeast,
             VQA,
             vqa(short),
-            "share",
+            Unit::Share,
         ),
         GoalCheck::new(
             format!("text needle at {needle_length} tokens after stage {short_stage}"),
-            "<",
+            Relation::Below,
             NEEDLE_BEFORE,
             needle(short),
-            "share",
+            Unit::Share,
         ),
         GoalCheck::new(
             format!("held-out VQA after stage {last_stage}"),
-            ">=",
+            Relation::AtLeast,
             VQA,
             vqa(last),
-            "share",
+            Unit::Share,
         ),
     ];
     // Every attribute keeps its stage-`short` score, chance-corrected.
@@ -146,33 +180,33 @@ pub fn check(
                 before.attribute,
                 FORGETTING * 100.0
             ),
-            ">=",
+            Relation::AtLeast,
             bound,
             kept,
-            "share",
+            Unit::Share,
         ));
     }
     goals.push(GoalCheck::new(
         format!("text needle at {needle_length} tokens after stage {last_stage}"),
-        ">=",
+        Relation::AtLeast,
         NEEDLE_AFTER,
         needle(last),
-        "share",
+        Unit::Share,
     ));
     goals.push(GoalCheck::new(
         format!("video needle (V-NIAH) after stage {last_stage}"),
-        ">=",
+        Relation::AtLeast,
         VIDEO_NEEDLE,
         last.and_then(|r| r.niah_video.as_ref())
             .and_then(|v| v.accuracy),
-        "share",
+        Unit::Share,
     ));
     goals.push(GoalCheck::new(
         "the whole demo".into(),
-        "<=",
+        Relation::AtMost,
         DEMO_SECONDS,
         Some(seconds),
-        "seconds",
+        Unit::Seconds,
     ));
     goals
 }
@@ -188,7 +222,7 @@ pub fn section(goals: &[GoalCheck]) -> String {
         text.push_str(&format!(
             "| {} | {} {} | {} | {} |\n",
             g.goal,
-            g.relation,
+            g.relation.as_str(),
             g.show(g.bound),
             g.measured.map_or("-".into(), |m| g.show(m)),
             g.verdict()

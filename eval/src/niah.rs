@@ -184,62 +184,16 @@ fn vniah(
     s: &EvalSettings,
     needles: &[VideoNeedle],
 ) -> Result<(Vec<VniahCell>, Vec<VniahMiss>)> {
-    let haystacks: Vec<(usize, usize, Vec<Frame>)> = needles
-        .iter()
-        .enumerate()
-        .flat_map(|(v, _)| s.vniah_frames.iter().map(move |&n| (v, n)))
-        .collect::<Vec<_>>()
-        .par_iter()
-        .map(|&(v, n)| -> Result<_> {
-            let needle = &needles[v];
-            let policy = FramePolicy::Uniform { frames: n as u32 };
-            let mut frames = ev.video_frames(&s.data.join(&needle.video), policy)?;
-            cut_flash(&mut frames, needle);
-            Ok((v, n, frames))
-        })
-        .collect::<Result<_>>()?;
-    let jobs: Vec<(usize, usize, f64)> = haystacks
-        .iter()
-        .enumerate()
-        .flat_map(|(h, (v, _, _))| {
-            s.vniah_depths
-                .iter()
-                .enumerate()
-                .map(move |(d, &depth)| (h, v + d, depth))
-        })
+    let haystacks: Vec<(usize, usize)> = (0..needles.len())
+        .flat_map(|v| s.vniah_frames.iter().map(move |&n| (v, n)))
         .collect();
-    let results: Vec<(usize, f64, Option<VniahMiss>)> = jobs
+    let results: Vec<(usize, f64, Option<VniahMiss>)> = haystacks
         .par_iter()
-        .map(|&(h, pick, depth)| -> Result<_> {
-            let (v, n, frames) = &haystacks[h];
-            let path = s.data.join(&needles[*v].video);
-            let needle = &needles[pick % needles.len()];
-            let at = ((*n as f64) * depth).round() as usize;
-            let at = at.min(frames.len());
-            let mut pixels = Vec::new();
-            for (i, f) in frames.iter().enumerate() {
-                if i == at {
-                    pixels.extend(needle_frame(ev, &path, f, needle)?);
-                }
-                pixels.extend(ev.frame_pixels(&path, f.rgb.clone(), f.width, f.height)?);
-            }
-            if at == frames.len()
-                && let Some(last) = frames.last()
-            {
-                pixels.extend(needle_frame(ev, &path, last, needle)?);
-            }
-            let shown = frames.len() + 1;
-            let got = ev.answer(&ev.prompt(shown, &needle.question)?, &pixels, 8)?;
-            let miss = (normalize(&got) != normalize(&needle.answer)).then(|| VniahMiss {
-                frames: *n,
-                depth,
-                video: needles[*v].video.clone(),
-                answer: needle.answer.clone(),
-                generated: got,
-            });
-            Ok((*n, depth, miss))
-        })
-        .collect::<Result<_>>()?;
+        .map(|&(v, n)| haystack_trials(ev, s, needles, v, n))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .flatten()
+        .collect();
     let mut table = Vec::new();
     for &depth in &s.vniah_depths {
         for &frames in &s.vniah_frames {
@@ -271,6 +225,52 @@ fn vniah(
         .take(MISSES_KEPT)
         .collect();
     Ok((table, misses))
+}
+
+/// The V-NIAH trials of one haystack: held-out video `v` sampled into `n`
+/// frames (its own flash cut) and prepared once, then a needle inserted at
+/// each depth: (frames, depth, the miss if it was one).
+fn haystack_trials(
+    ev: &Evaluator,
+    s: &EvalSettings,
+    needles: &[VideoNeedle],
+    v: usize,
+    n: usize,
+) -> Result<Vec<(usize, f64, Option<VniahMiss>)>> {
+    let video = &needles[v].video;
+    let path = s.data.join(video);
+    let mut frames = ev.video_frames(&path, FramePolicy::Uniform { frames: n as u32 })?;
+    cut_flash(&mut frames, &needles[v]);
+    let pixels: Vec<Vec<f32>> = frames
+        .iter()
+        .map(|f| ev.frame_pixels(&path, f.rgb.clone(), f.width, f.height))
+        .collect::<Result<_>>()?;
+    let mut trials = Vec::with_capacity(s.vniah_depths.len());
+    for (d, &depth) in s.vniah_depths.iter().enumerate() {
+        let needle = &needles[(v + d) % needles.len()];
+        let at = ((n as f64 * depth).round() as usize).min(frames.len());
+        // The needle is drawn over the haystack frame it goes before (the
+        // last one, at the end).
+        let under = frames.get(at).or(frames.last()).ok_or_else(|| {
+            crate::Error::Input(format!(
+                "{}: no frames to make a haystack of",
+                path.display()
+            ))
+        })?;
+        let mut shown: Vec<f32> = pixels[..at].iter().flatten().copied().collect();
+        shown.extend(needle_frame(ev, &path, under, needle)?);
+        shown.extend(pixels[at..].iter().flatten());
+        let got = ev.answer(&ev.prompt(frames.len() + 1, &needle.question)?, &shown, 8)?;
+        let miss = (normalize(&got) != normalize(&needle.answer)).then(|| VniahMiss {
+            frames: n,
+            depth,
+            video: video.clone(),
+            answer: needle.answer.clone(),
+            generated: got,
+        });
+        trials.push((n, depth, miss));
+    }
+    Ok(trials)
 }
 
 /// Replaces the frames that show `needle`'s own flash by the nearest frame

@@ -308,8 +308,6 @@ fn file_kind(meta: &std::fs::Metadata) -> &'static str {
     }
 }
 
-/// A media file's bytes, at most `max_bytes` of them: larger files are
-/// `media_too_large` before anything is read.
 /// `size` bytes of `archive` from `offset`: a tar member the reader passed.
 fn read_member(archive: &Path, offset: u64, size: u64) -> std::io::Result<Vec<u8>> {
     use std::os::unix::fs::FileExt;
@@ -326,6 +324,8 @@ fn read_member(archive: &Path, offset: u64, size: u64) -> std::io::Result<Vec<u8
     Ok(bytes)
 }
 
+/// A media file's bytes, at most `max_bytes` of them: larger files are
+/// `media_too_large` before anything is read.
 fn read_media(
     path: &Path,
     label: &str,

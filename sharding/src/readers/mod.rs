@@ -117,6 +117,9 @@ impl InputBytes {
     }
 }
 
+/// The read buffer of annotation files.
+const ANNOTATION_BUFFER: usize = 1 << 20;
+
 /// Reads one source, emitting every record in file order, and counts its
 /// bytes into `bytes`.
 pub(crate) fn read_source(
@@ -131,29 +134,48 @@ pub(crate) fn read_source(
         inner: file,
         count: bytes.clone(),
     };
+    let buffered = move |capacity| BufReader::with_capacity(capacity, counting);
     let origin_path = spec.path.display().to_string();
     let media_root = spec.media_root();
-    if spec.kind == SourceKind::Wds {
-        // Headers and captions fit; an image past it is skipped unread.
-        let reader = SkipReader(BufReader::with_capacity(16 << 10, counting));
-        let limit = limits.member_bytes.min(file_bytes);
-        let archive = Arc::new(spec.path.clone());
-        return read_wds(reader, &archive, &origin_path, limit, emit);
-    }
-    let reader = BufReader::with_capacity(1 << 20, counting);
     match spec.kind {
-        SourceKind::Llava => read_json_records(reader, &origin_path, limits, emit, &|v| {
-            llava_sample(v, &media_root)
-        }),
-        SourceKind::Text => read_jsonl(reader, &origin_path, limits, emit, &text_sample),
-        SourceKind::Interleaved => read_jsonl(reader, &origin_path, limits, emit, &|v| {
-            interleaved_sample(v, &media_root)
-        }),
-        SourceKind::Wds => unreachable!("read above"),
+        SourceKind::Llava => read_json_records(
+            buffered(ANNOTATION_BUFFER),
+            &origin_path,
+            limits,
+            emit,
+            &|v| llava_sample(v, &media_root),
+        ),
+        SourceKind::Text => read_jsonl(
+            buffered(ANNOTATION_BUFFER),
+            &origin_path,
+            limits,
+            emit,
+            &text_sample,
+        ),
+        SourceKind::Interleaved => read_jsonl(
+            buffered(ANNOTATION_BUFFER),
+            &origin_path,
+            limits,
+            emit,
+            &|v| interleaved_sample(v, &media_root),
+        ),
+        SourceKind::Wds => {
+            // Headers and captions fit; an image past it is skipped unread.
+            let reader = SkipReader(buffered(16 << 10));
+            let limit = limits.member_bytes.min(file_bytes);
+            let archive = Arc::new(spec.path.clone());
+            read_wds(reader, &archive, &origin_path, limit, emit)
+        }
         SourceKind::Tokens if is_columnar(&spec.path) => {
             read_columnar(&spec.path, &origin_path, bytes, emit, &row_tokens)
         }
-        SourceKind::Tokens => read_jsonl(reader, &origin_path, limits, emit, &json_tokens),
+        SourceKind::Tokens => read_jsonl(
+            buffered(ANNOTATION_BUFFER),
+            &origin_path,
+            limits,
+            emit,
+            &json_tokens,
+        ),
         SourceKind::LlavaParquet => {
             read_columnar(&spec.path, &origin_path, bytes, emit, &|batch, row| {
                 llava_sample(row_json(batch, row), &media_root)
