@@ -1047,5 +1047,11 @@ fn long_videos_ask_about_their_flash() {
         }
         assert!(asked.contains(&needle["question"].as_str().unwrap().to_string()));
         assert_ne!(asked[0], asked[1]);
+        // V-NIAH asks for the flash's colour: one of six answers.
+        assert_eq!(needle["answer"], needle["colour"], "{needle}");
+        assert_eq!(
+            needle["question"],
+            "What color is the shape that appears briefly?"
+        );
     }
 }

@@ -23,8 +23,8 @@ use crate::{EvalSettings, Evaluator, Result};
 
 /// Wrong answers kept in the report.
 const MISSES_KEPT: usize = 8;
-/// Chance of naming the flashing shape: 6 colours x 3 shapes.
-const VIDEO_CHANCE: f64 = 1.0 / 18.0;
+/// Chance of naming the flash's colour.
+const VIDEO_CHANCE: f64 = 1.0 / lvpipe_synth::VIDEO_NEEDLE_ANSWERS as f64;
 
 /// A filler document of about `tokens` tokens with `fact` at `depth`,
 /// ending with `tail`; from `seed`.

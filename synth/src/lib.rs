@@ -37,7 +37,7 @@ mod tokenizer;
 mod videos;
 
 pub use answers::{Answers, ImageFacts, Needle, VideoNeedle, VideoQaItem, VqaItem};
-pub use scene::draw_video_needle;
+pub use scene::{VIDEO_NEEDLE_ANSWERS, draw_video_needle};
 pub use text::{NEEDLE_NAMES, eval_needle, filler_sentences, needle_fact, needle_prompt};
 pub use tokenizer::train_tokenizer;
 

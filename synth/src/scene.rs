@@ -21,6 +21,9 @@ pub(crate) const COLOURS: [(&str, [u8; 3]); 6] = [
     ("orange", [245, 130, 20]),
 ];
 pub(crate) const SHAPES: [&str; 3] = ["circle", "square", "triangle"];
+/// How many answers the video needle's question (the flash's colour) has:
+/// V-NIAH's chance is one over it.
+pub const VIDEO_NEEDLE_ANSWERS: usize = COLOURS.len();
 const POSITIONS: [&str; 5] = [
     "top left",
     "top right",

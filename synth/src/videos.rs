@@ -40,6 +40,11 @@ pub(crate) struct Written {
 const CLIP_FPS: u32 = 10;
 const CLIP_FRAMES: u32 = 30;
 const LONG_FPS: u32 = 4;
+/// The long videos' ground: light, as the images' and clips'. On a dark
+/// ground ([40, 40, 40]) the tower, trained on light ones in stages 1-3,
+/// did not show the needle to the LLM: a stage 5 of long videos alone read
+/// its colour 21.5% of the time (chance 16.7%), 88.5% on this ground.
+const LONG_GROUND: [u8; 3] = [235, 235, 235];
 /// How long the needle shows, in frames of the long videos (2 s).
 const NEEDLE_FRAMES: u32 = 8;
 
@@ -193,15 +198,11 @@ fn long_questions(colour: &str, shape: &str, depth: f64) -> [(&'static str, Stri
         "near the end"
     };
     [
+        ("needle", NEEDLE_QUESTION.to_string(), colour.to_string()),
         (
-            "needle",
-            NEEDLE_QUESTION.to_string(),
+            "needle_object",
+            "What colored shape appears briefly in the video?".to_string(),
             format!("a {colour} {shape}"),
-        ),
-        (
-            "needle_colour",
-            "What color is the shape that appears briefly?".to_string(),
-            colour.to_string(),
         ),
         (
             "needle_shape",
@@ -217,14 +218,19 @@ fn long_questions(colour: &str, shape: &str, depth: f64) -> [(&'static str, Stri
     ]
 }
 
-/// What the video needle asks, in training and in V-NIAH.
-pub(crate) const NEEDLE_QUESTION: &str = "What colored shape appears briefly in the video?";
+/// What the video needle asks, in training and in V-NIAH: the colour of the
+/// shape that flashes. Asked for colour and shape at once ("A blue
+/// square."), the demo's stage-5 model named one pair for every needle
+/// (V-NIAH 0%) while it read the colour of the same needles 88.5% of the
+/// time: stage 3 ties what the LLM sees to answers that begin with the
+/// attribute, and "a blue" begins with "a".
+pub(crate) const NEEDLE_QUESTION: &str = "What color is the shape that appears briefly?";
 
 /// Long video `i`: a wandering dot, and a shape that shows for two seconds.
 /// Training videos last anywhere in the sizes' range with the shape at any
-/// depth, and ask the needle question and one other about the flash (its
-/// colour, its shape, or when it shows); held-out ones last the longest,
-/// with depths cycling 0.1 to 0.9.
+/// depth, and ask the needle question (the flash's colour) and one other
+/// about it (its colour and shape, its shape, or when it shows); held-out
+/// ones last the longest, with depths cycling 0.1 to 0.9.
 fn long_video(
     at: &Place,
     i: usize,
@@ -263,7 +269,7 @@ fn long_video(
     // A keyframe every 8 s, as in the benchmark's long videos.
     spec.gop = 8 * LONG_FPS;
     let frames = (0..total).map(|f| {
-        let mut img = image::RgbImage::from_pixel(lw, lh, image::Rgb([40, 40, 40]));
+        let mut img = image::RgbImage::from_pixel(lw, lh, image::Rgb(LONG_GROUND));
         // A small grey dot wanders so that no two seconds look alike.
         // Each video's dot starts elsewhere: no two videos are the same.
         let phase = f as f32 / total as f32 * std::f32::consts::TAU * 3.0 + i as f32 * 0.9;
