@@ -220,10 +220,8 @@ fn long_questions(colour: &str, shape: &str, depth: f64) -> [(&'static str, Stri
 
 /// What the video needle asks, in training and in V-NIAH: the colour of the
 /// shape that flashes. Asked for colour and shape at once ("A blue
-/// square."), the demo's stage-5 model named one pair for every needle
-/// (V-NIAH 0%) while it read the colour of the same needles 88.5% of the
-/// time: stage 3 ties what the LLM sees to answers that begin with the
-/// attribute, and "a blue" begins with "a".
+/// square."), a stage-5 model that read the flash's colour 88.5% of the
+/// time scored 0% on V-NIAH.
 pub(crate) const NEEDLE_QUESTION: &str = "What color is the shape that appears briefly?";
 
 /// Long video `i`: a wandering dot, and a shape that shows for two seconds.
